@@ -1,0 +1,182 @@
+"""Residual Dense Network (Zhang et al., CVPR 2018, arXiv 1802.08797), readable top to bottom.
+
+Names follow the paper: G0 (feature width), D (residual dense blocks), C (conv layers per
+block), G (growth rate). With ``norm="batch"`` every dense-layer conv and every local feature
+fusion conv is followed by a BatchNorm that training freezes into eval mode after a short
+calibration phase (see ``FreezableBatchNorm2d``); with ``norm="none"`` the network is the
+paper's exactly.
+
+Input and output: float32 RGB in [0, 1], NCHW, any height and width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCALES = (2, 3, 4)
+NORMS = ("batch", "none")
+
+# preset name -> (G0, D, C, G)
+PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "paper": (64, 16, 8, 64),
+    "medium": (64, 8, 6, 32),
+    "small": (32, 4, 4, 32),
+    "tiny": (16, 3, 3, 16),
+}
+
+
+@dataclass(frozen=True)
+class RDNConfig:
+    """Architecture of one RDN; stored in every checkpoint so ``RDN(RDNConfig(**d))`` rebuilds it."""
+
+    scale: int = 2
+    G0: int = 64  # feature width of shallow features, block outputs and fusion
+    D: int = 16  # number of residual dense blocks
+    C: int = 8  # conv layers per residual dense block
+    G: int = 64  # growth rate: channels each dense layer adds
+    norm: str = "batch"  # "batch": BN after dense/LFF convs, frozen during training
+
+    def __post_init__(self) -> None:
+        if self.scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {self.scale}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        for name in ("G0", "D", "C", "G"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    @classmethod
+    def from_preset(cls, preset: str, scale: int = 2, norm: str = "batch") -> RDNConfig:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        G0, D, C, G = PRESETS[preset]
+        return cls(scale=scale, G0=G0, D=D, C=C, G=G, norm=norm)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class FreezableBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that, once frozen, always normalises with its running statistics.
+
+    The frozen flag is a buffer, so it travels with ``state_dict`` through checkpoints, and
+    ``model.train()`` cannot undo it: a frozen layer computes the same function in train and
+    eval mode and never updates its running statistics again. The affine weight and bias
+    stay trainable. (torchvision's ``FrozenBatchNorm2d`` freezes those too; here they keep
+    learning after the freeze.)
+    """
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features)
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+
+    def freeze(self) -> None:
+        self.frozen.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(self.frozen):
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        return super().forward(x)
+
+
+def _norm(channels: int, norm: str) -> nn.Module:
+    return FreezableBatchNorm2d(channels) if norm == "batch" else nn.Identity()
+
+
+class DenseLayer(nn.Module):
+    """conv3x3 (in -> G) [+ BN] + ReLU, output concatenated to the input."""
+
+    def __init__(self, in_channels: int, G: int, norm: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, G, 3, padding=1)
+        self.norm = _norm(G, norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, F.relu(self.norm(self.conv(x)))], dim=1)
+
+
+class RDB(nn.Module):
+    """Residual dense block: C dense layers, 1x1 local feature fusion, local residual."""
+
+    def __init__(self, G0: int, C: int, G: int, norm: str) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*(DenseLayer(G0 + c * G, G, norm) for c in range(C)))
+        self.lff = nn.Conv2d(G0 + C * G, G0, 1)
+        self.lff_norm = _norm(G0, norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [N, G0, H, W] -> layers: [N, G0 + C*G, H, W] -> lff: [N, G0, H, W]
+        return x + self.lff_norm(self.lff(self.layers(x)))
+
+
+class Upsampler(nn.Module):
+    """ESPCN sub-pixel upsampling: x2/x3 one conv + PixelShuffle(r), x4 two x2 stages."""
+
+    def __init__(self, G0: int, G: int, scale: int) -> None:
+        super().__init__()
+        stages: list[nn.Module] = []
+        if scale == 4:
+            stages += [nn.Conv2d(G0, G * 4, 3, padding=1), nn.PixelShuffle(2)]
+            stages += [nn.Conv2d(G, G * 4, 3, padding=1), nn.PixelShuffle(2)]
+        else:
+            stages += [nn.Conv2d(G0, G * scale * scale, 3, padding=1), nn.PixelShuffle(scale)]
+        self.body = nn.Sequential(*stages)
+        self.to_rgb = nn.Conv2d(G, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_rgb(self.body(x))
+
+
+class RDN(nn.Module):
+    def __init__(self, config: RDNConfig) -> None:
+        super().__init__()
+        self.config = config
+        G0, D, C, G = config.G0, config.D, config.C, config.G
+        self.sfe1 = nn.Conv2d(3, G0, 3, padding=1)  # F_-1, feeds the global residual
+        self.sfe2 = nn.Conv2d(G0, G0, 3, padding=1)  # F_0
+        self.rdbs = nn.ModuleList(RDB(G0, C, G, config.norm) for _ in range(D))
+        self.gff = nn.Sequential(
+            nn.Conv2d(D * G0, G0, 1),
+            nn.Conv2d(G0, G0, 3, padding=1),
+        )
+        self.upsample = Upsampler(G0, G, config.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [N, 3, H, W] in [0, 1] -> [N, 3, scale*H, scale*W]
+        f_minus1 = self.sfe1(x)
+        f = self.sfe2(f_minus1)
+        block_outputs = []
+        for rdb in self.rdbs:
+            f = rdb(f)
+            block_outputs.append(f)
+        f = self.gff(torch.cat(block_outputs, dim=1)) + f_minus1  # dense feature fusion
+        return self.upsample(f)
+
+
+def batchnorm_layers(model: nn.Module) -> list[FreezableBatchNorm2d]:
+    return [m for m in model.modules() if isinstance(m, FreezableBatchNorm2d)]
+
+
+def freeze_batchnorm(model: nn.Module) -> int:
+    """Freeze every BatchNorm of ``model`` into eval mode; returns how many were frozen."""
+    layers = batchnorm_layers(model)
+    for layer in layers:
+        layer.freeze()
+    return len(layers)
+
+
+def batchnorm_frozen(model: nn.Module) -> bool:
+    """True when the model has no BatchNorm or every BatchNorm is frozen."""
+    return all(bool(layer.frozen) for layer in batchnorm_layers(model))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
