@@ -31,7 +31,7 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it over ``path``.
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``.
 
     A crash at any moment leaves either the old file or the new one, never a partial file.
     """

@@ -32,7 +32,7 @@ PRESETS: dict[str, tuple[int, int, int, int]] = {
 
 @dataclass(frozen=True)
 class RDNConfig:
-    """Architecture of one RDN; stored in every checkpoint so ``RDN(RDNConfig(**d))`` rebuilds it."""
+    """One RDN architecture; stored in every checkpoint so ``RDN(RDNConfig(**d))`` rebuilds it."""
 
     scale: int = 2
     G0: int = 64  # feature width of shallow features, block outputs and fusion
