@@ -35,7 +35,7 @@ bench: install
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
 
 proto: install
-	$(BIN)/python -m server.pb.generate
+	$(BIN)/python -m server.protogen
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
