@@ -1,0 +1,61 @@
+"""Server configuration: frozen dataclasses, one source of truth for every serving knob."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the onnxruntime session is created."""
+
+    providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    require_gpu: bool = False
+    intra_op_threads: int = 0  # 0 = onnxruntime default
+    cudnn_conv_algo_search: str = "EXHAUSTIVE"  # fixed tile shapes make the search a one-time cost
+    gpu_mem_limit_bytes: int = 0  # 0 = no limit
+    io_binding: bool = True  # used only when CUDA is active
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """Fixed tile geometry, in LR pixels: every tile has shape [3, tile + 2*pad, tile + 2*pad]."""
+
+    tile: int = 64  # LR core size
+    pad: int = 10  # LR context margin on every side (Real-ESRGAN tile_pad)
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    """Cross-request tile batching."""
+
+    max_batch: int = 8
+    max_delay_ms: float = 2.0
+    max_queue_tiles: int = 4096
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Request size limits, checked before pixels are allocated."""
+
+    max_pixels: int = 16_777_216 + 1  # 4096x4096 inputs allowed
+    max_request_bytes: int = 64 * 2**20
+    max_message_bytes: int = 8 * 2**20  # gRPC message limit, both directions, one flag
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything rdn-serve needs to run."""
+
+    model: Path
+    host: str = "0.0.0.0"
+    port: int = 50051
+    grace_s: float = 10.0
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    batcher: BatcherConfig = field(default_factory=BatcherConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    log_level: str = "INFO"
+    log_json: bool = False
+    self_ensemble: bool = False
