@@ -1,0 +1,667 @@
+"""Clients for rdn.v1.Upscaler and the ``rdn-client`` command line.
+
+``UpscaleClient`` (blocking, ``grpc.Channel``) and ``AsyncUpscaleClient`` (``grpc.aio``) share
+the pure helpers below: request building, chunking, stream reassembly and the retry policy.
+Both send an image in one ``Upscale`` call when it fits well inside the message limit and
+through ``UpscaleStream`` otherwise, and both retry UNAVAILABLE, and RESOURCE_EXHAUSTED when the
+server marks it as transient (a full tile queue), with capped exponential backoff and full
+jitter inside one overall deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
+
+log = logging.getLogger("rdn.client")
+
+DEFAULT_TARGET = "localhost:50051"
+DEFAULT_MAX_MESSAGE_BYTES = 8 * 2**20  # the server's --max-message-bytes default
+MAX_CHUNK_BYTES = 1 * 2**20  # data per stream message: far below any sane message limit
+MAX_SCALE = 4  # largest upscaling factor, assumed until a response tells the real one
+RETRY_AFTER_KEY = "rdn-retry-after-ms"  # trailer server/service.py sets on transient overload
+LB_POLICIES = ("pick_first", "round_robin")
+
+FORMATS: dict[str, int] = {
+    "png": upscale_pb2.OUTPUT_FORMAT_PNG,
+    "jpeg": upscale_pb2.OUTPUT_FORMAT_JPEG,
+    "jpg": upscale_pb2.OUTPUT_FORMAT_JPEG,
+    "webp": upscale_pb2.OUTPUT_FORMAT_WEBP,
+    "raw": upscale_pb2.OUTPUT_FORMAT_RAW,
+}
+FORMAT_NAMES: dict[int, str] = {
+    upscale_pb2.OUTPUT_FORMAT_UNSPECIFIED: "png",
+    upscale_pb2.OUTPUT_FORMAT_PNG: "png",
+    upscale_pb2.OUTPUT_FORMAT_JPEG: "jpeg",
+    upscale_pb2.OUTPUT_FORMAT_WEBP: "webp",
+    upscale_pb2.OUTPUT_FORMAT_RAW: "raw",
+}
+EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "raw": ".raw"}
+CLI_FORMATS = ("png", "jpeg", "webp")
+
+
+class UpscaleError(Exception):
+    """A call failed: the gRPC status code and the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+@dataclass(frozen=True)
+class UpscaleResult:
+    """An upscaled image and what the server reported about it."""
+
+    image: bytes  # encoded in `format`, or raw uint8 H x W x C
+    width: int
+    height: int
+    channels: int
+    scale: int
+    format: str  # "png", "jpeg", "webp" or "raw"
+    tiles: int
+    request_id: str
+    queue_seconds: float
+    compute_seconds: float
+    total_seconds: float
+    streamed: bool  # travelled through UpscaleStream
+
+    def to_array(self) -> np.ndarray:
+        """The image as uint8 H x W x C (RGB order; C = 1, 3 or 4)."""
+        if self.format == "raw":
+            shape = (self.height, self.width, self.channels)
+            return np.frombuffer(self.image, np.uint8).reshape(shape)
+        import cv2  # only needed to look at encoded results
+
+        image = cv2.imdecode(np.frombuffer(self.image, np.uint8), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise ValueError(f"response image is not a decodable {self.format} file")
+        if image.ndim == 2:
+            return image[:, :, None]
+        code = cv2.COLOR_BGRA2RGBA if image.shape[2] == 4 else cv2.COLOR_BGR2RGB
+        return cv2.cvtColor(image, code)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded retries with capped exponential backoff and full jitter."""
+
+    max_attempts: int = 4  # first try included
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+
+
+@dataclass(frozen=True)
+class Payload:
+    """Image bytes ready to send: encoded file bytes, or raw pixels with their shape."""
+
+    data: bytes
+    raw_shape: tuple[int, int, int] | None  # (height, width, channels) for raw pixels
+    estimated_output_pixels: int  # input pixels, 0 when unknown (unreadable header)
+    channels: int  # 1, 3 or 4 (4 when unknown)
+
+
+def make_payload(image: bytes | bytearray | memoryview | np.ndarray) -> Payload:
+    """Wrap file bytes or a uint8 H x W [x C] array (C = 1, 3, 4, RGB order) for sending."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ValueError(f"array images must be uint8, got {image.dtype}")
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+            raise ValueError(f"array images must be H x W or H x W x 1/3/4, got {image.shape}")
+        h, w, c = (int(v) for v in image.shape)
+        return Payload(np.ascontiguousarray(image).tobytes(), (h, w, c), h * w, c)
+    data = bytes(image)
+    pixels, channels = _peek_size(data)
+    return Payload(data, None, pixels, channels)
+
+
+def _peek_size(data: bytes) -> tuple[int, int]:
+    """(pixels, channels) from the file header alone, or (0, 4) when it cannot be read."""
+    from PIL import Image, UnidentifiedImageError  # reads headers without decoding pixels
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.width * img.height, len(img.getbands())
+    except (UnidentifiedImageError, OSError, ValueError):
+        return 0, 4
+
+
+def estimated_response_bytes(payload: Payload, scale: int) -> int:
+    """An upper estimate of the response size: the uncompressed upscaled image."""
+    return payload.estimated_output_pixels * scale * scale * payload.channels
+
+
+def format_number(output_format: str) -> int:
+    """The OutputFormat enum value of a format name."""
+    try:
+        return FORMATS[output_format.lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown output format {output_format!r}; choose one of {sorted(FORMATS)}"
+        ) from None
+
+
+def unary_request(
+    payload: Payload, output_format: str, quality: int, request_id: str
+) -> upscale_pb2.UpscaleRequest:
+    """The Upscale request for a payload."""
+    request = upscale_pb2.UpscaleRequest(
+        output_format=format_number(output_format), quality=quality, request_id=request_id
+    )
+    if payload.raw_shape is None:
+        request.encoded = payload.data
+    else:
+        h, w, c = payload.raw_shape
+        request.raw.shape.height, request.raw.shape.width, request.raw.shape.channels = h, w, c
+        request.raw.data = payload.data
+    return request
+
+
+def stream_messages(
+    payload: Payload, output_format: str, quality: int, request_id: str, chunk_bytes: int
+) -> Iterator[upscale_pb2.UpscaleChunk]:
+    """Header, then data chunks of at most ``chunk_bytes`` in offset order."""
+    header = upscale_pb2.UpscaleStreamHeader(
+        total_bytes=len(payload.data),
+        output_format=format_number(output_format),
+        quality=quality,
+        request_id=request_id,
+    )
+    if payload.raw_shape is not None:
+        h, w, c = payload.raw_shape
+        header.raw_shape.height, header.raw_shape.width, header.raw_shape.channels = h, w, c
+    yield upscale_pb2.UpscaleChunk(header=header)
+    view = memoryview(payload.data)
+    for offset in range(0, len(view), chunk_bytes):
+        piece = bytes(view[offset : offset + chunk_bytes])
+        yield upscale_pb2.UpscaleChunk(data=upscale_pb2.DataChunk(offset=offset, data=piece))
+
+
+def result_from_response(response: upscale_pb2.UpscaleResponse, streamed: bool) -> UpscaleResult:
+    """An UpscaleResult from a unary response (or a stream's result with its image filled in)."""
+    return UpscaleResult(
+        image=bytes(response.image),
+        width=response.width,
+        height=response.height,
+        channels=response.channels,
+        scale=response.scale,
+        format=FORMAT_NAMES.get(response.format, str(response.format)),
+        tiles=response.tiles,
+        request_id=response.request_id,
+        queue_seconds=response.timings.queue_seconds,
+        compute_seconds=response.timings.compute_seconds,
+        total_seconds=response.timings.total_seconds,
+        streamed=streamed,
+    )
+
+
+class StreamAssembler:
+    """Rebuilds an UpscaleResult from UpscaleStream's answer: result first, then data chunks."""
+
+    def __init__(self) -> None:
+        self._head: upscale_pb2.UpscaleResponse | None = None
+        self._buffer = bytearray()
+        self._filled = 0
+
+    def add(self, message: upscale_pb2.UpscaleChunk) -> None:
+        kind = message.WhichOneof("kind")
+        if self._head is None:
+            if kind != "result":
+                raise ValueError(f"stream answer began with {kind!r}, expected 'result'")
+            self._head = message.result
+            self._buffer = bytearray(message.result.total_bytes)
+            return
+        if kind != "data":
+            raise ValueError(f"stream answer sent {kind!r} after its result, expected 'data'")
+        chunk = message.data
+        end = chunk.offset + len(chunk.data)
+        if chunk.offset != self._filled or end > len(self._buffer):
+            raise ValueError(
+                f"stream answer chunk at offset {chunk.offset} (+{len(chunk.data)} bytes) does "
+                f"not follow byte {self._filled} of {len(self._buffer)}"
+            )
+        self._buffer[chunk.offset : end] = chunk.data
+        self._filled = end
+
+    def result(self) -> UpscaleResult:
+        if self._head is None:
+            raise ValueError("stream answer ended before its result message")
+        if self._filled != len(self._buffer):
+            raise ValueError(
+                f"stream answer ended after {self._filled} of {len(self._buffer)} bytes"
+            )
+        response = upscale_pb2.UpscaleResponse()
+        response.CopyFrom(self._head)
+        response.image = bytes(self._buffer)
+        return result_from_response(response, streamed=True)
+
+
+def channel_options(max_message_bytes: int, lb: str | None = None) -> list[tuple[str, Any]]:
+    """Message limits both ways (as the server sets them) and an optional LB policy."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+    if lb is not None:
+        if lb not in LB_POLICIES:
+            raise ValueError(f"unknown load-balancing policy {lb!r}; choose one of {LB_POLICIES}")
+        config = {"loadBalancingConfig": [{lb: {}}]}
+        options.append(("grpc.service_config", json.dumps(config)))
+    return options
+
+
+def retry_after_s(trailing_metadata: Any) -> float | None:
+    """The server's retry hint in seconds, or None when it did not mark the error transient."""
+    for key, value in trailing_metadata or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(0.0, float(value) / 1000.0)
+            except ValueError:
+                return 0.0
+    return None
+
+
+def is_retryable(code: grpc.StatusCode, trailing_metadata: Any) -> bool:
+    """UNAVAILABLE always; RESOURCE_EXHAUSTED only when the server says retrying can help."""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return True
+    return (
+        code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after_s(trailing_metadata) is not None
+    )
+
+
+def backoff_s(policy: RetryPolicy, attempt: int, rng: random.Random, hint_s: float | None) -> float:
+    """Full-jitter backoff before attempt ``attempt + 1``, never shorter than the server's hint."""
+    cap = min(policy.max_backoff_s, policy.initial_backoff_s * policy.multiplier**attempt)
+    return max(rng.uniform(0.0, cap), hint_s or 0.0)
+
+
+def _error_from(error: grpc.RpcError) -> tuple[UpscaleError, Any]:
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = error.details() if hasattr(error, "details") else str(error)
+    trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else ()
+    return UpscaleError(code or grpc.StatusCode.UNKNOWN, details or ""), trailers
+
+
+class _Common:
+    """Settings and decisions both clients share."""
+
+    def __init__(
+        self,
+        max_message_bytes: int,
+        retry: RetryPolicy,
+        stream_threshold_bytes: int | None,
+        chunk_bytes: int | None,
+    ) -> None:
+        self.max_message_bytes = max_message_bytes
+        self.retry = retry
+        # Half the limit leaves room for the response estimate's slack and message framing.
+        self.stream_threshold_bytes = stream_threshold_bytes or max_message_bytes // 2
+        self.chunk_bytes = chunk_bytes or min(MAX_CHUNK_BYTES, max_message_bytes // 4)
+        self.scale = MAX_SCALE  # refined from the first response
+        self._rng = random.Random()
+
+    def use_stream(self, payload: Payload, stream: bool | None) -> bool:
+        if stream is not None:
+            return stream
+        response_bytes = estimated_response_bytes(payload, self.scale)
+        return max(len(payload.data), response_bytes) > self.stream_threshold_bytes
+
+    def attempt_timeout(self, deadline: float | None, error: UpscaleError | None) -> float | None:
+        if deadline is None:
+            return None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise error or UpscaleError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        return remaining
+
+    def next_delay(
+        self, attempt: int, error: UpscaleError, trailers: Any, deadline: float | None
+    ) -> float:
+        """Seconds to wait before retrying, or raise ``error`` when retrying is not allowed."""
+        if attempt + 1 >= self.retry.max_attempts or not is_retryable(error.code, trailers):
+            raise error
+        delay = backoff_s(self.retry, attempt, self._rng, retry_after_s(trailers))
+        if deadline is not None and time.monotonic() + delay >= deadline:
+            raise error
+        log.debug("retrying after %s (attempt %d, waiting %.3f s)", error.code.name, attempt, delay)
+        return delay
+
+    def learn(self, result: UpscaleResult) -> UpscaleResult:
+        if result.scale:
+            self.scale = result.scale
+        return result
+
+
+class UpscaleClient:
+    """Blocking client; thread-safe (one channel, any number of threads)."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        lb: str | None = None,
+        retry: RetryPolicy = RetryPolicy(),
+        stream_threshold_bytes: int | None = None,
+        chunk_bytes: int | None = None,
+    ) -> None:
+        self._common = _Common(max_message_bytes, retry, stream_threshold_bytes, chunk_bytes)
+        self._channel = grpc.insecure_channel(
+            target, options=channel_options(max_message_bytes, lb)
+        )
+        self._stub = upscale_pb2_grpc.UpscalerStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> UpscaleClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def upscale(
+        self,
+        data: bytes | np.ndarray,
+        output_format: str = "png",
+        quality: int = 0,
+        request_id: str = "",
+        timeout: float | None = None,
+        stream: bool | None = None,
+    ) -> UpscaleResult:
+        """Upscale file bytes or a uint8 array; ``timeout`` bounds all attempts together."""
+        payload = make_payload(data)
+        use_stream = self._common.use_stream(payload, stream)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        error: UpscaleError | None = None
+        for attempt in range(self._common.retry.max_attempts):
+            remaining = self._common.attempt_timeout(deadline, error)
+            try:
+                if use_stream:
+                    result = self._stream(payload, output_format, quality, request_id, remaining)
+                else:
+                    request = unary_request(payload, output_format, quality, request_id)
+                    response = self._stub.Upscale(request, timeout=remaining)
+                    result = result_from_response(response, streamed=False)
+                return self._common.learn(result)
+            except grpc.RpcError as e:
+                error, trailers = _error_from(e)
+                time.sleep(self._common.next_delay(attempt, error, trailers, deadline))
+        raise AssertionError("unreachable: the last attempt raises")
+
+    def _stream(
+        self, payload: Payload, fmt: str, quality: int, request_id: str, timeout: float | None
+    ) -> UpscaleResult:
+        messages = stream_messages(payload, fmt, quality, request_id, self._common.chunk_bytes)
+        assembler = StreamAssembler()
+        for message in self._stub.UpscaleStream(messages, timeout=timeout):
+            assembler.add(message)
+        return assembler.result()
+
+    def info(self, timeout: float | None = None) -> upscale_pb2.ModelInfo:
+        """What the server serves (GetModelInfo)."""
+        try:
+            return self._stub.GetModelInfo(upscale_pb2.GetModelInfoRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            raise _error_from(e)[0] from None
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The health status name of ``service`` ("" = the whole server), e.g. "SERVING"."""
+        try:
+            reply = self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as e:
+            raise _error_from(e)[0] from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+class AsyncUpscaleClient:
+    """asyncio client (grpc.aio); create and use it inside one running event loop."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        lb: str | None = None,
+        retry: RetryPolicy = RetryPolicy(),
+        stream_threshold_bytes: int | None = None,
+        chunk_bytes: int | None = None,
+    ) -> None:
+        self._common = _Common(max_message_bytes, retry, stream_threshold_bytes, chunk_bytes)
+        options = channel_options(max_message_bytes, lb)
+        self._channel = grpc.aio.insecure_channel(target, options=options)
+        self._stub = upscale_pb2_grpc.UpscalerStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def __aenter__(self) -> AsyncUpscaleClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def upscale(
+        self,
+        data: bytes | np.ndarray,
+        output_format: str = "png",
+        quality: int = 0,
+        request_id: str = "",
+        timeout: float | None = None,
+        stream: bool | None = None,
+    ) -> UpscaleResult:
+        """Upscale file bytes or a uint8 array; ``timeout`` bounds all attempts together."""
+        payload = make_payload(data)
+        use_stream = self._common.use_stream(payload, stream)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        error: UpscaleError | None = None
+        for attempt in range(self._common.retry.max_attempts):
+            remaining = self._common.attempt_timeout(deadline, error)
+            try:
+                if use_stream:
+                    result = await self._stream(
+                        payload, output_format, quality, request_id, remaining
+                    )
+                else:
+                    request = unary_request(payload, output_format, quality, request_id)
+                    response = await self._stub.Upscale(request, timeout=remaining)
+                    result = result_from_response(response, streamed=False)
+                return self._common.learn(result)
+            except grpc.RpcError as e:
+                error, trailers = _error_from(e)
+                await asyncio.sleep(self._common.next_delay(attempt, error, trailers, deadline))
+        raise AssertionError("unreachable: the last attempt raises")
+
+    async def _stream(
+        self, payload: Payload, fmt: str, quality: int, request_id: str, timeout: float | None
+    ) -> UpscaleResult:
+        messages = stream_messages(payload, fmt, quality, request_id, self._common.chunk_bytes)
+        call = self._stub.UpscaleStream(messages, timeout=timeout)
+        assembler = StreamAssembler()
+        try:
+            async for message in call:
+                assembler.add(message)
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        return assembler.result()
+
+    async def info(self, timeout: float | None = None) -> upscale_pb2.ModelInfo:
+        """What the server serves (GetModelInfo)."""
+        try:
+            return await self._stub.GetModelInfo(upscale_pb2.GetModelInfoRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            raise _error_from(e)[0] from None
+
+    async def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The health status name of ``service`` ("" = the whole server), e.g. "SERVING"."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        try:
+            reply = await self._health.Check(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise _error_from(e)[0] from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def output_path(source: Path, output: Path, to_file: bool, scale: int, fmt: str) -> Path:
+    """Where the upscaled ``source`` goes: ``output`` itself, or ``<stem>_x<scale>.<ext>`` in it."""
+    if to_file:
+        return output
+    return output / f"{source.stem}_x{scale}{EXTENSIONS[fmt]}"
+
+
+def writes_single_file(inputs: Sequence[Path], output: Path) -> bool:
+    """One input and an output that is not a folder and names a file (has a suffix)."""
+    return len(inputs) == 1 and not output.is_dir() and output.suffix != ""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _quality(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be 0 (default) or 1..100, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--target", default=DEFAULT_TARGET, help="HOST:PORT or dns:///HOST:PORT")
+    common.add_argument("--deadline", type=float, default=None, help="seconds per call")
+    common.add_argument("--retries", type=int, default=3, help="retries after the first try")
+    common.add_argument(
+        "--max-message-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help="gRPC message limit, both directions (match the server's)",
+    )
+    common.add_argument("--lb", choices=LB_POLICIES, default=None, help="load-balancing policy")
+
+    parser = argparse.ArgumentParser(prog="rdn-client", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("upscale", parents=[common], help="upscale image files")
+    up.add_argument("inputs", nargs="+", type=Path, metavar="IN")
+    up.add_argument(
+        "-o", "--output", type=Path, required=True, help="output folder, or file for one input"
+    )
+    up.add_argument("--format", choices=CLI_FORMATS, default="png")
+    up.add_argument("--quality", type=_quality, default=0, help="JPEG/WebP 1..100; 0 = default")
+    up.add_argument("--concurrency", type=_positive_int, default=4, help="requests in flight")
+    commands.add_parser("info", parents=[common], help="print ModelInfo as JSON")
+    commands.add_parser("health", parents=[common], help="print SERVING or NOT_SERVING")
+    return parser
+
+
+def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    if args.retries < 0:
+        raise ValueError(f"--retries must be 0 or more, got {args.retries}")
+    return {
+        "max_message_bytes": args.max_message_bytes,
+        "lb": args.lb,
+        "retry": RetryPolicy(max_attempts=args.retries + 1),
+    }
+
+
+async def _upscale_files(args: argparse.Namespace, write: Callable[[str], None]) -> int:
+    from tqdm import tqdm
+
+    inputs: list[Path] = args.inputs
+    to_file = writes_single_file(inputs, args.output)
+    stems = [p.stem for p in inputs]
+    if not to_file:
+        if len(set(stems)) != len(stems):
+            raise ValueError("two inputs share a file name stem; their outputs would collide")
+        args.output.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    limit = asyncio.Semaphore(args.concurrency)
+    progress = tqdm(total=len(inputs), unit="img", disable=len(inputs) < 2, file=sys.stderr)
+
+    async def one(client: AsyncUpscaleClient, source: Path) -> None:
+        nonlocal failures
+        async with limit:
+            try:
+                data = await asyncio.to_thread(source.read_bytes)
+                result = await client.upscale(
+                    data, args.format, args.quality, request_id=source.name, timeout=args.deadline
+                )
+                target = output_path(source, args.output, to_file, result.scale, args.format)
+                await asyncio.to_thread(target.write_bytes, result.image)
+                write(f"{source} -> {target} ({result.width}x{result.height})")
+            except (UpscaleError, OSError) as e:
+                failures += 1
+                log.error("%s: %s", source, e)
+            finally:
+                progress.update(1)
+
+    try:
+        async with AsyncUpscaleClient(args.target, **_client_kwargs(args)) as client:
+            await asyncio.gather(*(one(client, p) for p in inputs))
+    finally:
+        progress.close()
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``rdn-client``: upscale files, print model info, or check health."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="rdn-client: %(message)s", stream=sys.stderr)
+
+    def write(line: str) -> None:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    try:
+        if args.command == "upscale":
+            return asyncio.run(_upscale_files(args, write))
+        with UpscaleClient(args.target, **_client_kwargs(args)) as client:
+            if args.command == "info":
+                info = client.info(timeout=args.deadline)
+                write(json_format.MessageToJson(info, preserving_proto_field_name=True))
+                return 0
+            status = client.health(timeout=args.deadline)
+            write(status)
+            return 0 if status == "SERVING" else 1
+    except (UpscaleError, ValueError, OSError) as e:
+        log.error("%s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
