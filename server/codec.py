@@ -301,7 +301,8 @@ def _to_8bit(pixels: np.ndarray, fmt: str) -> np.ndarray:
     if pixels.dtype == np.uint8:
         return pixels
     if pixels.dtype == np.uint16:
-        return ((pixels.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        # Rounds to nearest (x / 257 is never exactly k + 0.5) straight into uint8.
+        return cv2.convertScaleAbs(pixels, alpha=1 / 257)
     raise ImageError(
         f"{fmt.upper()} image has {pixels.dtype} samples, which are not accepted; send 8- or "
         "16-bit integer images"
@@ -343,9 +344,8 @@ def decode_image(data: bytes, max_pixels: int, max_bytes: int) -> DecodedImage:
         rgb = np.ascontiguousarray(rgba[:, :, :3])
         return DecodedImage(rgb, np.ascontiguousarray(rgba[:, :, 3]), 4, fmt)
     if fmt == "jpeg":
-        # Not IMREAD_UNCHANGED: the other modes apply the EXIF orientation.
-        grey = header.jpeg_components == 1
-        flags = (cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR) | cv2.IMREAD_ANYDEPTH
+        # Not IMREAD_UNCHANGED: the other modes apply the EXIF orientation (and give 8 bits).
+        flags = cv2.IMREAD_GRAYSCALE if header.jpeg_components == 1 else cv2.IMREAD_COLOR
     elif header.tiff_cmyk:
         flags = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH  # CMYK -> BGR through libtiff
     else:
@@ -375,7 +375,8 @@ def decode_image(data: bytes, max_pixels: int, max_bytes: int) -> DecodedImage:
 def decode_raw(
     data: bytes, height: int, width: int, channels: int, max_pixels: int, max_bytes: int
 ) -> DecodedImage:
-    """Wrap raw row-major uint8 H x W x C bytes (C in 1, 3, 4) without copying the pixels."""
+    """Read raw row-major uint8 H x W x C bytes (C in 1, 3, 4); 3 channels are used in place
+    (a read-only view of ``data``), 1 and 4 are split into RGB (+ alpha)."""
     shape = f"{height}x{width}x{channels}"
     if height < 1 or width < 1:
         raise ImageError(f"raw image shape {shape}: height and width must be at least 1")
