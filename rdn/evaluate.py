@@ -331,11 +331,16 @@ def evaluate_model(
     upscaler = TorchUpscaler(model, self_ensemble=self_ensemble)
     if scale is not None and scale != upscaler.scale:
         raise ValueError(f"scale x{scale} given for a x{upscaler.scale} model")
-    if device is not None and torch.device(device) != upscaler.device:
+    if device is not None and not same_device(torch.device(device), upscaler.device):
         raise ValueError(
             f"model is on {upscaler.device}, not {device}; move it first (model.to(device))"
         )
     return evaluate(upscaler, folder, upscaler.scale)
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices name the same one; no index ("cuda") matches any index ("cuda:0")."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def comparison_box(hr: np.ndarray, size: int = COMPARISON_CROP) -> tuple[int, int, int, int]:

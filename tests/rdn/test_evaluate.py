@@ -26,6 +26,7 @@ from rdn.evaluate import (
     evaluate,
     evaluate_model,
     main,
+    same_device,
 )
 from rdn.evaluate import SCALES as evaluate_scales
 from rdn.imaging import read_rgb, upscale_bicubic
@@ -314,6 +315,14 @@ def test_evaluate_model_rejects_wrong_scale_or_device(
         evaluate_model(model, small_set, scale=3)
     with pytest.raises(ValueError, match=r"model\.to"):
         evaluate_model(model, small_set, device="meta")
+    assert evaluate_model(model, small_set, device="cpu").scale == 2
+
+
+def test_same_device_treats_a_missing_index_as_any() -> None:
+    assert same_device(torch.device("cuda"), torch.device("cuda:0"))
+    assert same_device(torch.device("cuda:1"), torch.device("cuda"))
+    assert not same_device(torch.device("cuda:1"), torch.device("cuda:0"))
+    assert not same_device(torch.device("cpu"), torch.device("cuda:0"))
 
 
 def test_folder_errors(
@@ -413,3 +422,21 @@ def test_unusable_gpu_provider_is_one_error_line_not_a_silent_cpu_run(
         assert code == 0, err
     else:
         assert_one_line_error(code, out, err, 1, "CUDAExecutionProvider", "--providers cpu")
+
+
+def test_exact_match_is_null_in_strict_json(
+    capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """A flat image survives bicubic exactly (PSNR = inf); strict JSON has no Infinity."""
+    Image.fromarray(np.full((40, 48, 3), 90, np.uint8)).save(tmp_path / "flat.png")
+    code, out, err = run_main(capsys, "--checkpoint", tiny_checkpoint, "--data", tmp_path, "--json")
+    assert code == 0, err
+
+    def reject(constant: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    report = json.loads(out, parse_constant=reject)
+    assert report["bicubic_psnr_y"] is None
+    assert report["per_image"][0]["bicubic_psnr_y"] is None
+    assert report["bicubic_ssim_y"] == pytest.approx(1.0)
+    assert math.isfinite(report["model_psnr_y"])
