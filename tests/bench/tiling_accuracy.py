@@ -13,6 +13,8 @@ Two references, both computed on 8-bit rounded RGB:
   borders). Includes the effect of reflect padding at the image borders, which is not a seam.
 ``seam_step_*``: jump of (tiled - whole) across tile borders, 8-bit levels; a visible seam is a
 jump there that is larger than the jumps between neighbouring pixels elsewhere (``step_ratio``).
+``*_vs_hr_psnr_db`` (default image only): tiled and plain whole-image output against the
+original photo, to see whether reflect padding at image borders costs or gains quality.
 """
 
 from __future__ import annotations
@@ -36,13 +38,16 @@ BATCH = 8  # tiles per session call
 PSNR_IDENTICAL_DB = 100.0  # reported when tiled and whole outputs are identical
 
 
-def astronaut_lr(size: int = 256) -> np.ndarray:
-    """skimage's astronaut photo, bicubic-downscaled (Pillow, as the training LR) to size x size."""
+def astronaut_pair(scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """(LR, HR) RGB uint8: skimage's 512x512 astronaut photo (modcropped) as HR, and its
+    bicubic downscale (Pillow, the training degradation) as LR: 256x256 at x2."""
     from PIL import Image
     from skimage import data
 
-    photo = Image.fromarray(data.astronaut())
-    return np.asarray(photo.resize((size, size), Image.BICUBIC))
+    side = 512 // scale * scale
+    hr = np.ascontiguousarray(data.astronaut()[:side, :side])
+    lr = Image.fromarray(hr).resize((side // scale, side // scale), Image.BICUBIC)
+    return np.asarray(lr), hr
 
 
 def load_rgb(path: Path) -> np.ndarray:
@@ -92,8 +97,15 @@ def seam_steps(diff: np.ndarray, period: int) -> tuple[float, float, float]:
     return float(at.mean()), float(at.max()), ratio
 
 
-def measure(session: ort.InferenceSession, rgb: np.ndarray, tile: int, pad: int) -> dict:
-    """Tiled vs whole-image inference of ``rgb`` (H x W x 3 uint8) for one tile/pad."""
+def measure(
+    session: ort.InferenceSession,
+    rgb: np.ndarray,
+    tile: int,
+    pad: int,
+    hr: np.ndarray | None = None,
+) -> dict:
+    """Tiled vs whole-image inference of ``rgb`` (H x W x 3 uint8) for one tile/pad; with the
+    ground truth ``hr``, also each one's PSNR against it (RGB, borders included)."""
     chw = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) / 255.0
     h, w = chw.shape[1:]
     plan = plan_tiles(h, w, tile, pad)
@@ -107,6 +119,13 @@ def measure(session: ort.InferenceSession, rgb: np.ndarray, tile: int, pad: int)
     plain_ref = to_u8(run_whole(session, chw))
     seam_diff = tiled - seam_ref.astype(np.int16)
     step_mean, step_max, step_ratio = seam_steps(seam_diff.astype(np.float64), scale * tile)
+    truth = {}
+    if hr is not None:
+        hr_chw = hr.transpose(2, 0, 1)
+        truth = {
+            "tiled_vs_hr_psnr_db": round(psnr_u8(tiled, hr_chw), 3),
+            "plain_vs_hr_psnr_db": round(psnr_u8(plain_ref, hr_chw), 3),
+        }
     return {
         "tile": tile,
         "pad": pad,
@@ -121,6 +140,7 @@ def measure(session: ort.InferenceSession, rgb: np.ndarray, tile: int, pad: int)
         "seam_step_ratio": round(step_ratio, 2),
         "plain_psnr_db": round(psnr_u8(tiled, plain_ref), 2),
         "plain_max_abs_diff": int(np.abs(tiled - plain_ref.astype(np.int16)).max()),
+        **truth,
     }
 
 
@@ -137,7 +157,11 @@ def choose_pad(rows: list[dict]) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path("server/models/default_x2.onnx"))
-    parser.add_argument("--image", type=Path, help="RGB image (default: astronaut, 256x256)")
+    parser.add_argument(
+        "--image",
+        type=Path,
+        help="LR RGB image (default: astronaut bicubic-downscaled, 256x256 at x2)",
+    )
     parser.add_argument("--tile", type=int, default=64)
     parser.add_argument("--pads", default="0,4,8,10,12,16", help="comma-separated pads")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads")
@@ -149,10 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     session = ort.InferenceSession(str(args.model), options, providers=["CPUExecutionProvider"])
-    rgb = load_rgb(args.image) if args.image else astronaut_lr()
+    probe = run_whole(session, np.zeros((3, 8, 8), np.float32))
+    scale = probe.shape[-1] // 8
+    rgb, hr = (load_rgb(args.image), None) if args.image else astronaut_pair(scale)
     rows = []
     for pad in (int(p) for p in args.pads.split(",")):
-        row = {"model": str(args.model), **measure(session, rgb, args.tile, pad)}
+        row = {"model": str(args.model), **measure(session, rgb, args.tile, pad, hr)}
         rows.append(row)
         sys.stdout.write(json.dumps(row) + "\n")
         sys.stdout.flush()
