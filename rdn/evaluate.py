@@ -1,10 +1,11 @@
 """rdn-eval: PSNR/SSIM (Y channel) of a checkpoint or an ONNX model on a benchmark folder.
 
-Protocol (the RDN paper's; README "Evaluation"): for every image
-HR = modcrop(image, scale), LR = MATLAB-style bicubic downscale of HR, SR = model(LR) rounded
-to 8 bits; SR and the bicubic upscale of LR are scored against HR on Y with ``scale`` pixels
-shaved from every border. The same loop (``evaluate``) serves both backends and training's
-validation (``evaluate_model``), so their numbers are comparable.
+Protocol (the RDN paper's; README "Evaluation"): for every image HR = modcrop(image, scale),
+LR = MATLAB-style bicubic downscale of HR, SR = model(LR) rounded to 8 bits; SR and the
+bicubic upscale of LR are scored against HR on Y with ``scale`` pixels shaved from every
+border (greyscale files on their grey values, see ``rdn.metrics``). The same loop
+(``evaluate``) serves both backends and training's validation (``evaluate_model``), so their
+numbers are comparable.
 
 torch is imported only where a torch model is involved: ``rdn-eval --onnx`` starts without it
 (importing torch costs ~2 s and 220 MB).
@@ -39,7 +40,7 @@ from rdn.imaging import (
     to_tensor_layout,
     upscale_bicubic,
 )
-from rdn.metrics import psnr_y, rgb_to_y, ssim_y
+from rdn.metrics import psnr_y, rgb_to_grey, rgb_to_y, ssim_y
 
 if TYPE_CHECKING:
     import torch
@@ -57,6 +58,7 @@ PROVIDER_ALIASES = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
+GREYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L"})  # Pillow modes
 COMPARISON_CROP = 128  # HR pixels: side of the region shown in a comparison picture
 COMPARISON_PANEL = 256  # pixels: smaller crops are enlarged (nearest neighbour) to at least this
 COMPARISON_GAP = 4  # pixels of white between the panels
@@ -207,6 +209,7 @@ class ImageResult:
     model_ssim_y: float
     bicubic_psnr_y: float
     bicubic_ssim_y: float
+    greyscale: bool  # a single-channel file, scored on grey values instead of Y
 
 
 @dataclass(frozen=True)
@@ -276,6 +279,15 @@ def find_images(folder: Path) -> list[Path]:
     return paths
 
 
+def is_greyscale_file(path: Path) -> bool:
+    """Whether the file stores a single channel (its header says so; pixels are not read)."""
+    try:
+        with Image.open(path) as image:
+            return image.mode in GREYSCALE_MODES
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageReadError(f"image {path}: cannot be decoded ({e})") from e
+
+
 def evaluate(
     upscale: Callable[[np.ndarray], np.ndarray],
     folder: Path,
@@ -283,10 +295,15 @@ def evaluate(
     *,
     on_image: Callable[[ImageSample], None] | None = None,
 ) -> EvalResult:
-    """Score ``upscale`` (uint8 LR -> uint8 SR) and bicubic on every image of ``folder``."""
+    """Score ``upscale`` (uint8 LR -> uint8 SR) and bicubic on every image of ``folder``.
+
+    Models always see RGB; for a greyscale file the outputs are reduced to grey
+    (``rgb_to_grey``) and scored against the file's grey values, as the benchmarks do.
+    """
     results = []
     for path in find_images(folder):
         hr = modcrop(read_rgb(path), scale)
+        greyscale = is_greyscale_file(path)
         if min(hr.shape[:2]) < 2 * scale:
             raise EvalError(f"image {path}: {hr.shape[1]}x{hr.shape[0]} is too small for x{scale}")
         lr = downscale(hr, scale)
@@ -297,13 +314,17 @@ def evaluate(
                 f"uint8 {hr.shape}; is the model x{scale}?"
             )
         bicubic = upscale_bicubic(lr, scale)
+        truth, model_out, baseline = hr, sr, bicubic
+        if greyscale:
+            truth, model_out, baseline = hr[:, :, 0], rgb_to_grey(sr), rgb_to_grey(bicubic)
         try:
             result = ImageResult(
                 name=path.stem,
-                model_psnr_y=psnr_y(sr, hr, shave=scale),
-                model_ssim_y=ssim_y(sr, hr, shave=scale),
-                bicubic_psnr_y=psnr_y(bicubic, hr, shave=scale),
-                bicubic_ssim_y=ssim_y(bicubic, hr, shave=scale),
+                model_psnr_y=psnr_y(model_out, truth, shave=scale),
+                model_ssim_y=ssim_y(model_out, truth, shave=scale),
+                bicubic_psnr_y=psnr_y(baseline, truth, shave=scale),
+                bicubic_ssim_y=ssim_y(baseline, truth, shave=scale),
+                greyscale=greyscale,
             )
         except ValueError as e:
             raise EvalError(f"image {path}: {e}") from e

@@ -29,7 +29,8 @@ from rdn.evaluate import (
     same_device,
 )
 from rdn.evaluate import SCALES as evaluate_scales
-from rdn.imaging import read_rgb, upscale_bicubic
+from rdn.imaging import downscale, modcrop, read_rgb, upscale_bicubic
+from rdn.metrics import psnr_y
 from rdn.model import RDN, SCALES, RDNConfig
 
 RDN_EVAL = Path(sys.executable).with_name("rdn-eval")  # the installed console script
@@ -46,7 +47,15 @@ JSON_KEYS = {
     "model",
     "per_image",
 }
-PER_IMAGE_KEYS = {"name", "model_psnr_y", "model_ssim_y", "bicubic_psnr_y", "bicubic_ssim_y"}
+PER_IMAGE_KEYS = {
+    "name",
+    "model_psnr_y",
+    "model_ssim_y",
+    "bicubic_psnr_y",
+    "bicubic_ssim_y",
+    "greyscale",
+}
+SET14 = Path(__file__).resolve().parents[3] / "shared" / "data" / "Set14"  # not in the repo
 
 
 def run_main(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
@@ -122,6 +131,27 @@ def test_evaluate_reproduces_published_set5_bicubic(set5_dir: Path, scale: int) 
     assert result.bicubic_psnr_y == pytest.approx(SET5_BICUBIC_PSNR[scale], abs=0.05)
     assert result.model_psnr_y == result.bicubic_psnr_y  # the "model" is bicubic here
     assert result.model_ssim_y == result.bicubic_ssim_y
+
+
+def test_greyscale_files_are_scored_on_grey_values(small_set: Path) -> None:
+    result = evaluate(bicubic_upscaler(2), small_set, 2)
+    assert [image.greyscale for image in result.images] == [False, True, False]
+    grey = result.images[1]
+    # The bicubic upscale of a grey image is grey, so its error in grey levels is the Y error
+    # scaled by 255 / 219: PSNR on grey values = PSNR on Y - 20 log10(255 / 219).
+    hr = modcrop(read_rgb(small_set / "b_grey.png"), 2)
+    bicubic = upscale_bicubic(downscale(hr, 2), 2)
+    on_y = psnr_y(bicubic, hr, shave=2)
+    assert grey.bicubic_psnr_y == pytest.approx(on_y - 20 * math.log10(255 / 219), abs=1e-9)
+
+
+@pytest.mark.skipif(not SET14.is_dir(), reason="../shared/data/Set14 is not on this machine")
+def test_evaluate_reproduces_published_set14_bicubic() -> None:
+    # Set14 holds one single-channel file (bridge): its grey values, not Y of RGB, are scored.
+    result = evaluate(bicubic_upscaler(2), SET14, 2)
+    assert [image.name for image in result.images if image.greyscale] == ["bridge"]
+    assert result.bicubic_psnr_y == pytest.approx(30.24, abs=0.05)
+    assert result.bicubic_ssim_y == pytest.approx(0.8688, abs=0.002)
 
 
 def test_cli_subprocess_json_on_set5(tiny_checkpoint: Path, set5_dir: Path) -> None:

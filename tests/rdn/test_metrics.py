@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from rdn.imaging import downscale, list_images, modcrop, read_rgb, upscale_bicubic
-from rdn.metrics import psnr_y, rgb_to_y, shave_border, ssim_y
+from rdn.metrics import luma, psnr_y, rgb_to_grey, rgb_to_y, shave_border, ssim_y
 
 # Published bicubic baseline on Set5 (RDN paper, Table 3): scale -> (PSNR dB, SSIM).
 SET5_BICUBIC = {2: (33.66, 0.9299), 3: (30.39, 0.8682), 4: (28.42, 0.8104)}
@@ -31,13 +31,21 @@ def test_y_matches_bt601_on_primaries() -> None:
 
 
 @pytest.mark.parametrize("layout", ["HxW", "HxWx1"])
-def test_greyscale_gets_the_y_of_its_rgb_copy(layout: str) -> None:
+def test_single_channel_image_is_its_own_luma(layout: str) -> None:
     values = np.arange(256, dtype=np.uint8).reshape(16, 16)
     image = values if layout == "HxW" else values[:, :, None]
+    np.testing.assert_array_equal(luma(image), values.astype(np.float64))
     rgb = np.repeat(values[:, :, None], 3, axis=2)
-    np.testing.assert_array_equal(rgb_to_y(image), rgb_to_y(rgb))
-    # 65.481 + 128.553 + 24.966 = 219: a grey level v has Y = 16 + 219 v / 255
-    np.testing.assert_allclose(rgb_to_y(image), 16 + 219 * values.astype(float) / 255, atol=1e-9)
+    # 65.481 + 128.553 + 24.966 = 219: replicated to RGB, grey level v has Y = 16 + 219 v / 255
+    np.testing.assert_allclose(luma(rgb), 16 + 219 * values.astype(float) / 255, atol=1e-9)
+
+
+def test_rgb_to_grey_is_full_range_bt601_and_exact_on_grey() -> None:
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    np.testing.assert_array_equal(rgb_to_grey(np.repeat(values[:, :, None], 3, axis=2)), values)
+    primaries = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [10, 200, 30]]], np.uint8)
+    expected = [[76, 150, 29, round(0.299 * 10 + 0.587 * 200 + 0.114 * 30)]]  # 0.299/0.587/0.114
+    np.testing.assert_array_equal(rgb_to_grey(primaries), expected)
 
 
 def test_identical_images_have_infinite_psnr_without_warnings() -> None:
@@ -58,6 +66,8 @@ def test_known_mse_gives_known_psnr() -> None:
     half = hr.copy()
     half[:16] = 110
     assert psnr_y(half, hr, shave=0) == pytest.approx(expected + 10 * math.log10(2), abs=1e-9)
+    # Greyscale images are scored on their own values: 10 grey levels off is 20 log10(25.5) dB
+    assert psnr_y(sr[:, :, 0], hr[:, :, 0], shave=0) == pytest.approx(20 * math.log10(25.5))
 
 
 def test_psnr_is_symmetric_and_finite_for_different_images() -> None:
@@ -104,6 +114,10 @@ def test_inputs_are_validated() -> None:
         psnr_y(image / 255.0, image, shave=0)
     with pytest.raises(ValueError, match="HxWx3"):
         rgb_to_y(np.zeros((8, 8, 4), np.uint8))
+    with pytest.raises(ValueError, match="HxWx3"):
+        rgb_to_y(np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match="rgb_to_grey"):
+        psnr_y(image, image[:, :, 0], shave=0)
     with pytest.raises(ValueError, match="SSIM window"):
         ssim_y(image[:14], image[:14], shave=2)  # 10 rows left after shaving
 
