@@ -1,0 +1,383 @@
+"""``rdn-serve``: the gRPC super-resolution server.
+
+Start-up order: logging; the model (a missing or corrupt file ends the process with one line
+before any port is bound); bind; health NOT_SERVING; warm-up of every batch size; health
+SERVING; one "listening on HOST:PORT" line. SIGTERM / SIGINT: health NOT_SERVING, new calls
+refused with UNAVAILABLE, in-flight calls given ``--grace`` seconds, batcher drained, exit 0.
+
+``build_server`` runs the same server inside any event loop, for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from server.batcher import TileBatcher
+from server.config import BatcherConfig, EngineConfig, LimitsConfig, ServerConfig, TilingConfig
+from server.engine import Engine, ModelLoadError
+from server.logging_setup import LEVELS, configure_logging
+from server.models import SCALES, DefaultModelMissing, resolve_default_model
+from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
+from server.service import SERVICE_NAME, UpscalerService
+
+log = logging.getLogger("rdn.serve")
+
+DEFAULT_SCALE = 2
+MIN_MESSAGE_BYTES = 64 * 2**10  # below this even a stream chunk barely fits
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class ServerStartError(RuntimeError):
+    """The server could not start (port taken, bad address, warm-up failed)."""
+
+
+class RunningServer:
+    """A started server: its bound port, health servicer, and a graceful ``stop``."""
+
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        port: int,
+        health: health_aio.HealthServicer,
+        engine: Engine,
+        batcher: TileBatcher,
+        config: ServerConfig,
+    ) -> None:
+        self.server = server
+        self.port = port
+        self.health = health
+        self.engine = engine
+        self.batcher = batcher
+        self.config = config
+        self._stopping: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new calls, give in-flight calls ``grace`` s, drain the batcher.
+
+        Idempotent: a second call waits for the first to finish.
+        """
+        if self._stopping is None:
+            grace = self.config.grace_s if grace is None else grace
+            self._stopping = asyncio.ensure_future(self._stop(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.batcher.stop()
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """One message limit for both directions; a taken port is an error, not a shared port."""
+    limit = config.limits.max_message_bytes
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+async def build_server(config: ServerConfig, engine: Engine | None = None) -> RunningServer:
+    """Load (unless given) the engine, bind, warm up, and return a SERVING server.
+
+    Raises ``ModelLoadError`` before binding when the model cannot be loaded and
+    ``ServerStartError`` when the address cannot be bound or warm-up fails.
+    """
+    if engine is None:
+        engine = await asyncio.to_thread(Engine, config.model, config.engine)
+    batcher = TileBatcher(engine, config.batcher)
+    health = health_aio.HealthServicer()
+    for service in ("", SERVICE_NAME):
+        await health.set(service, NOT_SERVING)
+    server = grpc.aio.server(options=server_options(config))
+    upscale_pb2_grpc.add_UpscalerServicer_to_server(
+        UpscalerService(engine, batcher, config), server
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            upscale_pb2.DESCRIPTOR.services_by_name["Upscaler"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    address = f"{config.host}:{config.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise ServerStartError(f"cannot listen on {address}: {e} (port taken?)") from e
+    if port == 0:
+        raise ServerStartError(f"cannot listen on {address} (port taken or bad address)")
+    await batcher.start()
+    await server.start()
+    running = RunningServer(server, port, health, engine, batcher, config)
+    try:
+        sizes = range(1, config.batcher.max_batch + 1)
+        input_size = config.tiling.tile + 2 * config.tiling.pad
+        await asyncio.to_thread(engine.warmup, input_size, sizes)
+    except Exception as e:
+        await running.stop(0)
+        raise ServerStartError(f"warm-up failed: {type(e).__name__}: {e}") from e
+    for service in ("", SERVICE_NAME):
+        await health.set(service, SERVING)
+    log.info(
+        "listening on %s (provider %s, scale x%d, tile %d pad %d, max batch %d%s)",
+        running.address,
+        engine.active_provider,
+        engine.scale,
+        config.tiling.tile,
+        config.tiling.pad,
+        config.batcher.max_batch,
+        ", self-ensemble" if config.self_ensemble else "",
+    )
+    return running
+
+
+class BackgroundServer:
+    """A server on its own event loop in a daemon thread, for blocking code (tests, benchmarks).
+
+    ``with BackgroundServer(config) as bg: UpscaleClient(f"127.0.0.1:{bg.port}")...``
+    """
+
+    def __init__(self, config: ServerConfig, engine: Engine | None = None) -> None:
+        self._config = config
+        self._engine = engine
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.running: RunningServer | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.running is not None, "BackgroundServer not started"
+        return self.running.port
+
+    def start(self, timeout: float = 120.0) -> BackgroundServer:
+        """Start the thread; return once the server is SERVING (or raise why it is not)."""
+        ready = threading.Event()
+        failure: list[BaseException] = []
+        self._loop = asyncio.new_event_loop()
+
+        async def boot() -> None:
+            try:
+                self.running = await build_server(self._config, self._engine)
+            except BaseException as e:
+                failure.append(e)
+            finally:
+                ready.set()
+
+        def run() -> None:
+            assert self._loop is not None
+            asyncio.set_event_loop(self._loop)
+            self._loop.create_task(boot())
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="rdn-serve", daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout):
+            raise ServerStartError(f"server did not start within {timeout} s")
+        if failure:
+            self._finish()
+            raise failure[0]
+        return self
+
+    def call(self, coroutine: Any, timeout: float | None = None) -> Any:
+        """Run a coroutine on the server's loop (e.g. ``bg.running.stop(1)``); its result."""
+        assert self._loop is not None, "BackgroundServer not started"
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def stop(self, grace: float = 0.0) -> None:
+        """Graceful stop (idempotent), then end the thread."""
+        if self.running is not None:
+            self.call(self.running.stop(grace))
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+            self._loop = self._thread = None
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start() if self._thread is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _int_at_least(minimum: int) -> type[int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse  # type: ignore[return-value]
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0..65535 (0 = any free port), got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ServerConfig(model=Path("."))
+    p = argparse.ArgumentParser(
+        prog="rdn-serve", description="Serve an RDN ONNX model over gRPC (rdn.v1.Upscaler)."
+    )
+    p.add_argument("--model", type=Path, default=None, help="ONNX model (default: embedded)")
+    p.add_argument(
+        "--scale",
+        type=int,
+        choices=SCALES,
+        default=None,
+        help=f"which embedded model (default {DEFAULT_SCALE}); with --model, must match it",
+    )
+    p.add_argument("--host", default=d.host, help=f"address to bind (default {d.host})")
+    p.add_argument("--port", type=_port, default=d.port, help=f"0 = any free (default {d.port})")
+    p.add_argument("--max-batch", type=_int_at_least(1), default=d.batcher.max_batch)
+    p.add_argument("--max-delay-ms", type=_non_negative_float, default=d.batcher.max_delay_ms)
+    p.add_argument("--max-queue-tiles", type=_int_at_least(1), default=d.batcher.max_queue_tiles)
+    p.add_argument("--tile", type=_int_at_least(1), default=d.tiling.tile, help="LR tile core")
+    p.add_argument("--tile-pad", type=_int_at_least(0), default=d.tiling.pad, help="LR context")
+    p.add_argument(
+        "--providers",
+        default=",".join(d.engine.providers),
+        help="onnxruntime execution providers, comma-separated, in priority order",
+    )
+    p.add_argument("--require-gpu", action="store_true", help="exit 1 unless CUDA is active")
+    p.add_argument("--threads", type=_int_at_least(0), default=0, help="intra-op threads, 0=auto")
+    p.add_argument("--max-pixels", type=_int_at_least(1), default=d.limits.max_pixels)
+    p.add_argument("--max-request-bytes", type=_int_at_least(1), default=d.limits.max_request_bytes)
+    p.add_argument(
+        "--max-message-bytes",
+        type=_int_at_least(MIN_MESSAGE_BYTES),
+        default=d.limits.max_message_bytes,
+        help="gRPC message limit, both directions (clients must use the same)",
+    )
+    p.add_argument("--grace", type=_non_negative_float, default=d.grace_s, help="drain seconds")
+    p.add_argument("--log-level", choices=LEVELS, default=d.log_level)
+    p.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    p.add_argument(
+        "--self-ensemble", action="store_true", help="x8 geometric self-ensemble (8x compute)"
+    )
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig the flags describe; the embedded model when --model is absent."""
+    model = args.model or resolve_default_model(args.scale or DEFAULT_SCALE)
+    providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
+    if not providers:
+        raise ValueError("--providers is empty; name at least one, e.g. CPUExecutionProvider")
+    return ServerConfig(
+        model=model,
+        host=args.host,
+        port=args.port,
+        grace_s=args.grace,
+        engine=EngineConfig(
+            providers=providers, require_gpu=args.require_gpu, intra_op_threads=args.threads
+        ),
+        tiling=TilingConfig(tile=args.tile, pad=args.tile_pad),
+        batcher=BatcherConfig(
+            max_batch=args.max_batch,
+            max_delay_ms=args.max_delay_ms,
+            max_queue_tiles=args.max_queue_tiles,
+        ),
+        limits=LimitsConfig(
+            max_pixels=args.max_pixels,
+            max_request_bytes=args.max_request_bytes,
+            max_message_bytes=args.max_message_bytes,
+        ),
+        log_level=args.log_level,
+        log_json=args.log_json,
+        self_ensemble=args.self_ensemble,
+    )
+
+
+async def serve(config: ServerConfig, scale: int | None = None) -> int:
+    """Run until SIGTERM / SIGINT, then shut down gracefully; the process exit code."""
+    try:
+        engine = Engine(config.model, config.engine)
+    except (ModelLoadError, RuntimeError, ValueError) as e:
+        log.error("%s", e)
+        return 1
+    if scale is not None and engine.scale != scale:
+        log.error(
+            "--scale %d does not match the model: %s upscales x%d; drop --scale or pick "
+            "a x%d model",
+            scale,
+            config.model,
+            engine.scale,
+            scale,
+        )
+        return 1
+    try:
+        running = await build_server(config, engine)
+    except ServerStartError as e:
+        log.error("%s", e)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    terminated = asyncio.ensure_future(running.wait_for_termination())
+    await asyncio.wait(
+        [terminated, asyncio.ensure_future(stop.wait())], return_when="FIRST_COMPLETED"
+    )
+    log.info("shutting down: new calls refused, in-flight calls get up to %.1f s", config.grace_s)
+    await running.stop(config.grace_s)
+    terminated.cancel()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``rdn-serve``."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, args.log_json)
+    # The embedded model is picked by scale; a given --model is checked only against --scale.
+    scale = args.scale if args.model is not None else (args.scale or DEFAULT_SCALE)
+    try:
+        config = config_from_args(args)
+    except (DefaultModelMissing, ValueError) as e:
+        log.error("%s", e)
+        return 1
+    return asyncio.run(serve(config, scale))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

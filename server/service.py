@@ -1,0 +1,511 @@
+"""The rdn.v1.Upscaler servicer: validate, decode, tile, batch, stitch, encode.
+
+The engine and the batcher are passed into the constructor; nothing is shared through module
+state. Handlers raise domain errors (``codec.ImageError``, ``batcher.QueueFull``,
+``RequestError`` ...) and ``grpc_status`` is the one place that turns them into status codes,
+applied by the ``_unary`` / ``_streaming`` wrappers, which also write the access log line.
+CPU-heavy steps (decode, split, merge, encode) run in worker threads so the event loop keeps
+answering health checks and feeding the batcher while a large image is being prepared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+import numpy as np
+
+from export.metadata import KEY_CONFIG, KEY_PRECISION, KEY_STEP, KEY_WEIGHTS_SHA256
+from rdn.ensemble import N_TRANSFORMS, inverse_transform, transform
+from server.batcher import BatcherStopped, QueueFull, TileResult
+from server.codec import (
+    INPUT_FORMATS,
+    DecodedImage,
+    ImageError,
+    ImageTooLarge,
+    decode_image,
+    decode_raw,
+    encode_image,
+    finish_output,
+    from_planar,
+    to_planar,
+)
+from server.config import ServerConfig
+from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
+from server.tiling import TilePlan, merge_tiles, plan_tiles, split_tiles
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("rdn.access")
+
+SERVICE_NAME = "rdn.v1.Upscaler"
+DEFAULT_QUALITY = 95  # the proto's meaning of quality 0 for JPEG / WebP
+MAX_REQUEST_ID_CHARS = 128  # the proto's limit
+MAX_OUT_CHUNK_BYTES = 1 * 2**20  # data per answer chunk of UpscaleStream
+RESPONSE_OVERHEAD_BYTES = 4096  # room for the response fields besides the image
+RETRY_AFTER_KEY = "rdn-retry-after-ms"  # trailer on transient overload; server/client.py reads it
+QUEUE_FULL_RETRY_AFTER_MS = 100  # a few batches' time on the tiny and small presets
+
+FORMATS: dict[int, str] = {
+    upscale_pb2.OUTPUT_FORMAT_UNSPECIFIED: "png",
+    upscale_pb2.OUTPUT_FORMAT_PNG: "png",
+    upscale_pb2.OUTPUT_FORMAT_JPEG: "jpeg",
+    upscale_pb2.OUTPUT_FORMAT_WEBP: "webp",
+    upscale_pb2.OUTPUT_FORMAT_RAW: "raw",
+}
+ACCEPTED_FORMATS = "0 UNSPECIFIED (= PNG), 1 PNG, 2 JPEG, 3 WEBP, 4 RAW"
+
+
+class TileSource(Protocol):
+    """What the servicer needs from the batcher (``server.batcher.TileBatcher`` is one)."""
+
+    async def submit(self, tiles: np.ndarray, request_id: str = "") -> TileResult: ...
+
+
+class ModelSource(Protocol):
+    """What the servicer needs from the engine (``server.engine.Engine`` is one)."""
+
+    scale: int
+    active_provider: str
+    providers: tuple[str, ...]
+    metadata: dict[str, str]
+
+
+class RequestError(ValueError):
+    """A request is malformed (INVALID_ARGUMENT); the message says what is allowed."""
+
+
+class RequestTooLarge(RequestError):
+    """A request or its answer exceeds a size limit (RESOURCE_EXHAUSTED)."""
+
+
+# ------------------------------------------------------------------------- pure helpers
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """How the answer is encoded."""
+
+    number: int  # OutputFormat enum value as answered (UNSPECIFIED is answered as PNG)
+    name: str  # codec format name
+    quality: int  # 1..100
+
+
+def output_spec(output_format: int, quality: int) -> OutputSpec:
+    """Validate the requested output format and quality."""
+    name = FORMATS.get(output_format)
+    if name is None:
+        raise RequestError(
+            f"output_format {output_format} is not a known OutputFormat; accepted: "
+            f"{ACCEPTED_FORMATS}"
+        )
+    if quality > 100:
+        raise RequestError(f"quality {quality} is out of range; use 1..100, or 0 for the default")
+    number = upscale_pb2.OUTPUT_FORMAT_PNG if name == "png" else output_format
+    return OutputSpec(number, name, quality or DEFAULT_QUALITY)
+
+
+def check_request_id(request_id: str) -> str:
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise RequestError(
+            f"request_id is {len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS} allowed"
+        )
+    return request_id
+
+
+def tile_image(
+    rgb: np.ndarray, tile: int, pad: int, ensemble: bool
+) -> tuple[list[TilePlan], np.ndarray]:
+    """Plans and tiles of an H x W x 3 uint8 image; with ``ensemble`` of its 8 dihedral views."""
+    planar = to_planar(rgb)
+    views = [transform(planar[None], i)[0] for i in range(N_TRANSFORMS)] if ensemble else [planar]
+    plans = [plan_tiles(v.shape[1], v.shape[2], tile, pad) for v in views]
+    tiles = [split_tiles(v, p) for v, p in zip(views, plans, strict=True)]
+    return plans, tiles[0] if len(tiles) == 1 else np.concatenate(tiles)
+
+
+def stitch(outputs: np.ndarray, plans: list[TilePlan], scale: int) -> np.ndarray:
+    """[3, sH, sW] float32 from tile outputs; several plans = ensemble views, averaged."""
+    if len(plans) == 1:
+        return merge_tiles(outputs, plans[0], scale)
+    total: np.ndarray | None = None
+    start = 0
+    for index, plan in enumerate(plans):
+        view = merge_tiles(outputs[start : start + plan.count], plan, scale)
+        start += plan.count
+        back = inverse_transform(view[None], index)[0].astype(np.float64)
+        total = back if total is None else total + back
+    assert total is not None
+    return (total / len(plans)).astype(np.float32)
+
+
+def grpc_status(error: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """The status code, client-facing message and trailing metadata for a handler error.
+
+    The one place that maps errors to codes. Unexpected errors get a generic message: their
+    text may hold internals, and the server logs the traceback instead.
+    """
+    if isinstance(error, ImageTooLarge | RequestTooLarge):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), ()
+    if isinstance(error, QueueFull):
+        retry = ((RETRY_AFTER_KEY, str(QUEUE_FULL_RETRY_AFTER_MS)),)
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), retry
+    if isinstance(error, ImageError | RequestError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error), ()
+    if isinstance(error, BatcherStopped):
+        return grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another", ()
+    return grpc.StatusCode.INTERNAL, "internal error; the server logged the details", ()
+
+
+# ------------------------------------------------------------------ error mapping, access log
+
+
+class AccessRecord:
+    """What one call did, filled in by the handler and logged once when the call ends."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.start = time.perf_counter()
+        self.fields: dict[str, Any] = {"method": method, "status": "OK"}
+
+    def set(self, **fields: Any) -> None:
+        self.fields.update(fields)
+
+    def log(self) -> None:
+        self.fields["total_ms"] = round(1e3 * (time.perf_counter() - self.start), 2)
+        status = self.fields["status"]
+        level = (
+            logging.INFO if status in ("OK", "CANCELLED", "DEADLINE_EXCEEDED") else logging.WARNING
+        )
+        access_log.log(level, "request", extra={"fields": self.fields})
+
+
+def _ended_status(context: grpc.aio.ServicerContext) -> str:
+    """CANCELLED or DEADLINE_EXCEEDED for a handler cancelled by grpc.aio."""
+    remaining = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+
+
+async def _abort(error: Exception, context: grpc.aio.ServicerContext, record: AccessRecord) -> None:
+    code, message, trailers = grpc_status(error)
+    record.set(status=code.name)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error(
+            "%s failed (request_id=%r)",
+            record.method,
+            record.fields.get("request_id", ""),
+            exc_info=error,
+        )
+    await context.abort(code, message, trailing_metadata=trailers)
+
+
+_UnaryHandler = Callable[[Any, Any, grpc.aio.ServicerContext, AccessRecord], Awaitable[Any]]
+_StreamHandler = Callable[[Any, Any, grpc.aio.ServicerContext, AccessRecord], AsyncIterator[Any]]
+
+
+def _unary(method: _UnaryHandler) -> Callable[..., Awaitable[Any]]:
+    """Map a unary handler's errors to statuses and log one access line per call."""
+
+    @functools.wraps(method)
+    async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        record = AccessRecord(method.__name__)
+        try:
+            return await method(self, request, context, record)
+        except asyncio.CancelledError:
+            record.set(status=_ended_status(context))
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await _abort(e, context, record)
+        finally:
+            record.log()
+
+    return handler
+
+
+def _streaming(method: _StreamHandler) -> Callable[..., AsyncIterator[Any]]:
+    """``_unary`` for a handler that is an async generator of answer messages."""
+
+    @functools.wraps(method)
+    async def handler(self: Any, requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        record = AccessRecord(method.__name__)
+        try:
+            async for message in method(self, requests, context, record):
+                yield message
+        except (asyncio.CancelledError, GeneratorExit):
+            record.set(status=_ended_status(context))
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await _abort(e, context, record)
+        finally:
+            record.log()
+
+    return handler
+
+
+# ----------------------------------------------------------------------------- servicer
+
+
+@dataclass(frozen=True)
+class _Upscaled:
+    response: upscale_pb2.UpscaleResponse  # every field but the image
+    image: bytes
+
+
+class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
+    """rdn.v1.Upscaler on one engine behind one tile batcher."""
+
+    def __init__(self, engine: ModelSource, batcher: TileSource, config: ServerConfig) -> None:
+        self._engine = engine
+        self._batcher = batcher
+        self._config = config
+        self._info = model_info(engine, config)
+
+    @_unary
+    async def Upscale(
+        self,
+        request: upscale_pb2.UpscaleRequest,
+        context: grpc.aio.ServicerContext,
+        record: AccessRecord,
+    ) -> upscale_pb2.UpscaleResponse:
+        received = time.perf_counter()
+        request_id = check_request_id(request.request_id)
+        record.set(request_id=request_id)
+        log.debug("Upscale started (request_id=%r)", request_id)
+        spec = output_spec(request.output_format, request.quality)
+        limits = self._config.limits
+        kind = request.WhichOneof("image")
+        if kind == "encoded":
+            data = request.encoded
+            decode = functools.partial(
+                decode_image, data, limits.max_pixels, limits.max_request_bytes
+            )
+        elif kind == "raw":
+            shape, data = request.raw.shape, request.raw.data
+            decode = functools.partial(
+                decode_raw,
+                data,
+                shape.height,
+                shape.width,
+                shape.channels,
+                limits.max_pixels,
+                limits.max_request_bytes,
+            )
+        else:
+            raise RequestError("request carries no image: set `encoded` (an image file) or `raw`")
+        record.set(bytes_in=len(data))
+        done = await self._upscale(decode, spec, request_id, received, record)
+        limit = limits.max_message_bytes - RESPONSE_OVERHEAD_BYTES
+        if len(done.image) > limit:
+            raise RequestTooLarge(
+                f"the upscaled image is {len(done.image)} bytes, more than fits in one message "
+                f"(--max-message-bytes {limits.max_message_bytes}); send it through "
+                "UpscaleStream (rdn-client does so by itself) or raise the limit on both ends"
+            )
+        done.response.image = done.image
+        return done.response
+
+    @_streaming
+    async def UpscaleStream(
+        self,
+        requests: AsyncIterator[upscale_pb2.UpscaleChunk],
+        context: grpc.aio.ServicerContext,
+        record: AccessRecord,
+    ) -> AsyncIterator[upscale_pb2.UpscaleChunk]:
+        received = time.perf_counter()
+        header, data = await receive_stream(requests, self._config.limits.max_request_bytes, record)
+        limits = self._config.limits
+        spec = output_spec(header.output_format, header.quality)
+        if header.HasField("raw_shape"):
+            shape = header.raw_shape
+            decode = functools.partial(
+                decode_raw,
+                data,
+                shape.height,
+                shape.width,
+                shape.channels,
+                limits.max_pixels,
+                limits.max_request_bytes,
+            )
+        else:
+            decode = functools.partial(
+                decode_image, data, limits.max_pixels, limits.max_request_bytes
+            )
+        done = await self._upscale(decode, spec, header.request_id, received, record)
+        yield upscale_pb2.UpscaleChunk(result=done.response)
+        step = min(MAX_OUT_CHUNK_BYTES, limits.max_message_bytes // 4)
+        for offset in range(0, len(done.image), step):
+            piece = done.image[offset : offset + step]
+            yield upscale_pb2.UpscaleChunk(data=upscale_pb2.DataChunk(offset=offset, data=piece))
+
+    @_unary
+    async def GetModelInfo(
+        self,
+        request: upscale_pb2.GetModelInfoRequest,
+        context: grpc.aio.ServicerContext,
+        record: AccessRecord,
+    ) -> upscale_pb2.ModelInfo:
+        return self._info
+
+    async def _upscale(
+        self,
+        decode: Callable[[], DecodedImage],
+        spec: OutputSpec,
+        request_id: str,
+        received: float,
+        record: AccessRecord,
+    ) -> _Upscaled:
+        """Decode, tile, run through the batcher, stitch and encode one image."""
+        tiling, scale = self._config.tiling, self._engine.scale
+        decoded = await asyncio.to_thread(decode)
+        height, width = decoded.rgb.shape[:2]
+        record.set(image=f"{width}x{height}x{decoded.channels}", source=decoded.source_format)
+        plans, tiles = await asyncio.to_thread(
+            tile_image, decoded.rgb, tiling.tile, tiling.pad, self._config.self_ensemble
+        )
+        record.set(tiles=len(tiles))
+        result = await self._batcher.submit(tiles, request_id)
+        record.set(
+            queue_ms=round(1e3 * result.queue_seconds, 2),
+            compute_ms=round(1e3 * result.compute_seconds, 2),
+        )
+        image = await asyncio.to_thread(_finish, result.outputs, plans, scale, decoded, spec)
+        response = upscale_pb2.UpscaleResponse(
+            width=width * scale,
+            height=height * scale,
+            channels=decoded.channels,
+            scale=scale,
+            format=spec.number,
+            timings=upscale_pb2.Timings(
+                queue_seconds=result.queue_seconds,
+                compute_seconds=result.compute_seconds,
+                total_seconds=time.perf_counter() - received,
+            ),
+            request_id=request_id,
+            tiles=len(tiles),
+            total_bytes=len(image),
+        )
+        record.set(bytes_out=len(image), format=spec.name)
+        return _Upscaled(response, image)
+
+
+def _finish(
+    outputs: np.ndarray, plans: list[TilePlan], scale: int, decoded: DecodedImage, spec: OutputSpec
+) -> bytes:
+    """Worker thread: stitch the tiles, restore grey/alpha, encode."""
+    sr_rgb = from_planar(stitch(outputs, plans, scale))
+    return encode_image(finish_output(sr_rgb, decoded, scale), spec.name, spec.quality)
+
+
+async def receive_stream(
+    requests: AsyncIterator[upscale_pb2.UpscaleChunk], max_bytes: int, record: AccessRecord
+) -> tuple[upscale_pb2.UpscaleStreamHeader, bytes]:
+    """The header and the reassembled bytes of an UpscaleStream upload, strictly checked."""
+    first = await anext(aiter(requests), None)
+    if first is None:
+        raise RequestError("stream ended before its header; send an UpscaleChunk.header first")
+    kind = first.WhichOneof("kind")
+    if kind != "header":
+        what = "a data chunk" if kind == "data" else f"{kind or 'an empty message'!s}"
+        raise RequestError(f"stream began with {what}; the first message must be the header")
+    header = first.header
+    record.set(request_id=check_request_id(header.request_id))
+    log.debug("UpscaleStream started (request_id=%r)", header.request_id)
+    output_spec(header.output_format, header.quality)  # fail before the upload, not after
+    total = header.total_bytes
+    if total == 0:
+        raise RequestError("header.total_bytes is 0; an image needs at least one byte")
+    if total > max_bytes:
+        raise RequestTooLarge(
+            f"header.total_bytes {total} exceeds the request limit of {max_bytes} bytes "
+            "(--max-request-bytes)"
+        )
+    record.set(bytes_in=total)
+    buffer = bytearray(total)
+    filled = 0
+    async for message in requests:
+        kind = message.WhichOneof("kind")
+        if kind == "header":
+            raise RequestError(f"a second header arrived after {filled} bytes; send one header")
+        if kind != "data":
+            raise RequestError(f"unexpected {kind or 'empty'} message; after the header send data")
+        chunk = message.data
+        if chunk.offset != filled:
+            raise RequestError(
+                f"data chunk at offset {chunk.offset} is out of order: expected offset {filled} "
+                "(chunks must arrive in offset order, without gaps)"
+            )
+        end = filled + len(chunk.data)
+        if end > total:
+            raise RequestError(
+                f"data chunks carry more than header.total_bytes={total} bytes (a chunk ends at "
+                f"byte {end})"
+            )
+        buffer[filled:end] = chunk.data
+        filled = end
+    if filled < total:
+        raise RequestError(
+            f"stream ended after {filled} of header.total_bytes={total} bytes (truncated upload)"
+        )
+    return header, bytes(buffer)  # the codec takes bytes (one copy, after the upload)
+
+
+def model_info(engine: ModelSource, config: ServerConfig) -> upscale_pb2.ModelInfo:
+    """ModelInfo from the engine's ONNX metadata and the serving configuration."""
+    meta = engine.metadata
+    info = upscale_pb2.ModelInfo(
+        name=f"rdn_x{engine.scale}",
+        scale=engine.scale,
+        precision=meta.get(KEY_PRECISION, "float32"),
+        weights_sha256=meta.get(KEY_WEIGHTS_SHA256, ""),
+        execution_provider=engine.active_provider,
+        providers=list(engine.providers),
+        tile_size=config.tiling.tile,
+        tile_pad=config.tiling.pad,
+        max_batch=config.batcher.max_batch,
+        max_delay_ms=config.batcher.max_delay_ms,
+        max_queue_tiles=config.batcher.max_queue_tiles,
+        max_pixels=config.limits.max_pixels,
+        max_request_bytes=config.limits.max_request_bytes,
+        max_message_bytes=config.limits.max_message_bytes,
+        input_formats=[*INPUT_FORMATS, "raw"],
+        output_formats=[
+            upscale_pb2.OUTPUT_FORMAT_PNG,
+            upscale_pb2.OUTPUT_FORMAT_JPEG,
+            upscale_pb2.OUTPUT_FORMAT_WEBP,
+            upscale_pb2.OUTPUT_FORMAT_RAW,
+        ],
+        self_ensemble=config.self_ensemble,
+    )
+    try:
+        info.training_step = int(meta.get(KEY_STEP, "0"))
+    except ValueError:
+        log.warning("model metadata %s=%r is not an integer", KEY_STEP, meta[KEY_STEP])
+    if KEY_CONFIG in meta:
+        try:
+            arch = json.loads(meta[KEY_CONFIG])
+            info.architecture.CopyFrom(
+                upscale_pb2.ModelArchitecture(
+                    g0=int(arch["G0"]),
+                    d=int(arch["D"]),
+                    c=int(arch["C"]),
+                    g=int(arch["G"]),
+                    norm=str(arch.get("norm", "")),
+                )
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning(
+                "model metadata %s is malformed (%s); architecture left empty", KEY_CONFIG, e
+            )
+    else:
+        log.warning("model has no %s metadata; ModelInfo.architecture left empty", KEY_CONFIG)
+    return info
