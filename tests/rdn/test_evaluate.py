@@ -470,3 +470,9 @@ def test_exact_match_is_null_in_strict_json(
     assert report["per_image"][0]["bicubic_psnr_y"] is None
     assert report["bicubic_ssim_y"] == pytest.approx(1.0)
     assert math.isfinite(report["model_psnr_y"])
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_main(capsys, "--help")
+    assert code == 0
+    assert "--self-ensemble" in out and "--save-comparison" in out
