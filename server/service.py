@@ -37,7 +37,7 @@ from server.codec import (
     from_planar,
     to_planar,
 )
-from server.config import ServerConfig
+from server.config import LimitsConfig, ServerConfig
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.tiling import TilePlan, merge_tiles, plan_tiles, split_tiles
 
@@ -322,8 +322,8 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         record: AccessRecord,
     ) -> AsyncIterator[upscale_pb2.UpscaleChunk]:
         received = time.perf_counter()
-        header, data = await receive_stream(requests, self._config.limits.max_request_bytes, record)
         limits = self._config.limits
+        header, data = await receive_stream(requests, limits, record)
         spec = output_spec(header.output_format, header.quality)
         if header.HasField("raw_shape"):
             shape = header.raw_shape
@@ -407,7 +407,7 @@ def _finish(
 
 
 async def receive_stream(
-    requests: AsyncIterator[upscale_pb2.UpscaleChunk], max_bytes: int, record: AccessRecord
+    requests: AsyncIterator[upscale_pb2.UpscaleChunk], limits: LimitsConfig, record: AccessRecord
 ) -> tuple[upscale_pb2.UpscaleStreamHeader, bytes]:
     """The header and the reassembled bytes of an UpscaleStream upload, strictly checked."""
     first = await anext(aiter(requests), None)
@@ -424,10 +424,16 @@ async def receive_stream(
     total = header.total_bytes
     if total == 0:
         raise RequestError("header.total_bytes is 0; an image needs at least one byte")
-    if total > max_bytes:
+    if total > limits.max_request_bytes:
         raise RequestTooLarge(
-            f"header.total_bytes {total} exceeds the request limit of {max_bytes} bytes "
-            "(--max-request-bytes)"
+            f"header.total_bytes {total} exceeds the request limit of {limits.max_request_bytes} "
+            "bytes (--max-request-bytes)"
+        )
+    shape = header.raw_shape
+    if shape.height * shape.width > limits.max_pixels:  # refuse before the upload, not after
+        raise RequestTooLarge(
+            f"header.raw_shape {shape.width}x{shape.height} = {shape.width * shape.height} "
+            f"pixels is over the limit of {limits.max_pixels} pixels; send a smaller image"
         )
     record.set(bytes_in=total)
     buffer = bytearray(total)

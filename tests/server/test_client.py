@@ -1,0 +1,298 @@
+"""Clients and rdn-client: pure helpers, retries against a real server, CLI subprocesses."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2
+
+from server.client import (
+    RetryPolicy,
+    StreamAssembler,
+    UpscaleClient,
+    UpscaleError,
+    backoff_s,
+    channel_options,
+    is_retryable,
+    make_payload,
+    output_path,
+    stream_messages,
+    writes_single_file,
+)
+from server.config import BatcherConfig, EngineConfig, ServerConfig, TilingConfig
+from server.engine import Engine
+from server.main import BackgroundServer
+from server.pb.rdn.v1 import upscale_pb2
+
+CPU = EngineConfig(providers=("CPUExecutionProvider",))
+CLI_TIMEOUT = 60  # seconds per subprocess
+RDN_CLIENT = Path(sys.executable).with_name("rdn-client")  # the declared console script
+
+
+def config(model: Path, **changes: object) -> ServerConfig:
+    base: dict[str, object] = {
+        "model": model,
+        "host": "127.0.0.1",
+        "port": 0,
+        "grace_s": 1.0,
+        "engine": CPU,
+        "tiling": TilingConfig(tile=32, pad=4),
+        "batcher": BatcherConfig(max_batch=4),
+    }
+    base.update(changes)
+    return ServerConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_onnx_x2: Path) -> Engine:
+    return Engine(tiny_onnx_x2, CPU)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_onnx_x2: Path, engine: Engine) -> Iterator[BackgroundServer]:
+    with BackgroundServer(config(tiny_onnx_x2), engine) as bg:
+        yield bg
+
+
+def small_png(set5_dir: Path, name: str, height: int, width: int) -> bytes:
+    bgr = cv2.imread(str(set5_dir / name), cv2.IMREAD_COLOR)[:height, :width]
+    ok, data = cv2.imencode(".png", bgr)
+    assert ok
+    return data.tobytes()
+
+
+# ------------------------------------------------------------------------- pure helpers
+
+
+def test_stream_messages_reassemble_to_the_payload() -> None:
+    image = np.random.default_rng(0).integers(0, 256, (30, 20, 4), dtype=np.uint8)
+    payload = make_payload(image)
+    assert payload.raw_shape == (30, 20, 4) and payload.data == image.tobytes()
+    messages = list(stream_messages(payload, "webp", 80, "id-1", chunk_bytes=1000))
+    header = messages[0].header
+    assert (header.raw_shape.height, header.raw_shape.width, header.raw_shape.channels) == (
+        30,
+        20,
+        4,
+    )
+    assert header.total_bytes == 2400 and header.output_format == upscale_pb2.OUTPUT_FORMAT_WEBP
+    assert (header.quality, header.request_id) == (80, "id-1")
+    chunks = [m.data for m in messages[1:]]
+    assert [c.offset for c in chunks] == [0, 1000, 2000]
+    assert b"".join(c.data for c in chunks) == payload.data
+
+    # The server's answer has the same shape: result first, then chunks.
+    answer = StreamAssembler()
+    result = upscale_pb2.UpscaleResponse(width=40, height=60, channels=4, scale=2, total_bytes=2400)
+    answer.add(upscale_pb2.UpscaleChunk(result=result))
+    for chunk in chunks:
+        answer.add(upscale_pb2.UpscaleChunk(data=chunk))
+    assembled = answer.result()
+    assert assembled.image == payload.data and assembled.streamed and assembled.width == 40
+
+
+def test_stream_assembler_refuses_a_broken_answer() -> None:
+    head = upscale_pb2.UpscaleChunk(result=upscale_pb2.UpscaleResponse(total_bytes=4))
+    gap = upscale_pb2.UpscaleChunk(data=upscale_pb2.DataChunk(offset=2, data=b"ab"))
+    assembler = StreamAssembler()
+    with pytest.raises(ValueError, match="began with 'data'"):
+        assembler.add(gap)
+    assembler.add(head)
+    with pytest.raises(ValueError, match="offset 2"):
+        assembler.add(gap)
+    with pytest.raises(ValueError, match="after 0 of 4 bytes"):
+        assembler.result()
+
+
+def test_make_payload_checks_arrays() -> None:
+    grey = make_payload(np.zeros((5, 7), np.uint8))
+    assert grey.raw_shape == (5, 7, 1) and len(grey.data) == 35
+    with pytest.raises(ValueError, match="uint8"):
+        make_payload(np.zeros((5, 7, 3), np.float32))
+    with pytest.raises(ValueError, match="H x W x 1/3/4"):
+        make_payload(np.zeros((5, 7, 2), np.uint8))
+
+
+def test_make_payload_reads_the_size_of_encoded_files(set5_dir: Path) -> None:
+    payload = make_payload(small_png(set5_dir, "bird.png", 30, 40))
+    assert payload.raw_shape is None
+    assert (payload.estimated_output_pixels, payload.channels) == (1200, 3)
+    assert make_payload(b"not an image").estimated_output_pixels == 0
+
+
+def test_output_naming(tmp_path: Path) -> None:
+    src = Path("photos/cat.png")
+    assert output_path(src, tmp_path, False, 2, "jpeg") == tmp_path / "cat_x2.jpg"
+    assert output_path(src, tmp_path, False, 4, "webp") == tmp_path / "cat_x4.webp"
+    assert output_path(src, tmp_path / "big.png", True, 2, "png") == tmp_path / "big.png"
+    assert writes_single_file([src], tmp_path / "big.png")
+    assert not writes_single_file([src], tmp_path)  # an existing folder
+    assert not writes_single_file([src], tmp_path / "new_folder")  # no suffix: a folder
+    assert not writes_single_file([src, src], tmp_path / "x.png")
+
+
+def test_backoff_is_capped_jittered_and_respects_the_server_hint() -> None:
+    policy = RetryPolicy(max_attempts=10, initial_backoff_s=0.1, max_backoff_s=1.0)
+    rng = random.Random(0)
+    delays = [backoff_s(policy, attempt, rng, None) for attempt in range(8) for _ in range(50)]
+    assert min(delays) >= 0.0 and max(delays) <= 1.0
+    assert max(delays[:50]) <= 0.1 < max(delays[-50:])  # grows with the attempt
+    assert len(set(delays)) > 300  # jittered
+    assert backoff_s(policy, 0, rng, 0.5) >= 0.5
+
+
+def test_only_transient_errors_are_retried() -> None:
+    hint = (("rdn-retry-after-ms", "100"),)
+    assert is_retryable(grpc.StatusCode.UNAVAILABLE, ())
+    assert is_retryable(grpc.StatusCode.RESOURCE_EXHAUSTED, hint)
+    assert not is_retryable(grpc.StatusCode.RESOURCE_EXHAUSTED, ())  # too large: retry won't help
+    assert not is_retryable(grpc.StatusCode.INVALID_ARGUMENT, hint)
+    assert not is_retryable(grpc.StatusCode.DEADLINE_EXCEEDED, ())
+
+
+def test_channel_options_one_limit_both_ways_and_round_robin() -> None:
+    options = dict(channel_options(12345, "round_robin"))
+    assert options["grpc.max_receive_message_length"] == 12345
+    assert options["grpc.max_send_message_length"] == 12345
+    assert json.loads(options["grpc.service_config"]) == {
+        "loadBalancingConfig": [{"round_robin": {}}]
+    }
+    with pytest.raises(ValueError, match="round_robin"):
+        channel_options(1, "random")
+
+
+# ---------------------------------------------------------------------- real server
+
+
+def test_full_queue_is_retried_with_backoff_then_reported(
+    tiny_onnx_x2: Path, engine: Engine, set5_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="rdn.access")
+    # A 40x40 image is 2x2 tiles; a queue of 3 tiles can never take it: QueueFull every time.
+    tight = config(tiny_onnx_x2, batcher=BatcherConfig(max_batch=4, max_queue_tiles=3))
+    retry = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
+    with (
+        BackgroundServer(tight, engine) as bg,
+        UpscaleClient(f"127.0.0.1:{bg.port}", retry=retry) as client,
+    ):
+        with pytest.raises(UpscaleError) as full:
+            client.upscale(small_png(set5_dir, "bird.png", 40, 40), request_id="full", timeout=30)
+        assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue full" in full.value.details
+        bg.call(bg.running.stop(1))  # flush: every access line is written by now
+    calls = [r.fields for r in caplog.records if r.name == "rdn.access"]
+    assert [c["status"] for c in calls if c["request_id"] == "full"] == ["RESOURCE_EXHAUSTED"] * 3
+
+
+def test_image_too_large_is_not_retried(
+    server: BackgroundServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="rdn.access")
+    retry = RetryPolicy(max_attempts=4, initial_backoff_s=0.01)
+    with UpscaleClient(f"127.0.0.1:{server.port}", retry=retry) as client:
+        too_many = np.zeros((4200, 4100), np.uint8)  # 17.2 M pixels > 16.8 M allowed
+        with pytest.raises(UpscaleError) as error:
+            client.upscale(too_many, request_id="huge", timeout=30)
+        assert client.info(timeout=10).scale == 2  # a later call: the access line is written
+    assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "over the limit" in error.value.details
+    calls = [r.fields for r in caplog.records if r.name == "rdn.access"]
+    assert len([c for c in calls if c.get("request_id") == "huge"]) == 1
+
+
+def test_unreachable_server_is_unavailable_after_bounded_retries() -> None:
+    retry = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
+    with UpscaleClient("127.0.0.1:1", retry=retry) as client, pytest.raises(UpscaleError) as error:
+        client.upscale(np.zeros((4, 4, 3), np.uint8), timeout=10)
+    assert error.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_dns_target_with_round_robin(server: BackgroundServer, set5_dir: Path) -> None:
+    target = f"dns:///127.0.0.1:{server.port}"
+    with UpscaleClient(target, lb="round_robin") as client:
+        result = client.upscale(small_png(set5_dir, "head.png", 20, 30), timeout=30)
+    assert (result.width, result.height) == (60, 40)
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [str(RDN_CLIENT)] if RDN_CLIENT.exists() else [sys.executable, "-m", "server.client"]
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=CLI_TIMEOUT, check=False
+    )
+
+
+def test_cli_upscales_files_into_a_folder(
+    server: BackgroundServer, set5_dir: Path, tmp_path: Path
+) -> None:
+    inputs = []
+    for name, (h, w) in {"bird": (24, 30), "head": (33, 17)}.items():
+        path = tmp_path / f"{name}.png"
+        path.write_bytes(small_png(set5_dir, f"{name}.png", h, w))
+        inputs.append(str(path))
+    out = tmp_path / "out"
+    target = f"127.0.0.1:{server.port}"
+    done = run_cli("upscale", *inputs, "-o", str(out), "--target", target, "--format", "webp")
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    bird = cv2.imread(str(out / "bird_x2.webp"), cv2.IMREAD_UNCHANGED)
+    head = cv2.imread(str(out / "head_x2.webp"), cv2.IMREAD_UNCHANGED)
+    assert bird.shape == (48, 60, 3) and head.shape == (66, 34, 3)
+    assert len(done.stdout.splitlines()) == 2
+
+
+def test_cli_single_file_output_and_errors(
+    server: BackgroundServer, set5_dir: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "in.png"
+    src.write_bytes(small_png(set5_dir, "woman.png", 21, 19))
+    target = f"127.0.0.1:{server.port}"
+    dst = tmp_path / "result.jpg"
+    done = run_cli(
+        "upscale", str(src), "-o", str(dst), "--target", target, "--format", "jpeg",
+        "--quality", "80", "--deadline", "30", "--retries", "1", "--concurrency", "2",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert cv2.imread(str(dst)).shape == (42, 38, 3)
+
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"definitely not a png")
+    bad = run_cli("upscale", str(garbage), "-o", str(tmp_path / "x.png"), "--target", target)
+    assert bad.returncode != 0
+    assert "INVALID_ARGUMENT" in bad.stderr and "not a PNG, JPEG" in bad.stderr
+    assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+    down = run_cli("info", "--target", "127.0.0.1:1", "--retries", "0", "--deadline", "5")
+    assert down.returncode != 0 and "UNAVAILABLE" in down.stderr
+    assert "Traceback" not in down.stderr and len(down.stderr.strip().splitlines()) == 1
+
+
+def test_cli_info_and_health(server: BackgroundServer) -> None:
+    target = f"127.0.0.1:{server.port}"
+    info = run_cli("info", "--target", target)
+    assert info.returncode == 0, info.stderr
+    fields = json.loads(info.stdout)
+    assert fields["scale"] == 2 and fields["execution_provider"] == "CPUExecutionProvider"
+    assert fields["self_ensemble"] is False and fields["architecture"]["g0"] == 16
+
+    health = run_cli("health", "--target", target)
+    assert (health.returncode, health.stdout.strip()) == (0, "SERVING")
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    server.call(server.running.health.set("", not_serving))
+    try:
+        sick = run_cli("health", "--target", target)
+    finally:
+        server.call(server.running.health.set("", health_pb2.HealthCheckResponse.SERVING))
+    assert (sick.returncode, sick.stdout.strip()) == (1, "NOT_SERVING")
