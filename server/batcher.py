@@ -107,6 +107,8 @@ class TileBatcher:
         self._engine_calls = 0
         self._tiles_computed = 0
         self._engine_seconds = 0.0
+        self._engine_failures = 0
+        self._tiles_dropped = 0
         self._batch_sizes: collections.Counter[int] = collections.Counter()
 
     # -- read-only counters ----------------------------------------------------------------
@@ -137,6 +139,16 @@ class TileBatcher:
     def engine_seconds(self) -> float:
         """Total wall time spent in engine calls."""
         return self._engine_seconds
+
+    @property
+    def engine_failures(self) -> int:
+        """Engine calls that raised (each failed every request in its batch)."""
+        return self._engine_failures
+
+    @property
+    def tiles_dropped(self) -> int:
+        """Tiles removed before reaching the engine (request cancelled or failed)."""
+        return self._tiles_dropped
 
     @property
     def batch_sizes(self) -> dict[int, int]:
@@ -211,6 +223,7 @@ class TileBatcher:
         with contextlib.suppress(ValueError):
             self._pending.remove(request)
             self._queued -= request.undispatched
+            self._tiles_dropped += request.undispatched
         request.next_tile = request.count
 
     # -- the loop -----------------------------------------------------------------------------
@@ -329,6 +342,7 @@ class TileBatcher:
 
     def _fail_batch(self, batch: list[tuple[_Request, int]], cause: BaseException) -> None:
         """Fail every request with a tile in ``batch``; drop their remaining tiles."""
+        self._engine_failures += 1
         requests = list({id(r): r for r, _ in batch}.values())
         ids = [r.request_id for r in requests if r.request_id]
         log.error(

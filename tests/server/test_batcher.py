@@ -233,6 +233,7 @@ def test_cancelled_request_tiles_never_reach_the_engine(how: str) -> None:
                     await asyncio.wait_for(batcher.submit(tagged(*range(100, 110))), 0.05)
             assert batcher.queued_tiles == 0
             assert batcher.pending_requests == 0
+            assert batcher.tiles_dropped == 10
             fake.gate.set()
             await asyncio.wait_for(first, WAIT)
             later = await asyncio.wait_for(batcher.submit(tagged(2, 3)), WAIT)
@@ -302,6 +303,8 @@ def test_engine_failure_fails_every_request_in_the_batch_and_serving_goes_on() -
                     error
                 )
             assert batcher.queued_tiles == 0  # A's other tiles were dropped with it
+            assert batcher.tiles_dropped == 2
+            assert batcher.engine_failures == 1
             result = await asyncio.wait_for(batcher.submit(tagged(4)), WAIT)
             np.testing.assert_array_equal(result.outputs[:, 0, 0, 0], [4.0])
         assert fake.batches == [[-1.0, 3.0], [4.0]]
