@@ -1,0 +1,282 @@
+"""Paired LR/HR training patches from a folder of HR images, reproducible without sampler state.
+
+Every image is decoded once, up front, in the main process: unreadable files and images
+smaller than one HR patch are reported there, naming the file, instead of failing later
+inside a DataLoader worker. The HR image is modcropped and its LR partner made with the
+benchmark degradation (``rdn.imaging.downscale``); pairs are kept in memory while they fit
+a byte budget, and the rest are decoded again for every sample.
+
+Each sample is a pure function of the key ``(seed, step, rank, index in batch)``: the key
+seeds a numpy generator that picks the image, the patch position and one of the 8
+flip/rotate transforms. Resuming at step k therefore only needs k, and every DDP rank draws
+different patches because its rank is part of the key.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from rdn.imaging import ImageReadError, downscale, list_images, modcrop, read_rgb
+
+log = logging.getLogger(__name__)
+
+N_TRANSFORMS = 8  # 4 rotations x optional horizontal flip (the dihedral group of the square)
+DEFAULT_CACHE_BYTES = 2 * 1024**3  # 2 GiB of decoded HR + LR pairs held in memory
+BUILTIN_NAMES = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "stereo_motorcycle_left",
+    "stereo_motorcycle_right",
+)
+
+SampleKey = tuple[int, int, int, int]  # (seed, step, rank, index in batch)
+
+
+class DataError(ValueError):
+    """The training images cannot be used; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One usable HR image: where it comes from and its LR size after modcrop."""
+
+    name: str  # file path, or "skimage:<name>" for a built-in photograph
+    path: Path | None  # None for built-ins, which are always held in memory
+    lr_height: int
+    lr_width: int
+
+
+@dataclass(frozen=True)
+class PatchPlan:
+    """Where one sample comes from: image index, LR top-left corner, transform index."""
+
+    image: int
+    y: int
+    x: int
+    transform: int
+
+
+def make_pair(hr: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """(HR modcropped to a multiple of ``scale``, its benchmark LR), both HxWx3 uint8."""
+    hr = np.ascontiguousarray(modcrop(hr, scale))
+    return hr, downscale(hr, scale)
+
+
+def pair_bytes(lr_height: int, lr_width: int, scale: int) -> int:
+    """Memory of one cached HR + LR pair of uint8 RGB."""
+    return lr_height * lr_width * 3 * (1 + scale * scale)
+
+
+def augment(image: np.ndarray, transform: int) -> np.ndarray:
+    """Transform ``transform`` in 0..7 of the 8 flips/rotations, applied to an HxWxC array."""
+    if not 0 <= transform < N_TRANSFORMS:
+        raise ValueError(f"transform must be in 0..{N_TRANSFORMS - 1}, got {transform}")
+    if transform >= 4:
+        image = image[:, ::-1]
+    return np.rot90(image, transform % 4)
+
+
+def plan_patch(key: SampleKey, lr_sizes: Sequence[tuple[int, int]], patch_size: int) -> PatchPlan:
+    """Pure: the image, LR position and transform that ``key`` selects among ``lr_sizes``."""
+    rng = np.random.default_rng(list(key))
+    image = int(rng.integers(len(lr_sizes)))
+    height, width = lr_sizes[image]
+    y = int(rng.integers(height - patch_size + 1))
+    x = int(rng.integers(width - patch_size + 1))
+    return PatchPlan(image, y, x, int(rng.integers(N_TRANSFORMS)))
+
+
+def cut_patches(
+    hr: np.ndarray, lr: np.ndarray, plan: PatchPlan, scale: int, patch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The aligned (LR, HR) patches of ``plan``, both transformed the same way."""
+    p, y, x = patch_size, plan.y, plan.x
+    lr_patch = lr[y : y + p, x : x + p]
+    hr_patch = hr[y * scale : (y + p) * scale, x * scale : (x + p) * scale]
+    return augment(lr_patch, plan.transform), augment(hr_patch, plan.transform)
+
+
+def to_chw_float(image: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> 3xHxW float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+
+
+def builtin_images() -> list[tuple[str, np.ndarray]]:
+    """The photographs scikit-image ships offline, so training runs on a fresh machine."""
+    from skimage import data as skdata  # imported lazily: only the no-folder default needs it
+
+    left, right = skdata.stereo_motorcycle()[:2]
+    arrays = {
+        "astronaut": skdata.astronaut(),
+        "chelsea": skdata.chelsea(),
+        "coffee": skdata.coffee(),
+        "rocket": skdata.rocket(),
+        "stereo_motorcycle_left": left,
+        "stereo_motorcycle_right": right,
+    }
+    return [
+        (f"skimage:{name}", np.ascontiguousarray(arrays[name][..., :3])) for name in BUILTIN_NAMES
+    ]
+
+
+class PatchDataset(Dataset):
+    """Map-style dataset indexed by sample keys; returns (LR 3xPxP, HR 3xsPxsP) float tensors."""
+
+    def __init__(
+        self,
+        entries: list[ImageEntry],
+        cache: list[tuple[np.ndarray, np.ndarray] | None],
+        scale: int,
+        patch_size: int,
+        skipped: list[str] | None = None,
+    ) -> None:
+        if not entries:
+            raise DataError("no usable training images")
+        if len(cache) != len(entries):
+            raise ValueError("cache must hold one slot per entry")
+        self.entries = entries
+        self.cache = cache
+        self.scale = scale
+        self.patch_size = patch_size
+        self.skipped = skipped or []
+        self.lr_sizes = [(e.lr_height, e.lr_width) for e in entries]
+
+    @property
+    def cached_count(self) -> int:
+        return sum(pair is not None for pair in self.cache)
+
+    def pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(HR, LR) of image ``index``: from the cache, or decoded again when it did not fit."""
+        cached = self.cache[index]
+        if cached is not None:
+            return cached
+        entry = self.entries[index]
+        assert entry.path is not None  # built-ins are always cached
+        hr, lr = make_pair(read_rgb(entry.path), self.scale)
+        if lr.shape[:2] != (entry.lr_height, entry.lr_width):
+            raise DataError(
+                f"image {entry.path}: changed on disk during training "
+                f"(LR size {lr.shape[1]}x{lr.shape[0]}, was {entry.lr_width}x{entry.lr_height})"
+            )
+        return hr, lr
+
+    def sample(self, key: SampleKey) -> tuple[np.ndarray, np.ndarray]:
+        """The (LR, HR) uint8 patches of ``key``."""
+        plan = plan_patch(key, self.lr_sizes, self.patch_size)
+        hr, lr = self.pair(plan.image)
+        return cut_patches(hr, lr, plan, self.scale, self.patch_size)
+
+    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, torch.Tensor]:
+        lr, hr = self.sample(key)
+        return to_chw_float(lr), to_chw_float(hr)
+
+    def __len__(self) -> int:  # keys are unbounded; this is the number of images
+        return len(self.entries)
+
+
+class StepBatchSampler(Sampler[list[SampleKey]]):
+    """Yields the keys of one batch per step, for steps ``start_step`` to ``total_steps - 1``."""
+
+    def __init__(
+        self, seed: int, rank: int, batch_size: int, start_step: int, total_steps: int
+    ) -> None:
+        self.seed, self.rank, self.batch_size = seed, rank, batch_size
+        self.start_step, self.total_steps = start_step, total_steps
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        for step in range(self.start_step, self.total_steps):
+            yield [(self.seed, step, self.rank, i) for i in range(self.batch_size)]
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step)
+
+
+def _too_small(name: str, hr_shape: tuple[int, ...], scale: int, patch_size: int) -> str | None:
+    need = patch_size * scale
+    h, w = hr_shape[:2]
+    if h - h % scale < need or w - w % scale < need:
+        return (
+            f"image {name}: {w}x{h} is smaller than one HR patch ({need}x{need} = patch size "
+            f"{patch_size} x scale {scale}); remove it or lower --patch-size"
+        )
+    return None
+
+
+def build_dataset(
+    folder: Path | None,
+    scale: int,
+    patch_size: int,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    skip_bad: bool = False,
+) -> PatchDataset:
+    """Validate and decode every HR image of ``folder`` (built-ins when None) up front.
+
+    Unreadable or too-small images raise ``DataError`` naming the file, or with ``skip_bad``
+    are skipped with a warning and listed in ``dataset.skipped``. Pairs are cached in order
+    until ``cache_bytes`` is used up; later images are decoded per sample.
+    """
+    entries: list[ImageEntry] = []
+    cache: list[tuple[np.ndarray, np.ndarray] | None] = []
+    skipped: list[str] = []
+    used = 0
+
+    def reject(message: str) -> None:
+        if not skip_bad:
+            raise DataError(message + " (or pass --skip-bad-images)")
+        log.warning("skipping %s", message)
+        skipped.append(message)
+
+    if folder is None:
+        for name, hr in builtin_images():
+            if (problem := _too_small(name, hr.shape, scale, patch_size)) is not None:
+                raise DataError(problem)
+            pair = make_pair(hr, scale)
+            entries.append(ImageEntry(name, None, *pair[1].shape[:2]))
+            cache.append(pair)
+            used += pair[0].nbytes + pair[1].nbytes
+    else:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise DataError(f"data folder {folder}: no such directory")
+        paths = list_images(folder)
+        if not paths:
+            raise DataError(
+                f"data folder {folder}: no images (expected .png, .jpg, .bmp, .tif or .webp files)"
+            )
+        for path in paths:
+            try:
+                hr = read_rgb(path)
+            except ImageReadError as e:
+                reject(f"{e}; the file is unreadable or corrupt")
+                continue
+            if (problem := _too_small(str(path), hr.shape, scale, patch_size)) is not None:
+                reject(problem)
+                continue
+            h, w = hr.shape[0] // scale, hr.shape[1] // scale
+            size = pair_bytes(h, w, scale)
+            if used + size <= cache_bytes:
+                cache.append(make_pair(hr, scale))
+                used += size
+            else:
+                cache.append(None)
+            entries.append(ImageEntry(str(path), path, h, w))
+        if not entries:
+            raise DataError(f"data folder {folder}: none of its {len(paths)} images is usable")
+    dataset = PatchDataset(entries, cache, scale, patch_size, skipped)
+    log.info(
+        "training images: %d (%d cached in memory, %.1f MiB; %d skipped)",
+        len(entries),
+        dataset.cached_count,
+        used / 2**20,
+        len(skipped),
+    )
+    return dataset
