@@ -25,9 +25,10 @@ from export.to_onnx import (
     check_writable,
     export_onnx,
 )
-from export.triton import TritonModelConfig, write_model_repository
+from export.triton import TritonModelConfig, serve_command, write_model_repository
 
 PROG = "rdn-export"
+log = logging.getLogger(PROG)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -120,9 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         report = export_onnx(args.checkpoint, args.output, options)
         if triton is not None:
             folder = write_model_repository(args.triton_repo, args.output, triton, report.metadata)
-            logging.getLogger(PROG).info(
-                "wrote Triton model %s (config.pbtxt, 1/model.onnx)", folder
-            )
+            log.info("wrote Triton model %s (config.pbtxt, 1/model.onnx)", folder)
+            log.info("serve it with: %s", serve_command(args.triton_repo))
     except ExportError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1

@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -154,8 +155,6 @@ def reference_image(path: Path | None = None) -> tuple[str, np.ndarray]:
 
         label, rgb = "astronaut", data.astronaut()[::4, ::4]
     else:
-        from PIL import Image, UnidentifiedImageError
-
         try:
             with Image.open(path) as img:
                 rgb = np.asarray(img.convert("RGB"))
@@ -198,6 +197,11 @@ def export_onnx(
         model, data = load_model(checkpoint)
     except CheckpointError as e:
         raise ExportError(str(e)) from e
+    except Exception as e:  # a foreign pickle can fail in any way
+        raise ExportError(
+            f"checkpoint {checkpoint}: cannot be loaded ({type(e).__name__}: {e}); write "
+            "checkpoints with rdn-train"
+        ) from e
     config = model.config
     n_bn = count_batchnorms(model)
     folded = fold_batchnorm(model)
@@ -435,10 +439,15 @@ def to_float16(proto: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        half = convert_float_to_float16(proto, keep_io_types=True)
-    OnnxModel.graph_topological_sort(half.graph, is_deterministic=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            half = convert_float_to_float16(proto, keep_io_types=True)
+        OnnxModel.graph_topological_sort(half.graph, is_deterministic=True)
+    except Exception as e:  # the converter raises plain ValueError/RuntimeError/KeyError
+        raise ExportError(
+            f"float16 conversion failed ({type(e).__name__}: {e}); export without --fp16"
+        ) from e
     return half
 
 

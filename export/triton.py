@@ -12,6 +12,7 @@ The config is text generated from a frozen dataclass by a pure function; only
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,10 +26,16 @@ VERSION = 1
 INSTANCE_KINDS = ("KIND_AUTO", "KIND_GPU", "KIND_CPU")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
-TRITON_COMMAND = (
-    'docker run --rm --gpus=all -p 8000:8000 -p 8001:8001 -p 8002:8002 -v "$PWD/{repo}:/models" '
-    "nvcr.io/nvidia/tritonserver:25.10-py3 tritonserver --model-repository=/models"
-)
+TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:25.10-py3"
+
+
+def serve_command(repo: Path) -> str:
+    """The docker command that serves the model repository ``repo`` with Triton."""
+    mount = shlex.quote(f"{Path(repo).resolve()}:/models")
+    return (
+        f"docker run --rm --gpus=all -p 8000:8000 -p 8001:8001 -p 8002:8002 -v {mount} "
+        f"{TRITON_IMAGE} tritonserver --model-repository=/models"
+    )
 
 
 @dataclass(frozen=True)

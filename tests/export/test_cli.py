@@ -8,7 +8,7 @@ from export.triton import MODEL_FILENAME
 
 # What the exporter may say on stderr, one fact per line; anything else (exporter chatter,
 # warnings, onnxruntime log lines) fails the test.
-FACT_PREFIXES = ("loaded ", "fold: ", "exported with ", "verify: ", "wrote ")
+FACT_PREFIXES = ("loaded ", "fold: ", "exported with ", "verify: ", "wrote ", "serve it with: ")
 
 
 def test_cli_export_succeeds_with_one_line_per_fact(cli_x2) -> None:
@@ -17,6 +17,9 @@ def test_cli_export_succeeds_with_one_line_per_fact(cli_x2) -> None:
     lines = result.stderr.strip().splitlines()
     assert [line for line in lines if not line.startswith(FACT_PREFIXES)] == []
     assert [p for p in FACT_PREFIXES if not any(line.startswith(p) for line in lines)] == []
+    (serve,) = [line for line in lines if line.startswith("serve it with: ")]
+    assert f"{cli_x2.triton_repo.resolve()}:/models" in serve
+    assert serve.endswith("tritonserver --model-repository=/models")
     (verify,) = [line for line in lines if line.startswith("verify: ")]
     assert "astronaut" in verify and "<= 0.0001" in verify
     (summary,) = result.stdout.strip().splitlines()
