@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import logging
 import signal
 import sys
 import threading
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -34,6 +36,7 @@ from server.service import SERVICE_NAME, UpscalerService
 
 log = logging.getLogger("rdn.serve")
 
+T = TypeVar("T")
 DEFAULT_SCALE = 2
 MIN_MESSAGE_BYTES = 64 * 2**10  # below this even a stream chunk barely fits
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -201,10 +204,14 @@ class BackgroundServer:
             raise failure[0]
         return self
 
-    def call(self, coroutine: Any, timeout: float | None = None) -> Any:
-        """Run a coroutine on the server's loop (e.g. ``bg.running.stop(1)``); its result."""
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule a coroutine on the server's loop (e.g. ``bg.running.stop(5)``)."""
         assert self._loop is not None, "BackgroundServer not started"
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    def call(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run a coroutine on the server's loop and return its result."""
+        return self.submit(coroutine).result(timeout)
 
     def stop(self, grace: float = 0.0) -> None:
         """Graceful stop (idempotent), then end the thread."""

