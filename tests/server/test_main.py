@@ -1,0 +1,270 @@
+"""rdn-serve as a real process: start-up errors, SIGTERM drain, JSON logs; flags -> ServerConfig."""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.client import RetryPolicy, UpscaleClient, UpscaleError
+from server.config import BatcherConfig, EngineConfig, LimitsConfig, ServerConfig, TilingConfig
+from server.engine import Engine
+from server.main import BackgroundServer, ServerStartError, build_parser, config_from_args
+from server.models import SCALES, default_model_path
+
+RDN_SERVE = Path(sys.executable).with_name("rdn-serve")  # the declared console script
+START_TIMEOUT = 60.0  # seconds for a subprocess to print its first lines
+FAST_FLAGS = ("--host", "127.0.0.1", "--port", "0", "--tile", "32", "--tile-pad", "4")
+CPU_FLAGS = ("--providers", "CPUExecutionProvider")
+
+
+def serve_command(*args: str) -> list[str]:
+    base = [str(RDN_SERVE)] if RDN_SERVE.exists() else [sys.executable, "-m", "server.main"]
+    return [*base, *args]
+
+
+def run_serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        serve_command(*args), capture_output=True, text=True, timeout=START_TIMEOUT, check=False
+    )
+
+
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    """A port some other socket is listening on: binding it must fail."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------------ start-up errors
+
+
+def assert_one_error_line(done: subprocess.CompletedProcess[str], *needles: str) -> str:
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "Traceback" not in done.stderr and "listening on" not in done.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_missing_model_exits_1_with_one_line_before_binding(held_port: int) -> None:
+    # The port is taken: had the server bound first, the error would be about the port.
+    done = run_serve("--model", "/nonexistent/model.onnx", "--port", str(held_port), *CPU_FLAGS)
+    assert_one_error_line(done, "/nonexistent/model.onnx", "no such file")
+
+
+def test_corrupt_model_exits_1_with_one_line(tmp_path: Path, held_port: int) -> None:
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07this is not a protobuf model" * 10)
+    done = run_serve("--model", str(corrupt), "--port", str(held_port), *CPU_FLAGS)
+    assert_one_error_line(done, str(corrupt), "not an ONNX model")
+
+
+def test_scale_mismatch_exits_1(tiny_onnx_x2: Path) -> None:
+    done = run_serve("--model", str(tiny_onnx_x2), "--scale", "3", *FAST_FLAGS, *CPU_FLAGS)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    (error,) = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert "--scale 3" in error and "upscales x2" in error
+    assert "listening on" not in done.stderr
+
+
+def test_missing_embedded_model_lists_the_available_scales() -> None:
+    missing = [s for s in SCALES if not default_model_path(s).is_file()]
+    if not missing:
+        pytest.skip("every embedded model is present")
+    done = run_serve("--scale", str(missing[0]), *FAST_FLAGS, *CPU_FLAGS)
+    line = assert_one_error_line(done, f"no embedded model for x{missing[0]}")
+    present = [s for s in SCALES if s not in missing]
+    assert "available: " + (", ".join(f"x{s}" for s in present) or "none") in line
+
+
+def test_port_in_use_is_a_start_error(tiny_onnx_x2: Path, held_port: int) -> None:
+    config = ServerConfig(
+        model=tiny_onnx_x2,
+        host="127.0.0.1",
+        port=held_port,
+        engine=EngineConfig(providers=("CPUExecutionProvider",)),
+    )
+    with pytest.raises(ServerStartError, match=f"127.0.0.1:{held_port}"):
+        BackgroundServer(config).start()
+
+
+def test_flags_build_the_server_config(tiny_onnx_x2: Path) -> None:
+    args = build_parser().parse_args(
+        [
+            "--model", str(tiny_onnx_x2), "--host", "::", "--port", "0", "--max-batch", "3",
+            "--max-delay-ms", "1.5", "--max-queue-tiles", "99", "--tile", "48", "--tile-pad", "6",
+            "--providers", "CUDAExecutionProvider, CPUExecutionProvider", "--require-gpu",
+            "--threads", "2", "--max-pixels", "1000", "--max-request-bytes", "2000",
+            "--max-message-bytes", "3000000", "--grace", "4", "--log-level", "DEBUG",
+            "--log-json", "--self-ensemble",
+        ]
+    )  # fmt: skip
+    assert config_from_args(args) == ServerConfig(
+        model=tiny_onnx_x2,
+        host="::",
+        port=0,
+        grace_s=4.0,
+        engine=EngineConfig(
+            providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
+            require_gpu=True,
+            intra_op_threads=2,
+        ),
+        tiling=TilingConfig(tile=48, pad=6),
+        batcher=BatcherConfig(max_batch=3, max_delay_ms=1.5, max_queue_tiles=99),
+        limits=LimitsConfig(max_pixels=1000, max_request_bytes=2000, max_message_bytes=3000000),
+        log_level="DEBUG",
+        log_json=True,
+        self_ensemble=True,
+    )
+    defaults = config_from_args(build_parser().parse_args(["--model", str(tiny_onnx_x2)]))
+    assert defaults == ServerConfig(model=tiny_onnx_x2)  # flag defaults = config defaults
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--max-message-bytes", "1000"])  # below one stream chunk
+
+
+def test_serving_path_does_not_import_torch() -> None:
+    code = "import sys, server.main, server.client; print('torch' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------- graceful shutdown
+
+
+class ServerProcess:
+    """A running rdn-serve with its JSON log lines collected by a reader thread."""
+
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen(
+            serve_command(*args), stderr=subprocess.PIPE, text=True, bufsize=1
+        )
+        self.lines: queue.Queue[dict[str, object]] = queue.Queue()
+        self.seen: list[dict[str, object]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.put(json.loads(line))  # --log-json: every line is one JSON object
+
+    def wait_for(self, needle: str, timeout: float = START_TIMEOUT) -> dict[str, object]:
+        """The next log entry whose message contains ``needle``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            entry = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            self.seen.append(entry)
+            if needle in str(entry["message"]):
+                return entry
+
+
+def test_sigterm_drains_in_flight_calls_and_exits_0(tiny_onnx_x2: Path, set5_dir: Path) -> None:
+    server = ServerProcess(
+        "--model", str(tiny_onnx_x2), *FAST_FLAGS, *CPU_FLAGS, "--max-batch", "1",
+        "--max-delay-ms", "0", "--grace", "30", "--log-json", "--log-level", "DEBUG",
+    )  # fmt: skip
+    try:
+        started = server.wait_for("listening on 127.0.0.1:")
+        port = int(str(started["message"]).split("listening on 127.0.0.1:")[1].split()[0])
+        target = f"127.0.0.1:{port}"
+        image = cv2.imread(str(set5_dir / "baby.png"), cv2.IMREAD_COLOR)[:160, :160]  # 25 tiles
+
+        statuses: list[int] = []
+        watch_channel = grpc.insecure_channel(target)
+        watch = health_pb2_grpc.HealthStub(watch_channel).Watch(
+            health_pb2.HealthCheckRequest(service="rdn.v1.Upscaler"), timeout=60
+        )
+        watch_first = next(watch).status
+
+        results: dict[str, object] = {}
+        client = UpscaleClient(target, retry=RetryPolicy(max_attempts=1))
+
+        def call(name: str) -> None:
+            try:
+                results[name] = client.upscale(image, "raw", request_id=name, timeout=60)
+            except UpscaleError as e:
+                results[name] = e
+
+        workers = [threading.Thread(target=call, args=(f"r{i}",)) for i in range(3)]
+        for worker in workers:
+            worker.start()
+        for _ in workers:  # all three are inside the server before the signal
+            server.wait_for("started (request_id=")
+        server.process.send_signal(signal.SIGTERM)
+        statuses.append(next(watch).status)
+        watch.cancel()  # an open watch would hold the drain for the whole grace
+        server.wait_for("shutting down")
+        refused_new = None
+        deadline = time.monotonic() + 30
+        while refused_new is None and time.monotonic() < deadline:
+            with UpscaleClient(target, retry=RetryPolicy(max_attempts=1)) as late:
+                try:
+                    late.upscale(image[:16, :16], "raw", timeout=10)
+                except UpscaleError as e:
+                    if e.code == grpc.StatusCode.UNAVAILABLE:
+                        refused_new = e
+        for worker in workers:
+            worker.join(60)
+        assert server.process.wait(60) == 0
+        watch_channel.close()
+        client.close()
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+    assert watch_first == health_pb2.HealthCheckResponse.SERVING
+    assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING]
+    assert refused_new is not None  # new calls: UNAVAILABLE
+    for name in ("r0", "r1", "r2"):  # in-flight calls: finished
+        result = results[name]
+        assert not isinstance(result, Exception), result
+        assert result.width == 320 and len(result.image) == 320 * 320 * 3  # type: ignore[attr-defined]
+    server.wait_for("stopped")
+    access = [e for e in server.seen if e["logger"] == "rdn.access"]
+    assert sorted(e["request_id"] for e in access if e["status"] == "OK") == ["r0", "r1", "r2"]
+    messages = [str(e["message"]) for e in server.seen]
+    drain_began = next(i for i, m in enumerate(messages) if "shutting down" in m)
+    finished_during_drain = [
+        e["request_id"] for e in server.seen[drain_began:] if e["logger"] == "rdn.access"
+    ]
+    assert finished_during_drain  # the signal really arrived while calls were in flight
+
+
+def test_in_process_server_answers_on_its_port(tiny_onnx_x2: Path) -> None:
+    """build_server with port 0 reports the port it bound; stop() is idempotent."""
+    config = ServerConfig(
+        model=tiny_onnx_x2,
+        host="127.0.0.1",
+        port=0,
+        engine=EngineConfig(providers=("CPUExecutionProvider",)),
+        tiling=TilingConfig(tile=32, pad=4),
+        batcher=BatcherConfig(max_batch=2),
+    )
+    bg = BackgroundServer(config, Engine(tiny_onnx_x2, config.engine)).start()
+    try:
+        assert bg.port > 0
+        with UpscaleClient(f"127.0.0.1:{bg.port}") as client:
+            assert client.health(timeout=10) == "SERVING"
+        bg.call(bg.running.stop(0))
+        bg.call(bg.running.stop(0))
+    finally:
+        bg.stop()
