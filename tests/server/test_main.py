@@ -94,6 +94,13 @@ def test_missing_embedded_model_lists_the_available_scales() -> None:
     assert "available: " + (", ".join(f"x{s}" for s in present) or "none") in line
 
 
+def test_require_gpu_without_cuda_exits_1(tiny_onnx_x2: Path) -> None:
+    done = run_serve("--model", str(tiny_onnx_x2), *FAST_FLAGS, *CPU_FLAGS, "--require-gpu")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    (error,) = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert "--require-gpu" in error and "CUDAExecutionProvider is not active" in error
+
+
 def test_port_in_use_is_a_start_error(tiny_onnx_x2: Path, held_port: int) -> None:
     config = ServerConfig(
         model=tiny_onnx_x2,

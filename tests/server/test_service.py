@@ -19,7 +19,9 @@ from pathlib import Path
 import cv2
 import grpc
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
 from rdn.ensemble import N_TRANSFORMS, inverse_transform, transform
 from server.client import AsyncUpscaleClient, RetryPolicy, UpscaleClient, UpscaleError
@@ -258,8 +260,12 @@ def test_large_answer_comes_back_in_chunks(
         UpscaleClient(f"127.0.0.1:{bg.port}", max_message_bytes=limit) as c,
     ):
         result = c.upscale(rgb, "raw", timeout=CALL_TIMEOUT)
+        with pytest.raises(UpscaleError) as too_big:  # forced into one message: refused
+            c.upscale(rgb, "raw", timeout=CALL_TIMEOUT, stream=False)
     assert result.streamed and len(result.image) == 448 * 448 * 3 > limit
     assert_close_to(result.to_array(), tiled_reference(engine, rgb, tile=56))
+    assert too_big.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "send it through UpscaleStream" in too_big.value.details
 
 
 def test_eight_concurrent_requests_all_correct(
@@ -429,6 +435,39 @@ def test_access_log_one_line_per_request_without_image_bytes(
         assert all(
             not isinstance(v, bytes | bytearray) and len(str(v)) < 100 for v in fields.values()
         )
+
+
+def lying_model(path: Path) -> Path:
+    """A real ONNX upscaler by 3 whose metadata claims x2: it fails only when serving."""
+    x = helper.make_tensor_value_info("lr", TensorProto.FLOAT, ["n", 3, "h", "w"])
+    y = helper.make_tensor_value_info("sr", TensorProto.FLOAT, ["n", 3, "H", "W"])
+    scales = helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 3, 3])
+    node = helper.make_node("Resize", ["lr", "", "scales"], ["sr"], mode="nearest")
+    graph = helper.make_graph([node], "g", [x], [y], initializer=[scales])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    helper.set_model_props(model, {"rdn.scale": "2"})
+    onnx.save(model, str(path))
+    return path
+
+
+def test_unexpected_error_is_internal_with_a_generic_message_and_a_logged_traceback(
+    tmp_path: Path, set5_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = server_config(lying_model(tmp_path / "lying.onnx"))
+    with (
+        caplog.at_level(logging.ERROR, logger="server.service"),
+        BackgroundServer(config) as bg,
+        UpscaleClient(f"127.0.0.1:{bg.port}", retry=NO_RETRY) as c,
+    ):
+        with pytest.raises(UpscaleError) as error:
+            c.upscale(photo(set5_dir, 20, 20), "png", request_id="doomed", timeout=CALL_TIMEOUT)
+        assert c.info(timeout=10).scale == 2  # still serving
+    assert error.value.code == grpc.StatusCode.INTERNAL
+    assert error.value.details == "internal error; the server logged the details"
+    (record,) = [r for r in caplog.records if r.name == "server.service"]
+    assert "doomed" in record.getMessage() and record.exc_info is not None
+    assert "tile outputs have shape" in str(record.exc_info[1])  # the cause, in the log only
 
 
 # ---------------------------------------------------------------------------- bad input
