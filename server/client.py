@@ -563,27 +563,33 @@ def _quality(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--target", default=DEFAULT_TARGET, help="HOST:PORT or dns:///HOST:PORT")
-    common.add_argument("--deadline", type=float, default=None, help="seconds per call")
-    common.add_argument("--retries", type=int, default=3, help="retries after the first try")
+    common.add_argument(
+        "--target", default=DEFAULT_TARGET, help=f"HOST:PORT or dns:///HOST:PORT ({DEFAULT_TARGET})"
+    )
+    common.add_argument("--deadline", type=float, default=None, help="seconds per image (none)")
+    common.add_argument(
+        "--retries", type=int, default=3, help="retries on UNAVAILABLE / full queue (3)"
+    )
     common.add_argument(
         "--max-message-bytes",
         type=_positive_int,
         default=DEFAULT_MAX_MESSAGE_BYTES,
-        help="gRPC message limit, both directions (match the server's)",
+        help="gRPC message limit, both directions; match the server's (8 MiB)",
     )
     common.add_argument("--lb", choices=LB_POLICIES, default=None, help="load-balancing policy")
 
-    parser = argparse.ArgumentParser(prog="rdn-client", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="rdn-client", description="Upscale images with an rdn-serve server (rdn.v1.Upscaler)."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("upscale", parents=[common], help="upscale image files")
-    up.add_argument("inputs", nargs="+", type=Path, metavar="IN")
+    up.add_argument("inputs", nargs="+", type=Path, metavar="IN", help="image files")
     up.add_argument(
         "-o", "--output", type=Path, required=True, help="output folder, or file for one input"
     )
-    up.add_argument("--format", choices=CLI_FORMATS, default="png")
+    up.add_argument("--format", choices=CLI_FORMATS, default="png", help="output format (png)")
     up.add_argument("--quality", type=_quality, default=0, help="JPEG/WebP 1..100; 0 = default")
-    up.add_argument("--concurrency", type=_positive_int, default=4, help="requests in flight")
+    up.add_argument("--concurrency", type=_positive_int, default=4, help="requests in flight (4)")
     commands.add_parser("info", parents=[common], help="print ModelInfo as JSON")
     commands.add_parser("health", parents=[common], help="print SERVING or NOT_SERVING")
     return parser
@@ -653,7 +659,13 @@ def main(argv: list[str] | None = None) -> int:
         with UpscaleClient(args.target, **_client_kwargs(args)) as client:
             if args.command == "info":
                 info = client.info(timeout=args.deadline)
-                write(json_format.MessageToJson(info, preserving_proto_field_name=True))
+                write(
+                    json_format.MessageToJson(
+                        info,
+                        preserving_proto_field_name=True,
+                        always_print_fields_with_no_presence=True,
+                    )
+                )
                 return 0
             status = client.health(timeout=args.deadline)
             write(status)

@@ -260,43 +260,78 @@ def _port(text: str) -> int:
     return value
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" for flags that have a value by default (not None / False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = ServerConfig(model=Path("."))
     p = argparse.ArgumentParser(
-        prog="rdn-serve", description="Serve an RDN ONNX model over gRPC (rdn.v1.Upscaler)."
+        prog="rdn-serve",
+        description="Serve an RDN ONNX model over gRPC (rdn.v1.Upscaler).",
+        formatter_class=_HelpWithDefaults,
     )
-    p.add_argument("--model", type=Path, default=None, help="ONNX model (default: embedded)")
+    p.add_argument("--model", type=Path, help="ONNX model (default: the embedded one for --scale)")
     p.add_argument(
         "--scale",
         type=int,
         choices=SCALES,
-        default=None,
-        help=f"which embedded model (default {DEFAULT_SCALE}); with --model, must match it",
+        help=f"embedded model to serve (default {DEFAULT_SCALE}); with --model, checked against it",
     )
-    p.add_argument("--host", default=d.host, help=f"address to bind (default {d.host})")
-    p.add_argument("--port", type=_port, default=d.port, help=f"0 = any free (default {d.port})")
-    p.add_argument("--max-batch", type=_int_at_least(1), default=d.batcher.max_batch)
-    p.add_argument("--max-delay-ms", type=_non_negative_float, default=d.batcher.max_delay_ms)
-    p.add_argument("--max-queue-tiles", type=_int_at_least(1), default=d.batcher.max_queue_tiles)
+    p.add_argument("--host", default=d.host, help="address to bind")
+    p.add_argument("--port", type=_port, default=d.port, help="port to bind; 0 = any free port")
+    p.add_argument(
+        "--max-batch", type=_int_at_least(1), default=d.batcher.max_batch, help="tiles per call"
+    )
+    p.add_argument(
+        "--max-delay-ms",
+        type=_non_negative_float,
+        default=d.batcher.max_delay_ms,
+        help="longest wait for more tiles while the engine is busy",
+    )
+    p.add_argument(
+        "--max-queue-tiles",
+        type=_int_at_least(1),
+        default=d.batcher.max_queue_tiles,
+        help="queued tiles beyond this are refused (RESOURCE_EXHAUSTED)",
+    )
     p.add_argument("--tile", type=_int_at_least(1), default=d.tiling.tile, help="LR tile core")
-    p.add_argument("--tile-pad", type=_int_at_least(0), default=d.tiling.pad, help="LR context")
+    p.add_argument(
+        "--tile-pad", type=_int_at_least(0), default=d.tiling.pad, help="LR context per side"
+    )
     p.add_argument(
         "--providers",
         default=",".join(d.engine.providers),
         help="onnxruntime execution providers, comma-separated, in priority order",
     )
     p.add_argument("--require-gpu", action="store_true", help="exit 1 unless CUDA is active")
-    p.add_argument("--threads", type=_int_at_least(0), default=0, help="intra-op threads, 0=auto")
-    p.add_argument("--max-pixels", type=_int_at_least(1), default=d.limits.max_pixels)
-    p.add_argument("--max-request-bytes", type=_int_at_least(1), default=d.limits.max_request_bytes)
+    p.add_argument(
+        "--threads", type=_int_at_least(0), default=0, help="onnxruntime intra-op threads; 0 = auto"
+    )
+    p.add_argument(
+        "--max-pixels", type=_int_at_least(1), default=d.limits.max_pixels, help="input W*H limit"
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=_int_at_least(1),
+        default=d.limits.max_request_bytes,
+        help="largest encoded or raw input (streams included)",
+    )
     p.add_argument(
         "--max-message-bytes",
         type=_int_at_least(MIN_MESSAGE_BYTES),
         default=d.limits.max_message_bytes,
         help="gRPC message limit, both directions (clients must use the same)",
     )
-    p.add_argument("--grace", type=_non_negative_float, default=d.grace_s, help="drain seconds")
-    p.add_argument("--log-level", choices=LEVELS, default=d.log_level)
+    p.add_argument(
+        "--grace", type=_non_negative_float, default=d.grace_s, help="seconds to drain on SIGTERM"
+    )
+    p.add_argument("--log-level", choices=LEVELS, default=d.log_level, help="log threshold")
     p.add_argument("--log-json", action="store_true", help="one JSON object per log line")
     p.add_argument(
         "--self-ensemble", action="store_true", help="x8 geometric self-ensemble (8x compute)"

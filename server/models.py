@@ -34,8 +34,9 @@ def resolve_default_model(scale: int) -> Path:
     if path.is_file():
         return path
     available = available_default_scales()
-    have = ", ".join(f"x{s}" for s in available) if available else "none"
-    raise DefaultModelMissing(
-        f"no embedded model for x{scale} ({path} is missing); embedded models available: "
-        f"{have}. Pass --scale with one of those, or --model PATH.onnx"
-    )
+    if not available:
+        hint = "embedded models available: none; pass --model PATH.onnx"
+    else:
+        have = ", ".join(f"x{s}" for s in available)
+        hint = f"embedded models available: {have}; pass --scale with one of those or --model"
+    raise DefaultModelMissing(f"no embedded model for x{scale} ({path} is missing); {hint}")

@@ -159,7 +159,7 @@ def grpc_status(error: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple
     if isinstance(error, ImageError | RequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error), ()
     if isinstance(error, BatcherStopped):
-        return grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another", ()
+        return grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry the call", ()
     return grpc.StatusCode.INTERNAL, "internal error; the server logged the details", ()
 
 
