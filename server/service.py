@@ -120,11 +120,24 @@ def check_request_id(request_id: str) -> str:
 
 
 def tile_image(
-    rgb: np.ndarray, tile: int, pad: int, ensemble: bool
+    rgb: np.ndarray, tile: int, pad: int, ensemble: bool, max_tiles: int
 ) -> tuple[list[TilePlan], np.ndarray]:
-    """Plans and tiles of an H x W x 3 uint8 image; with ``ensemble`` of its 8 dihedral views."""
+    """Plans and tiles of an H x W x 3 uint8 image; with ``ensemble`` of its 8 dihedral views.
+
+    An image needing more than ``max_tiles`` tiles could never enter the queue: it is refused
+    (not retryable) before any tile is cut.
+    """
+    height, width = rgb.shape[:2]
+    n_views = N_TRANSFORMS if ensemble else 1
+    count = n_views * plan_tiles(height, width, tile, pad).count  # a turn swaps rows and cols
+    if count > max_tiles:
+        raise RequestTooLarge(
+            f"a {width}x{height} image needs {count} tiles of {tile}x{tile}"
+            f"{' (x8 self-ensemble)' if ensemble else ''}, more than the queue holds "
+            f"({max_tiles}, --max-queue-tiles); send a smaller image"
+        )
     planar = to_planar(rgb)
-    views = [transform(planar[None], i)[0] for i in range(N_TRANSFORMS)] if ensemble else [planar]
+    views = [transform(planar[None], i)[0] for i in range(n_views)] if ensemble else [planar]
     plans = [plan_tiles(v.shape[1], v.shape[2], tile, pad) for v in views]
     tiles = [split_tiles(v, p) for v, p in zip(views, plans, strict=True)]
     return plans, tiles[0] if len(tiles) == 1 else np.concatenate(tiles)
@@ -370,7 +383,12 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         height, width = decoded.rgb.shape[:2]
         record.set(image=f"{width}x{height}x{decoded.channels}", source=decoded.source_format)
         plans, tiles = await asyncio.to_thread(
-            tile_image, decoded.rgb, tiling.tile, tiling.pad, self._config.self_ensemble
+            tile_image,
+            decoded.rgb,
+            tiling.tile,
+            tiling.pad,
+            self._config.self_ensemble,
+            self._config.batcher.max_queue_tiles,
         )
         record.set(tiles=len(tiles))
         result = await self._batcher.submit(tiles, request_id)

@@ -7,7 +7,9 @@ import logging
 import random
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -174,24 +176,43 @@ def test_channel_options_one_limit_both_ways_and_round_robin() -> None:
 # ---------------------------------------------------------------------- real server
 
 
-def test_full_queue_is_retried_with_backoff_then_reported(
+def test_full_queue_is_retried_until_it_has_room(
     tiny_onnx_x2: Path, engine: Engine, set5_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="rdn.access")
-    # A 40x40 image is 2x2 tiles; a queue of 3 tiles can never take it: QueueFull every time.
-    tight = config(tiny_onnx_x2, batcher=BatcherConfig(max_batch=4, max_queue_tiles=3))
-    retry = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
+    # Queue of 100 tiles of 16x16, one tile per engine call: a 160x160 image (100 tiles) fills
+    # it, and a 144x144 one (81 tiles) is refused until at most 19 tiles are left queued.
+    tight = config(
+        tiny_onnx_x2,
+        tiling=TilingConfig(tile=16, pad=2),
+        batcher=BatcherConfig(max_batch=1, max_delay_ms=0, max_queue_tiles=100),
+    )
+    retry = RetryPolicy(max_attempts=50, initial_backoff_s=0.02, max_backoff_s=0.1)
+    first = cv2.imread(str(set5_dir / "baby.png"), cv2.IMREAD_COLOR)[:160, :160]
+    second = cv2.imread(str(set5_dir / "baby.png"), cv2.IMREAD_COLOR)[200:344, 200:344]
     with (
         BackgroundServer(tight, engine) as bg,
         UpscaleClient(f"127.0.0.1:{bg.port}", retry=retry) as client,
+        ThreadPoolExecutor(1) as pool,
     ):
-        with pytest.raises(UpscaleError) as full:
-            client.upscale(small_png(set5_dir, "bird.png", 40, 40), request_id="full", timeout=30)
-        assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "queue full" in full.value.details
-        bg.call(bg.running.stop(1))  # flush: every access line is written by now
+        filling = pool.submit(client.upscale, first, "raw", 0, "first", 60)
+        batcher = bg.running.batcher
+        deadline = time.monotonic() + 30
+        while batcher.queued_tiles < 90:
+            assert time.monotonic() < deadline and not filling.done()
+            time.sleep(0.001)
+        waited = client.upscale(second, "raw", request_id="second", timeout=60)
+        assert filling.result(60).width == 320 and waited.width == 288
+        with pytest.raises(UpscaleError) as never:  # 121 tiles can never fit: not retried
+            client.upscale(np.zeros((176, 176, 3), np.uint8), "raw", request_id="never")
+        assert client.info(timeout=10).scale == 2  # a later call: access lines are written
+    assert never.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "needs 121 tiles" in never.value.details and "--max-queue-tiles" in never.value.details
     calls = [r.fields for r in caplog.records if r.name == "rdn.access"]
-    assert [c["status"] for c in calls if c["request_id"] == "full"] == ["RESOURCE_EXHAUSTED"] * 3
+    second_calls = [c["status"] for c in calls if c.get("request_id") == "second"]
+    assert second_calls[-1] == "OK"
+    assert len(second_calls) >= 2 and set(second_calls[:-1]) == {"RESOURCE_EXHAUSTED"}
+    assert [c["status"] for c in calls if c.get("request_id") == "never"] == ["RESOURCE_EXHAUSTED"]
 
 
 def test_image_too_large_is_not_retried(
