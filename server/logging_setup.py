@@ -38,6 +38,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def _text_value(value: Any) -> str:
+    """A field value for a text line; quoted (JSON) when it holds spaces, quotes or controls,
+    so a client-chosen request_id cannot forge extra fields or lines."""
+    text = str(value)
+    if text and text.isprintable() and not any(c in text for c in ' "='):
+        return text
+    return json.dumps(text)
+
+
 class TextFormatter(logging.Formatter):
     """The usual text line, with extra fields appended as ``key=value``."""
 
@@ -50,7 +59,7 @@ class TextFormatter(logging.Formatter):
         if not fields:
             return line
         head, sep, tail = line.partition("\n")  # keep a traceback below the fields
-        pairs = " ".join(f"{k}={v}" for k, v in fields.items())
+        pairs = " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
         return f"{head} {pairs}{sep}{tail}"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import signal
 import socket
@@ -21,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server.client import RetryPolicy, UpscaleClient, UpscaleError
 from server.config import BatcherConfig, EngineConfig, LimitsConfig, ServerConfig, TilingConfig
 from server.engine import Engine
+from server.logging_setup import JsonFormatter, TextFormatter
 from server.main import BackgroundServer, ServerStartError, build_parser, config_from_args
 from server.models import SCALES, default_model_path
 
@@ -275,3 +277,13 @@ def test_in_process_server_answers_on_its_port(tiny_onnx_x2: Path) -> None:
         bg.call(bg.running.stop(0))
     finally:
         bg.stop()
+
+
+def test_log_formatters_keep_client_text_on_one_line() -> None:
+    record = logging.LogRecord("rdn.access", logging.INFO, __file__, 1, "request", None, None)
+    record.fields = {"request_id": "evil\nstatus=OK", "tiles": 4}
+    text = TextFormatter().format(record)
+    assert "\n" not in text and text.endswith('request_id="evil\\nstatus=OK" tiles=4')
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["request_id"] == "evil\nstatus=OK" and entry["tiles"] == 4
+    assert (entry["logger"], entry["level"], entry["message"]) == ("rdn.access", "INFO", "request")
