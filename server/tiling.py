@@ -7,9 +7,11 @@ borders, past the last row/column of a size that is not a multiple of ``tile``, 
 image smaller than one tile. After inference each tile is cropped to its core and the cores are
 laid side by side, so there is no blending and every output pixel comes from exactly one tile.
 
-Tiling is exact for a pixel-wise model; for RDN, whose receptive field is far larger than any
-practical margin, the result differs slightly from whole-image inference near tile borders
-(see tests/bench/tiling_accuracy.py for the measured figures behind the default ``pad``).
+Tiling is exact for a pixel-wise model. RDN's receptive field is far larger than any practical
+margin, but the influence of distant pixels decays fast: with the default pad of 8 the tiled
+output is within 1/255 of whole-image inference (about 78 dB PSNR, small preset x2; measured by
+tests/bench/tiling_accuracy.py). At image borders, reflected context replaces the model's zero
+padding; against the ground truth that scores slightly higher than whole-image inference.
 """
 
 from __future__ import annotations
