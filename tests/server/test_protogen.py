@@ -13,13 +13,13 @@ import pytest
 from server.protogen import ROOT, ProtogenError, compare, find_protos, generate
 
 COMMITTED = ROOT / "server" / "pb"
-KSERVE_LIKE = """syntax = "proto3";
-package inference;
-service GRPCInferenceService {
-  rpc ServerLive(ServerLiveRequest) returns (ServerLiveResponse);
+PROBE_PROTO = """syntax = "proto3";
+package probe;
+service ProbeService {
+  rpc Ping(PingRequest) returns (PingResponse);
 }
-message ServerLiveRequest {}
-message ServerLiveResponse { bool live = 1; }
+message PingRequest {}
+message PingResponse { bool ok = 1; }
 """
 
 
@@ -81,23 +81,24 @@ def test_check_names_a_stub_that_drifted(tmp_path: Path) -> None:
 
 def test_new_proto_packages_are_found_and_get_init_files(tmp_path: Path) -> None:
     repo = copy_repo(tmp_path / "repo")
-    (repo / "protos/inference").mkdir()
-    (repo / "protos/inference/grpc_service.proto").write_text(KSERVE_LIKE)
-    assert find_protos(repo) == [
-        "protos/inference/grpc_service.proto",
-        "protos/rdn/v1/upscale.proto",
-    ]
+    (repo / "protos/probe/v9").mkdir(parents=True)
+    (repo / "protos/probe/v9/probe.proto").write_text(PROBE_PROTO)
+    protos = find_protos(repo)
+    assert "protos/probe/v9/probe.proto" in protos and "protos/rdn/v1/upscale.proto" in protos
+    assert protos == sorted(protos)
     fresh = tmp_path / "fresh"
     generate(fresh, repo)
-    assert (fresh / "server/pb/inference/__init__.py").is_file()
-    grpc_stub = (fresh / "server/pb/inference/grpc_service_pb2_grpc.py").read_text()
-    assert "from server.pb.inference import grpc_service_pb2" in grpc_stub
+    for package in ("probe", "probe/v9"):
+        assert (fresh / "server/pb" / package / "__init__.py").is_file()
+    grpc_stub = (fresh / "server/pb/probe/v9/probe_pb2_grpc.py").read_text()
+    assert "from server.pb.probe.v9 import probe_pb2" in grpc_stub
     # The committed tree lacks the new stubs: the check names each of them.
     assert compare(fresh, repo) == [
-        "server/pb/inference/__init__.py",
-        "server/pb/inference/grpc_service_pb2.py",
-        "server/pb/inference/grpc_service_pb2.pyi",
-        "server/pb/inference/grpc_service_pb2_grpc.py",
+        "server/pb/probe/__init__.py",
+        "server/pb/probe/v9/__init__.py",
+        "server/pb/probe/v9/probe_pb2.py",
+        "server/pb/probe/v9/probe_pb2.pyi",
+        "server/pb/probe/v9/probe_pb2_grpc.py",
     ]
 
 
