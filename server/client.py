@@ -29,6 +29,12 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
+from server.security import (
+    PLAINTEXT,
+    ClientSecurity,
+    add_client_security_flags,
+    client_security_from_args,
+)
 
 log = logging.getLogger("rdn.client")
 
@@ -369,11 +375,11 @@ class UpscaleClient:
         retry: RetryPolicy = RetryPolicy(),
         stream_threshold_bytes: int | None = None,
         chunk_bytes: int | None = None,
+        security: ClientSecurity = PLAINTEXT,
     ) -> None:
         self._common = _Common(max_message_bytes, retry, stream_threshold_bytes, chunk_bytes)
-        self._channel = grpc.insecure_channel(
-            target, options=channel_options(max_message_bytes, lb)
-        )
+        self._channel = security.channel(target, channel_options(max_message_bytes, lb))
+        self._metadata = security.metadata()
         self._stub = upscale_pb2_grpc.UpscalerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -407,7 +413,9 @@ class UpscaleClient:
                     result = self._stream(payload, output_format, quality, request_id, remaining)
                 else:
                     request = unary_request(payload, output_format, quality, request_id)
-                    response = self._stub.Upscale(request, timeout=remaining)
+                    response = self._stub.Upscale(
+                        request, timeout=remaining, metadata=self._metadata
+                    )
                     result = result_from_response(response, streamed=False)
                 return self._common.learn(result)
             except grpc.RpcError as e:
@@ -420,14 +428,16 @@ class UpscaleClient:
     ) -> UpscaleResult:
         messages = stream_messages(payload, fmt, quality, request_id, self._common.chunk_bytes)
         assembler = StreamAssembler()
-        for message in self._stub.UpscaleStream(messages, timeout=timeout):
+        for message in self._stub.UpscaleStream(messages, timeout=timeout, metadata=self._metadata):
             assembler.add(message)
         return assembler.result()
 
     def info(self, timeout: float | None = None) -> upscale_pb2.ModelInfo:
         """What the server serves (GetModelInfo)."""
         try:
-            return self._stub.GetModelInfo(upscale_pb2.GetModelInfoRequest(), timeout=timeout)
+            return self._stub.GetModelInfo(
+                upscale_pb2.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata
+            )
         except grpc.RpcError as e:
             raise _error_from(e)[0] from None
 
@@ -435,7 +445,9 @@ class UpscaleClient:
         """The health status name of ``service`` ("" = the whole server), e.g. "SERVING"."""
         try:
             reply = self._health.Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=timeout,
+                metadata=self._metadata,
             )
         except grpc.RpcError as e:
             raise _error_from(e)[0] from None
@@ -454,10 +466,12 @@ class AsyncUpscaleClient:
         retry: RetryPolicy = RetryPolicy(),
         stream_threshold_bytes: int | None = None,
         chunk_bytes: int | None = None,
+        security: ClientSecurity = PLAINTEXT,
     ) -> None:
         self._common = _Common(max_message_bytes, retry, stream_threshold_bytes, chunk_bytes)
         options = channel_options(max_message_bytes, lb)
-        self._channel = grpc.aio.insecure_channel(target, options=options)
+        self._channel = security.aio_channel(target, options)
+        self._metadata = security.metadata()
         self._stub = upscale_pb2_grpc.UpscalerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -493,7 +507,9 @@ class AsyncUpscaleClient:
                     )
                 else:
                     request = unary_request(payload, output_format, quality, request_id)
-                    response = await self._stub.Upscale(request, timeout=remaining)
+                    response = await self._stub.Upscale(
+                        request, timeout=remaining, metadata=self._metadata
+                    )
                     result = result_from_response(response, streamed=False)
                 return self._common.learn(result)
             except grpc.RpcError as e:
@@ -505,7 +521,7 @@ class AsyncUpscaleClient:
         self, payload: Payload, fmt: str, quality: int, request_id: str, timeout: float | None
     ) -> UpscaleResult:
         messages = stream_messages(payload, fmt, quality, request_id, self._common.chunk_bytes)
-        call = self._stub.UpscaleStream(messages, timeout=timeout)
+        call = self._stub.UpscaleStream(messages, timeout=timeout, metadata=self._metadata)
         assembler = StreamAssembler()
         try:
             async for message in call:
@@ -518,7 +534,9 @@ class AsyncUpscaleClient:
     async def info(self, timeout: float | None = None) -> upscale_pb2.ModelInfo:
         """What the server serves (GetModelInfo)."""
         try:
-            return await self._stub.GetModelInfo(upscale_pb2.GetModelInfoRequest(), timeout=timeout)
+            return await self._stub.GetModelInfo(
+                upscale_pb2.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata
+            )
         except grpc.RpcError as e:
             raise _error_from(e)[0] from None
 
@@ -526,7 +544,7 @@ class AsyncUpscaleClient:
         """The health status name of ``service`` ("" = the whole server), e.g. "SERVING"."""
         request = health_pb2.HealthCheckRequest(service=service)
         try:
-            reply = await self._health.Check(request, timeout=timeout)
+            reply = await self._health.Check(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error_from(e)[0] from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -577,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="gRPC message limit, both directions; match the server's (8 MiB)",
     )
     common.add_argument("--lb", choices=LB_POLICIES, default=None, help="load-balancing policy")
+    add_client_security_flags(common)
 
     parser = argparse.ArgumentParser(
         prog="rdn-client", description="Upscale images with an rdn-serve server (rdn.v1.Upscaler)."
@@ -602,6 +621,7 @@ def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_message_bytes": args.max_message_bytes,
         "lb": args.lb,
         "retry": RetryPolicy(max_attempts=args.retries + 1),
+        "security": client_security_from_args(args),
     }
 
 

@@ -45,6 +45,28 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """Transport security and caller authentication; everything off by default (plaintext)."""
+
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key turns TLS on
+    tls_key: Path | None = None  # PEM private key of tls_cert
+    tls_client_ca: Path | None = None  # PEM CA bundle: clients must present a cert it signed
+    auth_token: str = field(default="", repr=False)  # bearer token ("" = no auth); never logged
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus HTTP endpoint."""
+
+    port: int | None = None  # None = off; 0 = any free port (tests read the bound one)
+    host: str | None = None  # None = the gRPC host
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything rdn-serve needs to run."""
 
@@ -59,3 +81,5 @@ class ServerConfig:
     log_level: str = "INFO"
     log_json: bool = False
     self_ensemble: bool = False
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)

@@ -26,12 +26,26 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from server.auth import auth_interceptors
 from server.batcher import TileBatcher
 from server.config import BatcherConfig, EngineConfig, LimitsConfig, ServerConfig, TilingConfig
 from server.engine import Engine, ModelLoadError
 from server.logging_setup import LEVELS, configure_logging
+from server.metrics import (
+    MetricsEndpoint,
+    ServerMetrics,
+    add_metrics_flags,
+    metrics_config_from_args,
+)
 from server.models import SCALES, DefaultModelMissing, resolve_default_model
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
+from server.security import (
+    SecurityError,
+    add_port,
+    add_security_flags,
+    describe,
+    security_config_from_args,
+)
 from server.service import SERVICE_NAME, UpscalerService
 
 log = logging.getLogger("rdn.serve")
@@ -58,6 +72,8 @@ class RunningServer:
         engine: Engine,
         batcher: TileBatcher,
         config: ServerConfig,
+        metrics: ServerMetrics | None = None,
+        metrics_endpoint: MetricsEndpoint | None = None,
     ) -> None:
         self.server = server
         self.port = port
@@ -65,6 +81,8 @@ class RunningServer:
         self.engine = engine
         self.batcher = batcher
         self.config = config
+        self.metrics = metrics
+        self.metrics_endpoint = metrics_endpoint  # its .port is the bound /metrics port
         self._stopping: asyncio.Task[None] | None = None
 
     @property
@@ -85,6 +103,8 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.batcher.stop()
+        if self.metrics_endpoint is not None:  # last: the drain stays visible to scrapes
+            await asyncio.to_thread(self.metrics_endpoint.close)
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
@@ -112,9 +132,11 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
     health = health_aio.HealthServicer()
     for service in ("", SERVICE_NAME):
         await health.set(service, NOT_SERVING)
-    server = grpc.aio.server(options=server_options(config))
+    metrics = None if config.metrics.port is None else ServerMetrics(batcher, engine)
+    interceptors = auth_interceptors(config.security.auth_token, metrics)
+    server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
     upscale_pb2_grpc.add_UpscalerServicer_to_server(
-        UpscalerService(engine, batcher, config), server
+        UpscalerService(engine, batcher, config, metrics), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -127,14 +149,26 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
     )
     address = f"{config.host}:{config.port}"
     try:
-        port = server.add_insecure_port(address)
+        port = add_port(server, address, config.security)
+    except SecurityError as e:
+        raise ServerStartError(str(e)) from e
     except RuntimeError as e:
         raise ServerStartError(f"cannot listen on {address}: {e} (port taken?)") from e
     if port == 0:
         raise ServerStartError(f"cannot listen on {address} (port taken or bad address)")
+    endpoint = None
+    if metrics is not None and config.metrics.port is not None:
+        metrics_address = (config.metrics.host or config.host, config.metrics.port)
+        try:
+            endpoint = metrics.serve(*metrics_address)
+        except OSError as e:
+            raise ServerStartError(
+                f"cannot serve metrics on {metrics_address[0]}:{metrics_address[1]}: "
+                f"{e.strerror or e} (port taken? see --metrics-port)"
+            ) from e
     await batcher.start()
     await server.start()
-    running = RunningServer(server, port, health, engine, batcher, config)
+    running = RunningServer(server, port, health, engine, batcher, config, metrics, endpoint)
     try:
         sizes = range(1, config.batcher.max_batch + 1)
         input_size = config.tiling.tile + 2 * config.tiling.pad
@@ -145,7 +179,7 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
     for service in ("", SERVICE_NAME):
         await health.set(service, SERVING)
     log.info(
-        "listening on %s (provider %s, scale x%d, tile %d pad %d, max batch %d%s)",
+        "listening on %s (provider %s, scale x%d, tile %d pad %d, max batch %d%s; %s%s)",
         running.address,
         engine.active_provider,
         engine.scale,
@@ -153,6 +187,8 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
         config.tiling.pad,
         config.batcher.max_batch,
         ", self-ensemble" if config.self_ensemble else "",
+        describe(config.security),
+        "" if endpoint is None else f"; metrics on port {endpoint.port}",
     )
     return running
 
@@ -336,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--self-ensemble", action="store_true", help="x8 geometric self-ensemble (8x compute)"
     )
+    add_security_flags(p)
+    add_metrics_flags(p)
     return p
 
 
@@ -367,6 +405,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         log_level=args.log_level,
         log_json=args.log_json,
         self_ensemble=args.self_ensemble,
+        security=security_config_from_args(args),
+        metrics=metrics_config_from_args(args),
     )
 
 

@@ -179,13 +179,24 @@ def grpc_status(error: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple
 # ------------------------------------------------------------------ error mapping, access log
 
 
+class AccessObserver(Protocol):
+    """Sees every call's access record as it starts and once it is logged (server/metrics.py)."""
+
+    def started(self, record: AccessRecord) -> None: ...
+
+    def finished(self, record: AccessRecord) -> None: ...
+
+
 class AccessRecord:
     """What one call did, filled in by the handler and logged once when the call ends."""
 
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, observer: AccessObserver | None = None) -> None:
         self.method = method
         self.start = time.perf_counter()
         self.fields: dict[str, Any] = {"method": method, "status": "OK"}
+        self._observer = observer
+        if observer is not None:
+            observer.started(self)
 
     def set(self, **fields: Any) -> None:
         self.fields.update(fields)
@@ -197,6 +208,8 @@ class AccessRecord:
             logging.INFO if status in ("OK", "CANCELLED", "DEADLINE_EXCEEDED") else logging.WARNING
         )
         access_log.log(level, "request", extra={"fields": self.fields})
+        if self._observer is not None:
+            self._observer.finished(self)
 
 
 def _ended_status(context: grpc.aio.ServicerContext) -> str:
@@ -227,7 +240,7 @@ def _unary(method: _UnaryHandler) -> Callable[..., Awaitable[Any]]:
 
     @functools.wraps(method)
     async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        record = AccessRecord(method.__name__)
+        record = AccessRecord(method.__name__, getattr(self, "access_observer", None))
         try:
             return await method(self, request, context, record)
         except asyncio.CancelledError:
@@ -248,7 +261,7 @@ def _streaming(method: _StreamHandler) -> Callable[..., AsyncIterator[Any]]:
 
     @functools.wraps(method)
     async def handler(self: Any, requests: Any, context: grpc.aio.ServicerContext) -> Any:
-        record = AccessRecord(method.__name__)
+        record = AccessRecord(method.__name__, getattr(self, "access_observer", None))
         try:
             async for message in method(self, requests, context, record):
                 yield message
@@ -277,10 +290,17 @@ class _Upscaled:
 class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
     """rdn.v1.Upscaler on one engine behind one tile batcher."""
 
-    def __init__(self, engine: ModelSource, batcher: TileSource, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        engine: ModelSource,
+        batcher: TileSource,
+        config: ServerConfig,
+        access_observer: AccessObserver | None = None,
+    ) -> None:
         self._engine = engine
         self._batcher = batcher
         self._config = config
+        self.access_observer = access_observer  # read by the _unary / _streaming wrappers
         self._info = model_info(engine, config)
 
     @_unary
@@ -381,7 +401,9 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         tiling, scale = self._config.tiling, self._engine.scale
         decoded = await asyncio.to_thread(decode)
         height, width = decoded.rgb.shape[:2]
-        record.set(image=f"{width}x{height}x{decoded.channels}", source=decoded.source_format)
+        record.set(
+            width=width, height=height, channels=decoded.channels, source=decoded.source_format
+        )
         plans, tiles = await asyncio.to_thread(
             tile_image,
             decoded.rgb,

@@ -428,7 +428,7 @@ def test_access_log_one_line_per_request_without_image_bytes(
     records = access_records(caplog)
     ok, bad = records["logged-1"], records["logged-2"]
     assert ok["method"] == "Upscale" and ok["status"] == "OK"
-    assert ok["image"] == "24x20x3" and ok["tiles"] == 1
+    assert (ok["width"], ok["height"], ok["channels"], ok["tiles"]) == (24, 20, 3, 1)
     assert {"queue_ms", "compute_ms", "total_ms"} <= ok.keys()
     assert bad["status"] == "INVALID_ARGUMENT"
     for fields in (ok, bad):

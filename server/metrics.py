@@ -1,0 +1,273 @@
+"""Prometheus metrics for ``rdn-serve``: one registry per server, scraped over HTTP.
+
+Request counts and latencies come from the service's access records (``ServerMetrics`` is the
+``AccessObserver`` of ``server.service``), so a log line and the metrics always describe the
+same calls, rejected ones included. Batcher and engine numbers are read from the batcher's
+counters when Prometheus scrapes (``BatcherCollector``): nothing in the batching loop is
+instrumented. Every server owns its ``CollectorRegistry``, so several servers in one process
+(tests, benchmarks) never share or clash over a metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Protocol
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import generate_latest
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from export.metadata import KEY_PRECISION, KEY_WEIGHTS_SHA256
+from server.config import BatcherConfig, MetricsConfig
+from server.pb.rdn.v1 import upscale_pb2
+from server.service import AccessRecord
+
+NAMESPACE = "rdn"
+# Seconds: a tiny-model tile takes ~1 ms on CPU, a 4096x4096 paper-model image minutes.
+LATENCY_BUCKETS_S = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+METHODS = tuple(m.name for m in upscale_pb2.DESCRIPTOR.services_by_name["Upscaler"].methods)
+STOP_TIMEOUT_S = 5.0  # longest wait for the HTTP thread to end
+
+
+class BatcherStats(Protocol):
+    """The read-only counters of ``server.batcher.TileBatcher`` that are exported."""
+
+    @property
+    def config(self) -> BatcherConfig: ...
+    @property
+    def batch_sizes(self) -> dict[int, int]: ...
+    @property
+    def tiles_computed(self) -> int: ...
+    @property
+    def tiles_dropped(self) -> int: ...
+    @property
+    def engine_calls(self) -> int: ...
+    @property
+    def engine_seconds(self) -> float: ...
+    @property
+    def engine_failures(self) -> int: ...
+    @property
+    def queued_tiles(self) -> int: ...
+    @property
+    def pending_requests(self) -> int: ...
+
+
+class ModelSource(Protocol):
+    """What the info metric needs from the engine (``server.engine.Engine`` is one)."""
+
+    scale: int
+    active_provider: str
+    metadata: dict[str, str]
+
+
+# ------------------------------------------------------------------------- pure helpers
+
+
+def model_labels(engine: ModelSource) -> dict[str, str]:
+    """Labels of ``rdn_model_info``: what is being served, on which execution provider."""
+    return {
+        "provider": engine.active_provider,
+        "scale": str(engine.scale),
+        "precision": engine.metadata.get(KEY_PRECISION, "float32"),
+        "weights_sha256": engine.metadata.get(KEY_WEIGHTS_SHA256, ""),
+    }
+
+
+def batch_size_bounds(max_batch: int) -> tuple[int, ...]:
+    """Histogram bucket bounds for batch sizes: the powers of two below ``max_batch``, then
+    ``max_batch`` itself, so "how often was the batch full" is one bucket."""
+    bounds = []
+    bound = 1
+    while bound < max_batch:
+        bounds.append(bound)
+        bound *= 2
+    return (*bounds, max_batch)
+
+
+def cumulative_buckets(counts: Mapping[int, int], bounds: tuple[int, ...]) -> list[tuple[str, int]]:
+    """Prometheus ``le`` buckets (cumulative, ``+Inf`` last) from value -> occurrences."""
+    buckets = [(floatToGoString(b), sum(n for v, n in counts.items() if v <= b)) for b in bounds]
+    return [*buckets, ("+Inf", sum(counts.values()))]
+
+
+# --------------------------------------------------------------------------- collectors
+
+
+class BatcherCollector(Collector):
+    """Reads the batcher's counters and the model's identity each time Prometheus scrapes.
+
+    Runs in the HTTP thread; every value read is a plain int / float or a dict copy made in
+    one C call, so no lock is needed against the event loop that updates them.
+    """
+
+    def __init__(self, batcher: BatcherStats, model: Mapping[str, str]) -> None:
+        self._batcher = batcher
+        self._model = dict(model)
+        self._bounds = batch_size_bounds(batcher.config.max_batch)
+
+    def collect(self) -> Iterator[Metric]:
+        b = self._batcher
+        sizes = b.batch_sizes
+        batch = HistogramMetricFamily(
+            f"{NAMESPACE}_batch_size", "Tiles per engine call (cross-request batches)."
+        )
+        batch.add_metric(
+            [], cumulative_buckets(sizes, self._bounds), float(sum(v * n for v, n in sizes.items()))
+        )
+        yield batch
+        yield _counter("tiles_computed", "Tiles run through the engine.", b.tiles_computed)
+        yield _counter(
+            "tiles_dropped",
+            "Tiles dropped before reaching the engine (request cancelled or failed).",
+            b.tiles_dropped,
+        )
+        yield _counter("engine_calls", "Engine calls (batches run).", b.engine_calls)
+        yield _counter("engine_seconds", "Wall time spent in engine calls.", b.engine_seconds)
+        yield _counter(
+            "engine_failures",
+            "Engine calls that raised (each failed its batch).",
+            b.engine_failures,
+        )
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_queue_tiles", "Tiles accepted but not yet in a batch.", b.queued_tiles
+        )
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_queue_capacity_tiles",
+            "Queued tiles beyond which requests are refused (--max-queue-tiles).",
+            b.config.max_queue_tiles,
+        )
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_pending_requests",
+            "Requests with tiles waiting for a batch.",
+            b.pending_requests,
+        )
+        info = InfoMetricFamily(f"{NAMESPACE}_model", "The served model and execution provider.")
+        info.add_metric([], self._model)
+        yield info
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"{NAMESPACE}_{name}", documentation, value=value)
+
+
+class ServerMetrics:
+    """The metrics of one server: request metrics fed by access records, the rest at scrape.
+
+    ``started`` / ``finished`` make it a ``server.service.AccessObserver``.
+    """
+
+    def __init__(self, batcher: BatcherStats, engine: ModelSource) -> None:
+        self.registry = CollectorRegistry()
+        self._requests = Counter(
+            f"{NAMESPACE}_requests_total",
+            "Finished calls by method and gRPC status code.",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self._inflight = Gauge(
+            f"{NAMESPACE}_inflight_requests",
+            "Calls being handled now.",
+            registry=self.registry,
+        )
+        self._queue = self._histogram("request_queue_seconds", "Submit to first tile dispatched.")
+        self._compute = self._histogram(
+            "request_compute_seconds", "Engine time of the batches that carried a request's tiles."
+        )
+        self._total = self._histogram(
+            "request_duration_seconds", "Whole call, as the server saw it (any status)."
+        )
+        for method in METHODS:  # series exist from the start, so rate() works from zero
+            self._requests.labels(method, "OK")
+            self._total.labels(method)
+        self.registry.register(BatcherCollector(batcher, model_labels(engine)))
+        ProcessCollector(registry=self.registry)  # CPU, memory, open fds of this process
+
+    def _histogram(self, name: str, documentation: str) -> Histogram:
+        return Histogram(
+            f"{NAMESPACE}_{name}",
+            documentation,
+            ["method"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+
+    # -- AccessObserver -------------------------------------------------------------------
+    def started(self, record: AccessRecord) -> None:
+        self._inflight.inc()
+
+    def finished(self, record: AccessRecord) -> None:
+        self._inflight.dec()
+        fields = record.fields
+        self._requests.labels(record.method, str(fields["status"])).inc()
+        self._total.labels(record.method).observe(fields["total_ms"] / 1e3)
+        if "queue_ms" in fields:  # the request reached the batcher and got its tiles back
+            self._queue.labels(record.method).observe(fields["queue_ms"] / 1e3)
+            self._compute.labels(record.method).observe(fields["compute_ms"] / 1e3)
+
+    # -- exposition -----------------------------------------------------------------------
+    def exposition(self) -> bytes:
+        """The text format Prometheus scrapes (what ``/metrics`` answers)."""
+        return generate_latest(self.registry)
+
+    def serve(self, host: str, port: int) -> MetricsEndpoint:
+        """Answer scrapes over HTTP on ``host:port`` (0 = any free port) in a daemon thread.
+
+        Raises ``OSError`` when the address cannot be bound.
+        """
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        return MetricsEndpoint(server, thread)
+
+
+class MetricsEndpoint:
+    """A running ``/metrics`` HTTP server; ``close`` stops it and frees the port."""
+
+    def __init__(self, server: WSGIServer, thread: threading.Thread) -> None:
+        self._server = server
+        self._thread = thread
+        self.port: int = server.server_port
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(STOP_TIMEOUT_S)
+
+
+# ------------------------------------------------------------------------- command line
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0..65535 (0 = no metrics endpoint), got {value}")
+    return value
+
+
+def add_metrics_flags(parser: argparse.ArgumentParser) -> None:
+    """rdn-serve's Prometheus flags."""
+    group = parser.add_argument_group("metrics")
+    group.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=0,
+        help="serve Prometheus metrics over HTTP at /metrics on this port; 0 = off",
+    )
+    group.add_argument("--metrics-host", help="address for --metrics-port (default: --host)")
+
+
+def metrics_config_from_args(args: argparse.Namespace) -> MetricsConfig:
+    return MetricsConfig(port=args.metrics_port or None, host=args.metrics_host)

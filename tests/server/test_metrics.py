@@ -1,0 +1,289 @@
+"""Prometheus metrics of a real server, scraped over HTTP and parsed with prometheus_client.
+
+Every check compares counters before and after a bounded number of loopback calls, so the
+module-scoped server can be shared by the tests in any order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from export.metadata import KEY_WEIGHTS_SHA256
+from server.client import AsyncUpscaleClient, RetryPolicy, UpscaleClient, UpscaleError
+from server.config import (
+    BatcherConfig,
+    EngineConfig,
+    MetricsConfig,
+    ServerConfig,
+    TilingConfig,
+)
+from server.engine import Engine
+from server.main import BackgroundServer, ServerStartError, build_parser, config_from_args
+from server.metrics import batch_size_bounds, cumulative_buckets
+from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
+
+TILE, PAD, MAX_BATCH = 32, 4, 4
+CPU = EngineConfig(providers=("CPUExecutionProvider",))
+NO_RETRY = RetryPolicy(max_attempts=1)
+CALL_TIMEOUT = 60.0  # seconds: a broken server fails the test instead of hanging it
+SCRAPE_TIMEOUT = 10.0
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def server_config(model: Path, **changes: object) -> ServerConfig:
+    base: dict[str, object] = {
+        "model": model,
+        "host": "127.0.0.1",
+        "port": 0,
+        "grace_s": 2.0,
+        "engine": CPU,
+        "tiling": TilingConfig(tile=TILE, pad=PAD),
+        "batcher": BatcherConfig(max_batch=MAX_BATCH, max_delay_ms=2.0),
+        "metrics": MetricsConfig(port=0, host="127.0.0.1"),
+    }
+    base.update(changes)
+    return ServerConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_onnx_x2: Path) -> Engine:
+    return Engine(tiny_onnx_x2, CPU)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_onnx_x2: Path, engine: Engine) -> Iterator[BackgroundServer]:
+    with BackgroundServer(server_config(tiny_onnx_x2), engine) as bg:
+        yield bg
+
+
+@pytest.fixture(scope="module")
+def client(server: BackgroundServer) -> Iterator[UpscaleClient]:
+    with UpscaleClient(f"127.0.0.1:{server.port}", retry=NO_RETRY) as c:
+        yield c
+
+
+def metrics_port(bg: BackgroundServer) -> int:
+    assert bg.running is not None and bg.running.metrics_endpoint is not None
+    return bg.running.metrics_endpoint.port
+
+
+def scrape(port: int) -> Samples:
+    """(sample name, sorted labels) -> value, from one GET of /metrics."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT) as answer:
+        assert answer.status == 200
+        text = answer.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """A sample's value; 0 for a labelled series not created yet."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def scrape_until(port: int, done: Callable[[Samples], bool]) -> Samples:
+    deadline = time.monotonic() + CALL_TIMEOUT
+    while True:
+        samples = scrape(port)
+        if done(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.01)
+
+
+def photo(set5_dir: Path, height: int, width: int) -> np.ndarray:
+    bgr = cv2.imread(str(set5_dir / "baby.png"), cv2.IMREAD_COLOR)
+    return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)[:height, :width])
+
+
+# ------------------------------------------------------------------------- pure helpers
+
+
+def test_batch_size_buckets() -> None:
+    assert batch_size_bounds(1) == (1,)
+    assert batch_size_bounds(8) == (1, 2, 4, 8)
+    assert batch_size_bounds(6) == (1, 2, 4, 6)
+    assert cumulative_buckets({4: 3, 2: 1}, (1, 2, 4)) == [
+        ("1.0", 0),
+        ("2.0", 1),
+        ("4.0", 4),
+        ("+Inf", 4),
+    ]
+
+
+def test_flags_map_onto_metrics_config(tiny_onnx_x2: Path) -> None:
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["--model", str(tiny_onnx_x2)])).metrics == MetricsConfig()
+    on = parse(["--model", str(tiny_onnx_x2), "--metrics-port", "9100"])
+    assert config_from_args(on).metrics == MetricsConfig(port=9100, host=None)
+    host = parse(["--model", str(tiny_onnx_x2), "--metrics-port", "1", "--metrics-host", "::1"])
+    assert config_from_args(host).metrics == MetricsConfig(port=1, host="::1")
+    with pytest.raises(SystemExit):
+        parse(["--metrics-port", "70000"])
+
+
+# ----------------------------------------------------------------------- a real server
+
+
+def test_requests_latencies_tiles_and_batches_are_counted(
+    server: BackgroundServer, client: UpscaleClient, engine: Engine, set5_dir: Path
+) -> None:
+    port = metrics_port(server)
+    image = photo(set5_dir, 40, 70)  # 2 x 3 tiles of 32: 6 tiles, batches of 4 + 2
+    before = scrape(port)
+    for i in range(3):
+        assert client.upscale(image, "raw", request_id=f"m{i}", timeout=CALL_TIMEOUT).tiles == 6
+    with pytest.raises(UpscaleError):
+        client.upscale(b"not an image at all", request_id="bad", timeout=CALL_TIMEOUT)
+    client.info(timeout=CALL_TIMEOUT)
+
+    after = scrape_until(
+        port, lambda s: delta(before, s, "rdn_requests_total", method="GetModelInfo", code="OK") > 0
+    )
+    ok = {"method": "Upscale", "code": "OK"}
+    assert delta(before, after, "rdn_requests_total", **ok) == 3
+    bad = {"method": "Upscale", "code": "INVALID_ARGUMENT"}
+    assert delta(before, after, "rdn_requests_total", **bad) == 1
+    assert delta(before, after, "rdn_requests_total", method="GetModelInfo", code="OK") == 1
+    assert delta(before, after, "rdn_tiles_computed_total") == 18
+    assert delta(before, after, "rdn_engine_calls_total") == 6  # 3 x ceil(6 / max batch 4)
+
+    # Batch sizes: 6 calls carrying 18 tiles, three of them full (4) and three of 2.
+    assert delta(before, after, "rdn_batch_size_count") == 6
+    assert delta(before, after, "rdn_batch_size_sum") == 18
+    assert delta(before, after, "rdn_batch_size_bucket", le="1.0") == 0
+    assert delta(before, after, "rdn_batch_size_bucket", le="2.0") == 3
+    assert delta(before, after, "rdn_batch_size_bucket", le="4.0") == 6
+
+    # Queue and compute only for requests that reached the batcher; total for every call.
+    for name in ("rdn_request_queue_seconds", "rdn_request_compute_seconds"):
+        assert delta(before, after, f"{name}_count", method="Upscale") == 3
+    duration = "rdn_request_duration_seconds"
+    assert delta(before, after, f"{duration}_count", method="Upscale") == 4
+    assert delta(before, after, f"{duration}_bucket", method="Upscale", le="+Inf") == 4
+    assert delta(before, after, f"{duration}_count", method="GetModelInfo") == 1
+    # Sequential calls: each request's compute is exactly the engine time of its batches.
+    engine_s = delta(before, after, "rdn_engine_seconds_total")
+    compute_s = delta(before, after, "rdn_request_compute_seconds_sum", method="Upscale")
+    assert engine_s > 0
+    assert compute_s == pytest.approx(engine_s, abs=1e-4)  # access records round to 10 us
+    assert delta(before, after, f"{duration}_sum", method="Upscale") >= compute_s
+
+    # At rest: nothing queued, pending or in flight.
+    assert value(after, "rdn_queue_tiles") == 0
+    assert value(after, "rdn_pending_requests") == 0
+    assert value(after, "rdn_inflight_requests") == 0
+    assert value(after, "rdn_queue_capacity_tiles") == 4096
+    info = {
+        "provider": "CPUExecutionProvider",
+        "scale": "2",
+        "precision": "float32",
+        "weights_sha256": engine.metadata[KEY_WEIGHTS_SHA256],
+    }
+    assert len(info["weights_sha256"]) == 64
+    assert value(after, "rdn_model_info", **info) == 1
+    assert value(after, "process_resident_memory_bytes") > 0
+
+
+def test_inflight_request_is_visible_while_its_upload_is_open(server: BackgroundServer) -> None:
+    port = metrics_port(server)
+    release = threading.Event()
+
+    def upload() -> Iterator[upscale_pb2.UpscaleChunk]:
+        header = upscale_pb2.UpscaleStreamHeader(total_bytes=10, request_id="held")
+        yield upscale_pb2.UpscaleChunk(header=header)
+        release.wait(CALL_TIMEOUT)  # the server sits in the upload until we let go
+        yield upscale_pb2.UpscaleChunk(data=upscale_pb2.DataChunk(offset=0, data=b"0123456789"))
+
+    # A raw stub: the client would send the whole upload at once.
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = upscale_pb2_grpc.UpscalerStub(channel).UpscaleStream(upload(), timeout=CALL_TIMEOUT)
+        try:
+            during = scrape_until(port, lambda s: value(s, "rdn_inflight_requests") == 1)
+            assert value(during, "rdn_inflight_requests") == 1
+        finally:
+            release.set()
+        with pytest.raises(grpc.RpcError) as refused:
+            list(call)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # ten digits are no image
+    after = scrape_until(port, lambda s: value(s, "rdn_inflight_requests") == 0)
+    assert value(after, "rdn_inflight_requests") == 0
+
+
+def test_cancelled_request_counts_dropped_tiles(server: BackgroundServer, set5_dir: Path) -> None:
+    port = metrics_port(server)
+    batcher = server.running.batcher  # type: ignore[union-attr]
+    image = photo(set5_dir, 400, 400)  # 13 x 13 = 169 tiles: 43 engine calls
+    before = scrape(port)
+
+    async def cancel_mid_flight() -> None:
+        async with AsyncUpscaleClient(f"127.0.0.1:{server.port}", retry=NO_RETRY) as c:
+            computed = batcher.tiles_computed
+            call = c.upscale(image, "raw", timeout=CALL_TIMEOUT, stream=True)
+            task = asyncio.ensure_future(call)
+            while batcher.tiles_computed == computed:
+                await asyncio.sleep(0.002)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    server.call(cancel_mid_flight(), timeout=CALL_TIMEOUT)
+    cancelled = {"method": "UpscaleStream", "code": "CANCELLED"}
+    after = scrape_until(port, lambda s: delta(before, s, "rdn_requests_total", **cancelled) == 1)
+    assert delta(before, after, "rdn_requests_total", **cancelled) == 1
+    dropped = delta(before, after, "rdn_tiles_dropped_total")
+    computed = delta(before, after, "rdn_tiles_computed_total")
+    assert dropped > 0
+    assert dropped + computed == 169  # every tile either ran or was dropped, none twice
+    assert value(after, "rdn_tiles_dropped_total") == batcher.tiles_dropped
+
+
+def test_each_server_has_its_own_registry(
+    server: BackgroundServer, tiny_onnx_x2: Path, engine: Engine, set5_dir: Path
+) -> None:
+    first = scrape(metrics_port(server))
+    with (
+        BackgroundServer(server_config(tiny_onnx_x2), engine) as other,
+        UpscaleClient(f"127.0.0.1:{other.port}", retry=NO_RETRY) as c,
+    ):
+        assert metrics_port(other) != metrics_port(server)
+        c.upscale(photo(set5_dir, 20, 20), "raw", timeout=CALL_TIMEOUT)
+        ok = {"method": "Upscale", "code": "OK"}
+        mine = scrape_until(metrics_port(other), lambda s: value(s, "rdn_requests_total", **ok) > 0)
+        assert value(mine, "rdn_requests_total", **ok) == 1
+        assert value(mine, "rdn_tiles_computed_total") == 1
+    assert delta(first, scrape(metrics_port(server)), "rdn_requests_total", **ok) == 0
+
+
+def test_metrics_off_by_default_and_a_taken_port_is_a_start_error(
+    tiny_onnx_x2: Path, engine: Engine
+) -> None:
+    with BackgroundServer(server_config(tiny_onnx_x2, metrics=MetricsConfig()), engine) as bg:
+        assert bg.running is not None and bg.running.metrics_endpoint is None
+        assert bg.running.metrics is None
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = MetricsConfig(port=held.getsockname()[1], host="127.0.0.1")
+        with pytest.raises(ServerStartError, match=r"cannot serve metrics on 127\.0\.0\.1"):
+            BackgroundServer(server_config(tiny_onnx_x2, metrics=taken), engine).start()
