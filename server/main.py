@@ -30,6 +30,7 @@ from server.auth import auth_interceptors
 from server.batcher import TileBatcher
 from server.config import BatcherConfig, EngineConfig, LimitsConfig, ServerConfig, TilingConfig
 from server.engine import Engine, ModelLoadError
+from server.kserve import KServeService
 from server.logging_setup import LEVELS, configure_logging
 from server.metrics import (
     MetricsEndpoint,
@@ -38,6 +39,7 @@ from server.metrics import (
     metrics_config_from_args,
 )
 from server.models import SCALES, DefaultModelMissing, resolve_default_model
+from server.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.security import (
     SecurityError,
@@ -138,10 +140,14 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
     upscale_pb2_grpc.add_UpscalerServicer_to_server(
         UpscalerService(engine, batcher, config, metrics), server
     )
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        KServeService(engine, batcher, config, health, metrics), server
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (
             upscale_pb2.DESCRIPTOR.services_by_name["Upscaler"].full_name,
+            grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

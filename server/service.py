@@ -85,6 +85,10 @@ class RequestTooLarge(RequestError):
     """A request or its answer exceeds a size limit (RESOURCE_EXHAUSTED)."""
 
 
+class NotFound(LookupError):
+    """A request names a model or version this server does not serve (NOT_FOUND)."""
+
+
 # ------------------------------------------------------------------------- pure helpers
 
 
@@ -136,8 +140,14 @@ def tile_image(
             f"{' (x8 self-ensemble)' if ensemble else ''}, more than the queue holds "
             f"({max_tiles}, --max-queue-tiles); send a smaller image"
         )
-    planar = to_planar(rgb)
-    views = [transform(planar[None], i)[0] for i in range(n_views)] if ensemble else [planar]
+    return tile_planar(to_planar(rgb), tile, pad, ensemble)
+
+
+def tile_planar(
+    planar: np.ndarray, tile: int, pad: int, ensemble: bool
+) -> tuple[list[TilePlan], np.ndarray]:
+    """Plans and tiles of a float32 [3, H, W] image; with ``ensemble`` of its 8 dihedral views."""
+    views = [transform(planar[None], i)[0] for i in range(N_TRANSFORMS)] if ensemble else [planar]
     plans = [plan_tiles(v.shape[1], v.shape[2], tile, pad) for v in views]
     tiles = [split_tiles(v, p) for v, p in zip(views, plans, strict=True)]
     return plans, tiles[0] if len(tiles) == 1 else np.concatenate(tiles)
@@ -171,6 +181,8 @@ def grpc_status(error: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), retry
     if isinstance(error, ImageError | RequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error), ()
+    if isinstance(error, NotFound):
+        return grpc.StatusCode.NOT_FOUND, str(error), ()
     if isinstance(error, BatcherStopped):
         return grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry the call", ()
     return grpc.StatusCode.INTERNAL, "internal error; the server logged the details", ()

@@ -1,23 +1,21 @@
 """config.pbtxt parses with Triton's own ModelConfig schema; the repository layout is Triton's.
 
 tritonclient[grpc] (which ships ``tritonclient.grpc.model_config_pb2``) pins protobuf < 7
-while this project runs protobuf 7, so unless it imports here it gets a venv of its own,
-built once from PyPI into pytest's cache folder and reused by later runs.
+while this project runs protobuf 7, so it runs in an interpreter of its own
+(tests/tritonclient_env.py).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from export.triton import MODEL_FILENAME, TritonModelConfig, config_text, write_model_repository
+from tests.tritonclient_env import tritonclient_python
 
-TRITONCLIENT = "tritonclient[grpc]"
 PARSE = """
 import sys
 from google.protobuf import json_format, text_format
@@ -34,34 +32,10 @@ METADATA = {
 }
 
 
-def _imports_model_config(python: str) -> bool:
-    probe = [python, "-c", "import tritonclient.grpc.model_config_pb2"]
-    return subprocess.run(probe, capture_output=True, timeout=120).returncode == 0
-
-
 @pytest.fixture(scope="session")
 def triton_python(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A Python interpreter that imports tritonclient.grpc.model_config_pb2."""
-    if _imports_model_config(sys.executable):
-        return sys.executable
-    cache = getattr(request.config, "cache", None)
-    folder = cache.mkdir("tritonclient-venv") if cache else tmp_path_factory.mktemp("tc")
-    venv, ready = folder / "venv", folder / "ready"
-    python = str(venv / "bin" / "python")
-    if ready.exists() and _imports_model_config(python):
-        return python
-    shutil.rmtree(venv, ignore_errors=True)
-    steps = (
-        [sys.executable, "-m", "venv", str(venv)],
-        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", TRITONCLIENT],
-    )
-    for step in steps:
-        done = subprocess.run(step, capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["?"])[-1]
-            pytest.skip(f"cannot build a venv with {TRITONCLIENT} from PyPI: {last}")
-    ready.write_text(TRITONCLIENT + "\n")
-    return python
+    return tritonclient_python(request.config, tmp_path_factory)
 
 
 def parse(python: str, text: str) -> subprocess.CompletedProcess[str]:

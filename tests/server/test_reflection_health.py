@@ -31,6 +31,7 @@ from server.main import BackgroundServer
 CPU = EngineConfig(providers=("CPUExecutionProvider",))
 SERVICES = {
     "rdn.v1.Upscaler",
+    "inference.GRPCInferenceService",
     "grpc.health.v1.Health",
     "grpc.reflection.v1alpha.ServerReflection",
 }

@@ -1,0 +1,415 @@
+"""The KServe v2 / Open Inference Protocol servicer (``inference.GRPCInferenceService``).
+
+It serves the same model as rdn.v1.Upscaler on the same port, for clients that speak the
+protocol of Triton, KServe and MLServer (``tritonclient[grpc]`` among them): one model
+``rdn_x{scale}``, version "1", input ``lr`` FP32 [N, 3, H, W] in [0, 1] (RGB planes), output
+``sr`` FP32 [N, 3, s*H, s*W], unclipped. Every image of a request is cut into the same
+fixed-shape tiles as an Upscale image and all of them go to the same ``TileBatcher`` in one
+submission, so tiles of both protocols share engine batches.
+
+Errors go through ``service.grpc_status`` like Upscale's: a malformed request answers
+INVALID_ARGUMENT naming the field and what is accepted, an unknown model or version NOT_FOUND,
+an oversized request or a full queue RESOURCE_EXHAUSTED. ServerLive, ServerReady and ModelReady
+are probes: they write no access log line. Request-level parameters (priority, timeout ...)
+are accepted and ignored; shared-memory and classification parameters are refused, since the
+answer could not be what they ask for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2
+
+from rdn.ensemble import N_TRANSFORMS
+from server.batcher import TileResult
+from server.config import ServerConfig
+from server.pb.inference import grpc_service_pb2 as pb
+from server.pb.inference import grpc_service_pb2_grpc as pb_grpc
+from server.service import (
+    RESPONSE_OVERHEAD_BYTES,
+    AccessObserver,
+    AccessRecord,
+    ModelSource,
+    NotFound,
+    RequestError,
+    RequestTooLarge,
+    TileSource,
+    _unary,
+    check_request_id,
+    stitch,
+    tile_planar,
+)
+from server.tiling import TilePlan, plan_tiles
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+SERVER_NAME = "rdn-sr"  # the distribution; ServerMetadata answers its installed version
+MODEL_VERSION = "1"
+PLATFORM = "onnxruntime_onnx"  # Triton's name for what runs the model
+INPUT_NAME = "lr"
+OUTPUT_NAME = "sr"
+DATATYPE = "FP32"
+TENSOR_SHAPE = (-1, 3, -1, -1)  # [N, 3, H, W]; -1 = any size
+FLOAT32_LE = np.dtype("<f4")  # the protocol's raw byte layout
+UNSUPPORTED_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "classification")
+OTHER_CONTENTS = (
+    "bool_contents",
+    "int_contents",
+    "int64_contents",
+    "uint_contents",
+    "uint64_contents",
+    "fp64_contents",
+    "bytes_contents",
+)
+
+
+class HealthSource(Protocol):
+    """Where readiness is read (``grpc_health``'s aio ``HealthServicer`` is one)."""
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: Any
+    ) -> health_pb2.HealthCheckResponse: ...
+
+
+# ------------------------------------------------------------------------- pure helpers
+
+
+def model_name(scale: int) -> str:
+    """The stable name of the served model (also rdn.v1 ModelInfo.name)."""
+    return f"rdn_x{scale}"
+
+
+def check_model(name: str, version: str, served: str) -> None:
+    """Raise ``NotFound`` unless ``name`` / ``version`` ("" = latest) is the served model."""
+    if name != served:
+        raise NotFound(
+            f"unknown model {name!r}; this server serves {served!r} (version {MODEL_VERSION})"
+        )
+    if version not in ("", MODEL_VERSION):
+        raise NotFound(
+            f"model {served!r} has no version {version!r}; available: {MODEL_VERSION!r} "
+            "(or empty for the latest)"
+        )
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _check_parameters(where: str, parameters: Any) -> None:
+    for key in parameters:
+        if key in UNSUPPORTED_PARAMETERS:
+            raise RequestError(
+                f"{where} sets parameter {key!r}, which this server does not support (no shared "
+                "memory, no classification); send the tensor data in the request and read "
+                "the whole output"
+            )
+
+
+def input_shape(request: pb.ModelInferRequest) -> tuple[int, int, int, int]:
+    """The checked [N, 3, H, W] shape of the request's one input."""
+    accepted = f"{INPUT_NAME!r} {DATATYPE} [N, 3, H, W] (RGB planes in [0, 1])"
+    names = [t.name for t in request.inputs]
+    if len(names) != 1:
+        raise RequestError(
+            f"request has {len(names)} inputs {names}; the model takes one: {accepted}"
+        )
+    tensor = request.inputs[0]
+    if tensor.name != INPUT_NAME:
+        raise RequestError(f"unknown input {tensor.name!r}; the model takes one input: {accepted}")
+    if tensor.datatype != DATATYPE:
+        raise RequestError(
+            f"input {INPUT_NAME!r} has datatype {tensor.datatype!r}; only {DATATYPE} is accepted "
+            "(float32 RGB values in [0, 1])"
+        )
+    shape = tuple(tensor.shape)
+    if len(shape) != 4 or shape[1] != 3 or min(shape) < 1:
+        raise RequestError(
+            f"input {INPUT_NAME!r} has shape {_shape_text(shape)}; expected [N, 3, H, W] with "
+            "N, H, W >= 1 (a batch of RGB images, channels first)"
+        )
+    _check_parameters(f"input {INPUT_NAME!r}", tensor.parameters)
+    n, _, h, w = shape
+    return n, 3, h, w
+
+
+def check_outputs(request: pb.ModelInferRequest) -> None:
+    """Requested outputs must name ``sr`` (once); none requested means ``sr``."""
+    seen: set[str] = set()
+    for output in request.outputs:
+        if output.name != OUTPUT_NAME:
+            raise RequestError(
+                f"unknown output {output.name!r}; the model has one output {OUTPUT_NAME!r}"
+            )
+        if output.name in seen:
+            raise RequestError(f"output {OUTPUT_NAME!r} is requested twice; request it once")
+        seen.add(output.name)
+        _check_parameters(f"output {OUTPUT_NAME!r}", output.parameters)
+
+
+def check_limits(shape: tuple[int, int, int, int], config: ServerConfig, scale: int) -> None:
+    """Refuse (RESOURCE_EXHAUSTED) a request that could never be answered, before any work."""
+    n, _, h, w = shape
+    limits, tiling = config.limits, config.tiling
+    pixels = n * h * w
+    if pixels > limits.max_pixels:
+        raise RequestTooLarge(
+            f"input {INPUT_NAME!r} holds {n} image(s) of {w}x{h} = {pixels} pixels, over the "
+            f"limit of {limits.max_pixels} pixels per request (--max-pixels); send fewer or "
+            "smaller images"
+        )
+    views = N_TRANSFORMS if config.self_ensemble else 1
+    tiles = n * views * plan_tiles(h, w, tiling.tile, tiling.pad).count
+    if tiles > config.batcher.max_queue_tiles:
+        raise RequestTooLarge(
+            f"input {INPUT_NAME!r} needs {tiles} tiles of {tiling.tile}x{tiling.tile}"
+            f"{' (x8 self-ensemble)' if config.self_ensemble else ''}, more than the queue holds "
+            f"({config.batcher.max_queue_tiles}, --max-queue-tiles); send fewer or smaller images"
+        )
+    out_bytes = n * 3 * (scale * h) * (scale * w) * FLOAT32_LE.itemsize
+    if out_bytes > limits.max_message_bytes - RESPONSE_OVERHEAD_BYTES:
+        raise RequestTooLarge(
+            f"output {OUTPUT_NAME!r} would be {n}x3x{scale * h}x{scale * w} {DATATYPE} = "
+            f"{out_bytes} bytes, more than one message carries (--max-message-bytes "
+            f"{limits.max_message_bytes}); send fewer or smaller images per request, or raise "
+            "the limit on both ends"
+        )
+
+
+def check_data(request: pb.ModelInferRequest, shape: tuple[int, int, int, int]) -> None:
+    """The input's data is in exactly one place and has exactly the shape's size."""
+    tensor = request.inputs[0]
+    count = int(np.prod(shape))
+    where_ok = (
+        f"send {count * FLOAT32_LE.itemsize} bytes of little-endian float32 in "
+        f"raw_input_contents[0], or {count} values in inputs[0].contents.fp32_contents"
+    )
+    for field in OTHER_CONTENTS:
+        if len(getattr(tensor.contents, field)):
+            raise RequestError(
+                f"input {INPUT_NAME!r} is {DATATYPE} but carries data in contents.{field}; "
+                f"{where_ok}"
+            )
+    values = len(tensor.contents.fp32_contents)
+    raw = request.raw_input_contents
+    if raw:
+        if len(raw) != 1:
+            raise RequestError(
+                f"raw_input_contents has {len(raw)} entries for 1 input; send one entry per input"
+            )
+        if values:
+            raise RequestError(
+                f"input {INPUT_NAME!r} carries data both in contents.fp32_contents and in "
+                "raw_input_contents[0]; send it once"
+            )
+        expected = count * FLOAT32_LE.itemsize
+        if len(raw[0]) != expected:
+            raise RequestError(
+                f"raw_input_contents[0] holds {len(raw[0])} bytes; input {INPUT_NAME!r} of shape "
+                f"{_shape_text(shape)} {DATATYPE} needs {expected} (4 bytes per value, "
+                "little-endian, row-major)"
+            )
+    elif values != count:
+        if values == 0:
+            raise RequestError(f"input {INPUT_NAME!r} carries no data; {where_ok}")
+        raise RequestError(
+            f"inputs[0].contents.fp32_contents holds {values} values; input {INPUT_NAME!r} of "
+            f"shape {_shape_text(shape)} needs {count}"
+        )
+
+
+def input_array(request: pb.ModelInferRequest, shape: tuple[int, int, int, int]) -> np.ndarray:
+    """The checked input as float32 [N, 3, H, W] (raw bytes are viewed, not copied)."""
+    if request.raw_input_contents:
+        array = np.frombuffer(request.raw_input_contents[0], FLOAT32_LE)
+    else:
+        array = np.asarray(request.inputs[0].contents.fp32_contents, np.float32)
+    return array.astype(np.float32, copy=False).reshape(shape)
+
+
+@dataclass(frozen=True)
+class TiledBatch:
+    """The tiles of every image of one request, in one array, and how to put them back."""
+
+    plans: list[list[TilePlan]]  # per image: its plans (one, or eight views for the ensemble)
+    tiles: np.ndarray  # [sum of counts, 3, in, in]
+    counts: list[int]  # tiles per image
+
+
+def tile_batch(images: np.ndarray, tile: int, pad: int, ensemble: bool) -> TiledBatch:
+    """Cut each [3, H, W] image of ``images`` into tiles, values as given."""
+    plans: list[list[TilePlan]] = []
+    parts: list[np.ndarray] = []
+    for image in images:
+        image_plans, tiles = tile_planar(image, tile, pad, ensemble)
+        plans.append(image_plans)
+        parts.append(tiles)
+    return TiledBatch(plans, np.concatenate(parts), [len(t) for t in parts])
+
+
+def stitch_batch(outputs: np.ndarray, batch: TiledBatch, scale: int) -> np.ndarray:
+    """[N, 3, sH, sW] float32 from the tile outputs of ``tile_batch``."""
+    images = []
+    start = 0
+    for plans, count in zip(batch.plans, batch.counts, strict=True):
+        images.append(stitch(outputs[start : start + count], plans, scale))
+        start += count
+    return np.stack(images)
+
+
+def tensor_metadata(name: str) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(name=name, datatype=DATATYPE, shape=TENSOR_SHAPE)
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version(SERVER_NAME)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------- servicer
+
+
+class KServeService(pb_grpc.GRPCInferenceServiceServicer):
+    """inference.GRPCInferenceService on the engine and tile batcher that Upscale uses."""
+
+    def __init__(
+        self,
+        engine: ModelSource,
+        batcher: TileSource,
+        config: ServerConfig,
+        health: HealthSource,
+        access_observer: AccessObserver | None = None,
+    ) -> None:
+        self._engine = engine
+        self._batcher = batcher
+        self._config = config
+        self._health = health
+        self.access_observer = access_observer  # read by service._unary (metrics)
+        self._name = model_name(engine.scale)
+        self._server_metadata = pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=package_version(), extensions=[]
+        )
+        self._model_metadata = pb.ModelMetadataResponse(
+            name=self._name,
+            versions=[MODEL_VERSION],
+            platform=PLATFORM,
+            inputs=[tensor_metadata(INPUT_NAME)],
+            outputs=[tensor_metadata(OUTPUT_NAME)],
+        )
+
+    async def _ready(self, context: grpc.aio.ServicerContext) -> bool:
+        """SERVING in the server's health state: warmed up and not draining."""
+        answer = await self._health.Check(health_pb2.HealthCheckRequest(service=""), context)
+        return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+    # -- probes: no access log line -----------------------------------------------------
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=await self._ready(context))
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        """Not ready for a model or version not served (as Triton answers), else the server's
+        readiness."""
+        try:
+            check_model(request.name, request.version, self._name)
+        except NotFound:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=await self._ready(context))
+
+    # -- calls --------------------------------------------------------------------------
+    @_unary
+    async def ServerMetadata(
+        self,
+        request: pb.ServerMetadataRequest,
+        context: grpc.aio.ServicerContext,
+        record: AccessRecord,
+    ) -> pb.ServerMetadataResponse:
+        return self._server_metadata
+
+    @_unary
+    async def ModelMetadata(
+        self,
+        request: pb.ModelMetadataRequest,
+        context: grpc.aio.ServicerContext,
+        record: AccessRecord,
+    ) -> pb.ModelMetadataResponse:
+        record.set(model=request.name, version=request.version)
+        check_model(request.name, request.version, self._name)
+        return self._model_metadata
+
+    @_unary
+    async def ModelInfer(
+        self,
+        request: pb.ModelInferRequest,
+        context: grpc.aio.ServicerContext,
+        record: AccessRecord,
+    ) -> pb.ModelInferResponse:
+        record.set(request_id=check_request_id(request.id), model=request.model_name)
+        check_model(request.model_name, request.model_version, self._name)
+        shape = input_shape(request)
+        check_outputs(request)
+        n, _, height, width = shape
+        record.set(images=n, width=width, height=height)
+        scale = self._engine.scale
+        check_limits(shape, self._config, scale)
+        check_data(request, shape)
+        record.set(bytes_in=int(np.prod(shape)) * FLOAT32_LE.itemsize)
+        tiling = self._config.tiling
+        tiled = await asyncio.to_thread(
+            _tile_request, request, shape, tiling.tile, tiling.pad, self._config.self_ensemble
+        )
+        record.set(tiles=len(tiled.tiles))
+        result: TileResult = await self._batcher.submit(tiled.tiles, request.id)
+        record.set(
+            queue_ms=round(1e3 * result.queue_seconds, 2),
+            compute_ms=round(1e3 * result.compute_seconds, 2),
+        )
+        started = time.perf_counter()
+        data = await asyncio.to_thread(_output_bytes, result.outputs, tiled, scale)
+        record.set(bytes_out=len(data), stitch_ms=round(1e3 * (time.perf_counter() - started), 2))
+        return pb.ModelInferResponse(
+            model_name=self._name,
+            model_version=MODEL_VERSION,
+            id=request.id,
+            outputs=[
+                pb.ModelInferResponse.InferOutputTensor(
+                    name=OUTPUT_NAME,
+                    datatype=DATATYPE,
+                    shape=[n, 3, scale * height, scale * width],
+                )
+            ],
+            raw_output_contents=[data],
+        )
+
+
+def _tile_request(
+    request: pb.ModelInferRequest,
+    shape: tuple[int, int, int, int],
+    tile: int,
+    pad: int,
+    ensemble: bool,
+) -> TiledBatch:
+    """Worker thread: the request's images as tiles."""
+    return tile_batch(input_array(request, shape), tile, pad, ensemble)
+
+
+def _output_bytes(outputs: np.ndarray, tiled: TiledBatch, scale: int) -> bytes:
+    """Worker thread: stitched images as the protocol's raw little-endian float32 bytes."""
+    return stitch_batch(outputs, tiled, scale).astype(FLOAT32_LE, copy=False).tobytes()
