@@ -4,10 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
+# tritonclient pins protobuf < 7 while the server runs protobuf 7: Triton's own client and
+# ModelConfig schema get an environment of their own, used by the interoperability tests.
+TRITON_VENV := .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed
 
 .PHONY: install test lint format serve bench proto clean
 
-install: $(STAMP)
+install: $(STAMP) $(TRITON_STAMP)
 
 # torch first and pinned: a bare `torch` requirement would pull several GB of CUDA wheels.
 $(STAMP): pyproject.toml
@@ -17,25 +21,30 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-lint: install
+$(TRITON_STAMP):
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install --quiet 'tritonclient[grpc]>=2.50'
+	touch $(TRITON_STAMP)
+
+lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
-format: install
+format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
-	$(BIN)/python -m pytest -q
+test: lint $(TRITON_STAMP)
+	RDN_TRITON_PYTHON=$(CURDIR)/$(TRITON_VENV)/bin/python $(BIN)/python -m pytest -q
 
-serve: install
+serve: $(STAMP)
 	$(BIN)/rdn-serve $(SERVE_ARGS)
 
-bench: install
+bench: $(STAMP)
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
 
-proto: install
+proto: $(STAMP)
 	$(BIN)/python -m server.protogen
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TRITON_VENV) *.egg-info .pytest_cache .ruff_cache
