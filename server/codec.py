@@ -10,6 +10,8 @@ image over the pixel limit before OpenCV allocates its pixels, so a small file t
   RGBA, the alpha channel upscaled separately (bicubic); BMP is read as RGB (no alpha);
 - 16-bit images are reduced to 8 bits (rounded); the model works in 8-bit RGB and the output is
   8-bit; float or 32-bit integer samples are refused;
+- decoding work is bounded by the file: every PNG chunk must fit in the file (at most 65536
+  chunks), a JPEG may have at most 256 scans (each scan is a pass over the whole image);
 - JPEG EXIF orientation and the TIFF Orientation tag are applied; PNG and WebP pixels are used as
   stored; CMYK JPEG/TIFF are converted to RGB; a multi-page TIFF yields its first page.
 
@@ -35,6 +37,8 @@ OUTPUT_FORMATS = ("png", "jpeg", "webp", "raw")
 RAW_CHANNELS = (1, 3, 4)
 WEBP_MAX_SIDE = 16383  # pixels, a limit of the WebP bitstream
 JPEG_MAX_SIDE = 65535  # pixels, a limit of the JPEG frame header
+PNG_MAX_CHUNKS = 2**16  # a walk of ~50 ms; real files have a few hundred at most
+JPEG_MAX_SCANS = 256  # nvImageCodec's default limit against the many-scans DoS (cure53 report)
 
 _ACCEPTED = "a PNG, JPEG, WebP, BMP or TIFF file"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -117,7 +121,34 @@ def _png_header(data: bytes) -> _Header:
     if data[12:16] != b"IHDR":
         raise ImageError("PNG data is corrupt: the first chunk is not IHDR")
     width, height = struct.unpack(">II", data[16:24])
+    _check_png_chunks(data)
     return _Header("png", width, height)
+
+
+def _check_png_chunks(data: bytes) -> None:
+    """Every chunk up to IEND must fit in ``data``: OpenCV allocates a chunk's declared length
+    before reading it, so one corrupt length field (up to 4 GiB) would cost seconds and GiBs.
+    The walk is bounded: encoders write chunks of 8 KiB or more, so PNG_MAX_CHUNKS of them
+    hold 512 MiB and more."""
+    n, i = len(data), len(_PNG_MAGIC)
+    for _ in range(PNG_MAX_CHUNKS):
+        if i >= n:
+            raise _truncated("png", f"no IEND chunk in {n} bytes")
+        if i + 8 > n:
+            raise _truncated("png", f"ends at byte {n} inside a chunk header")
+        (length,) = struct.unpack(">I", data[i : i + 4])
+        kind = data[i + 4 : i + 8]
+        end = i + 12 + length  # length, type, data, CRC
+        if end > n:
+            raise _truncated(
+                "png",
+                f"chunk {kind.decode('latin-1')!r} at byte {i} declares {length} bytes, only "
+                f"{max(0, n - i - 12)} follow; or its length field is corrupt",
+            )
+        if kind == b"IEND":
+            return
+        i = end
+    raise ImageError(f"PNG data has more than {PNG_MAX_CHUNKS} chunks; re-save the PNG")
 
 
 def _jpeg_header(data: bytes) -> _Header:
@@ -149,6 +180,14 @@ def _jpeg_header(data: bytes) -> _Header:
             # first scan can only be the end-of-image marker.
             if data.find(b"\xff\xd9", i) < 0:
                 raise _truncated("jpeg", "no end-of-image marker after the image data")
+            # Each scan costs a pass over the whole image: thousands of empty scans (a few
+            # bytes each) would pin a decode thread for seconds to hours.
+            scans = 1 + data.count(b"\xff\xda", i)
+            if scans > JPEG_MAX_SCANS:
+                raise ImageError(
+                    f"JPEG data has {scans} scans; at most {JPEG_MAX_SCANS} are accepted "
+                    "(progressive JPEGs have about 10); re-save the JPEG"
+                )
             assert frame is not None
             return frame
         if marker in _JPEG_SOF:
@@ -328,11 +367,20 @@ def _decode_tiff_alpha(data: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(data), formats=["TIFF"]) as image:
             upright = ImageOps.exif_transpose(image)  # the Orientation tag, as OpenCV applies it
             return np.asarray(upright.convert("RGBA"))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Exception as e:  # Pillow's TIFF reader raises many types on corrupt files
         raise ImageError(
             f"TIFF data could not be decoded ({len(data)} bytes: {e}; truncated or corrupt?); "
             f"send {_ACCEPTED}"
         ) from e
+
+
+def _check_decoded_size(pixels: np.ndarray, header: _Header) -> None:
+    height, width = pixels.shape[:2]
+    if {height, width} != {header.height, header.width}:  # orientation may swap them
+        raise ImageError(
+            f"{header.format.upper()} data is corrupt: the header says "
+            f"{header.width}x{header.height} but {width}x{height} pixels were decoded"
+        )
 
 
 def decode_image(data: bytes, max_pixels: int, max_bytes: int) -> DecodedImage:
@@ -341,6 +389,7 @@ def decode_image(data: bytes, max_pixels: int, max_bytes: int) -> DecodedImage:
     fmt = header.format
     if header.tiff_alpha:
         rgba = _decode_tiff_alpha(data)
+        _check_decoded_size(rgba, header)
         rgb = np.ascontiguousarray(rgba[:, :, :3])
         return DecodedImage(rgb, np.ascontiguousarray(rgba[:, :, 3]), 4, fmt)
     if fmt == "jpeg":
@@ -352,12 +401,8 @@ def decode_image(data: bytes, max_pixels: int, max_bytes: int) -> DecodedImage:
         flags = cv2.IMREAD_UNCHANGED  # keeps alpha and 16-bit samples
     pixels = _to_8bit(_imdecode(data, flags, fmt), fmt)
 
+    _check_decoded_size(pixels, header)
     height, width = pixels.shape[:2]
-    if {height, width} != {header.height, header.width}:  # orientation may swap them
-        raise ImageError(
-            f"{fmt.upper()} data is corrupt: the header says {header.width}x{header.height} but "
-            f"{width}x{height} pixels were decoded"
-        )
     channels = 1 if pixels.ndim == 2 else pixels.shape[2]
     if channels == 1:
         grey = pixels.reshape(height, width)
