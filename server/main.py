@@ -32,6 +32,7 @@ from server.config import BatcherConfig, EngineConfig, LimitsConfig, ServerConfi
 from server.engine import Engine, ModelLoadError
 from server.kserve import KServeService
 from server.logging_setup import LEVELS, configure_logging
+from server.memory import pin_mmap_threshold
 from server.metrics import (
     MetricsEndpoint,
     ServerMetrics,
@@ -39,6 +40,7 @@ from server.metrics import (
     metrics_config_from_args,
 )
 from server.models import SCALES, DefaultModelMissing, resolve_default_model
+from server.parse_guard import ParseGuard
 from server.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.security import (
@@ -135,7 +137,8 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
     for service in ("", SERVICE_NAME):
         await health.set(service, NOT_SERVING)
     metrics = None if config.metrics.port is None else ServerMetrics(batcher, engine)
-    interceptors = auth_interceptors(config.security.auth_token, metrics)
+    # ParseGuard last: authentication decides before any request byte is parsed.
+    interceptors = [*auth_interceptors(config.security.auth_token, metrics), ParseGuard(metrics)]
     server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
     upscale_pb2_grpc.add_UpscalerServicer_to_server(
         UpscalerService(engine, batcher, config, metrics), server
@@ -457,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     """``rdn-serve``."""
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_json)
+    pin_mmap_threshold()  # large request buffers go back to the system when freed
     # The embedded model is picked by scale; a given --model is checked only against --scale.
     scale = args.scale if args.model is not None else (args.scale or DEFAULT_SCALE)
     try:
