@@ -28,6 +28,9 @@ from rdn.imaging import ImageReadError, downscale, list_images, modcrop, read_rg
 log = logging.getLogger(__name__)
 
 N_TRANSFORMS = 8  # 4 rotations x optional horizontal flip (the dihedral group of the square)
+# The 6 orders of the RGB channels. Bicubic downscaling acts on each channel alone, so
+# permuting the channels of HR and LR alike keeps the pair exact.
+CHANNEL_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 DEFAULT_CACHE_BYTES = 2 * 1024**3  # 2 GiB of decoded HR + LR pairs held in memory
 BUILTIN_NAMES = (
     "astronaut",
@@ -57,12 +60,13 @@ class ImageEntry:
 
 @dataclass(frozen=True)
 class PatchPlan:
-    """Where one sample comes from: image index, LR top-left corner, transform index."""
+    """One sample: image index, LR top-left corner, flip/rotation, RGB channel order."""
 
     image: int
     y: int
     x: int
-    transform: int
+    transform: int  # index into the 8 flips/rotations (see ``augment``)
+    channels: int  # index into CHANNEL_ORDERS; applied only with channel shuffling on
 
 
 def make_pair(hr: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
@@ -86,22 +90,31 @@ def augment(image: np.ndarray, transform: int) -> np.ndarray:
 
 
 def plan_patch(key: SampleKey, lr_sizes: Sequence[tuple[int, int]], patch_size: int) -> PatchPlan:
-    """Pure: the image, LR position and transform that ``key`` selects among ``lr_sizes``."""
+    """Pure: the image, LR position and augmentation that ``key`` selects among ``lr_sizes``."""
     rng = np.random.default_rng(list(key))
     image = int(rng.integers(len(lr_sizes)))
     height, width = lr_sizes[image]
     y = int(rng.integers(height - patch_size + 1))
     x = int(rng.integers(width - patch_size + 1))
-    return PatchPlan(image, y, x, int(rng.integers(N_TRANSFORMS)))
+    transform = int(rng.integers(N_TRANSFORMS))
+    return PatchPlan(image, y, x, transform, int(rng.integers(len(CHANNEL_ORDERS))))
 
 
 def cut_patches(
-    hr: np.ndarray, lr: np.ndarray, plan: PatchPlan, scale: int, patch_size: int
+    hr: np.ndarray,
+    lr: np.ndarray,
+    plan: PatchPlan,
+    scale: int,
+    patch_size: int,
+    channel_shuffle: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The aligned (LR, HR) patches of ``plan``, both transformed the same way."""
     p, y, x = patch_size, plan.y, plan.x
     lr_patch = lr[y : y + p, x : x + p]
     hr_patch = hr[y * scale : (y + p) * scale, x * scale : (x + p) * scale]
+    if channel_shuffle:
+        order = list(CHANNEL_ORDERS[plan.channels])
+        lr_patch, hr_patch = lr_patch[..., order], hr_patch[..., order]
     return augment(lr_patch, plan.transform), augment(hr_patch, plan.transform)
 
 
@@ -138,6 +151,7 @@ class PatchDataset(Dataset):
         scale: int,
         patch_size: int,
         skipped: list[str] | None = None,
+        channel_shuffle: bool = False,
     ) -> None:
         if not entries:
             raise DataError("no usable training images")
@@ -148,6 +162,7 @@ class PatchDataset(Dataset):
         self.scale = scale
         self.patch_size = patch_size
         self.skipped = skipped or []
+        self.channel_shuffle = channel_shuffle
         self.lr_sizes = [(e.lr_height, e.lr_width) for e in entries]
 
     @property
@@ -173,7 +188,7 @@ class PatchDataset(Dataset):
         """The (LR, HR) uint8 patches of ``key``."""
         plan = plan_patch(key, self.lr_sizes, self.patch_size)
         hr, lr = self.pair(plan.image)
-        return cut_patches(hr, lr, plan, self.scale, self.patch_size)
+        return cut_patches(hr, lr, plan, self.scale, self.patch_size, self.channel_shuffle)
 
     def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, torch.Tensor]:
         lr, hr = self.sample(key)
@@ -217,12 +232,14 @@ def build_dataset(
     patch_size: int,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     skip_bad: bool = False,
+    channel_shuffle: bool = False,
 ) -> PatchDataset:
     """Validate and decode every HR image of ``folder`` (built-ins when None) up front.
 
     Unreadable or too-small images raise ``DataError`` naming the file, or with ``skip_bad``
     are skipped with a warning and listed in ``dataset.skipped``. Pairs are cached in order
-    until ``cache_bytes`` is used up; later images are decoded per sample.
+    until ``cache_bytes`` is used up; later images are decoded per sample. ``channel_shuffle``
+    also permutes the RGB channels of each sample (one of 6 orders, drawn from its key).
     """
     entries: list[ImageEntry] = []
     cache: list[tuple[np.ndarray, np.ndarray] | None] = []
@@ -271,7 +288,7 @@ def build_dataset(
             entries.append(ImageEntry(str(path), path, h, w))
         if not entries:
             raise DataError(f"data folder {folder}: none of its {len(paths)} images is usable")
-    dataset = PatchDataset(entries, cache, scale, patch_size, skipped)
+    dataset = PatchDataset(entries, cache, scale, patch_size, skipped, channel_shuffle)
     log.info(
         "training images: %d (%d cached in memory, %.1f MiB; %d skipped)",
         len(entries),

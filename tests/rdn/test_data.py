@@ -14,6 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from rdn.data import (
+    CHANNEL_ORDERS,
     N_TRANSFORMS,
     DataError,
     PatchDataset,
@@ -206,3 +207,18 @@ def test_image_smaller_than_one_hr_patch_is_named(tmp_path: Path, set5_dir: Path
     with pytest.raises(DataError, match="none of its 1 images is usable"):
         build_dataset(tmp_path, scale=2, patch_size=PATCH, skip_bad=True)
     assert len(build_dataset(tmp_path, scale=2, patch_size=15).entries) == 1
+
+
+def test_channel_shuffle_permutes_lr_and_hr_alike_and_covers_all_orders(set5_dir: Path) -> None:
+    plain = build_dataset(set5_dir, scale=2, patch_size=PATCH)
+    shuffled = build_dataset(set5_dir, scale=2, patch_size=PATCH, channel_shuffle=True)
+    orders = set()
+    for step in range(40):
+        key = (2, step, 0, 0)
+        plan = plan_patch(key, plain.lr_sizes, PATCH)
+        order = list(CHANNEL_ORDERS[plan.channels])
+        orders.add(tuple(order))
+        (lr, hr), (lr_s, hr_s) = plain.sample(key), shuffled.sample(key)
+        np.testing.assert_array_equal(lr_s, lr[..., order])
+        np.testing.assert_array_equal(hr_s, hr[..., order])
+    assert orders == set(CHANNEL_ORDERS)

@@ -1,0 +1,801 @@
+"""Train RDN: L1 loss, Adam, step-decayed learning rate, BatchNorm frozen after calibration.
+
+``rdn-train --preset tiny --scale 2 --steps 300 --out runs/tiny`` trains on the photographs
+scikit-image ships; ``--data DIR`` trains on a folder of HR images. Under
+``torchrun --nproc_per_node N`` training is DistributedDataParallel and every rank draws its
+own patches. ``RUN_DIR/last.pt`` is rewritten atomically every ``--save-every`` steps and
+``--resume`` continues from it, reproducing the uninterrupted run: the patches of step k
+depend only on (seed, k, rank), the learning rate only on k, and the rest of the state
+(weights, BN statistics and freeze flags, Adam moments, RNG states) is in the checkpoint.
+
+Defaults are the paper's recipe (Adam 0.9/0.999/1e-8, batch 16, 48x48 LR patches, lr 1e-4
+halved every 200 epochs of 1000 iterations), except that the small presets get a larger
+learning rate (``DEFAULT_LR``), measured to matter for short CPU runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from rdn.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    make_payload,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from rdn.data import DEFAULT_CACHE_BYTES, DataError, PatchDataset, StepBatchSampler, build_dataset
+from rdn.imaging import ImageReadError, list_images
+from rdn.model import (
+    NORMS,
+    PRESETS,
+    RDN,
+    SCALES,
+    RDNConfig,
+    batchnorm_frozen,
+    batchnorm_layers,
+    freeze_batchnorm,
+)
+
+log = logging.getLogger("rdn.train")
+
+# Base learning rate per preset. The paper's 1e-4 for the large presets; the small presets
+# train stably with more and need it for short runs (300 tiny steps at 1e-4 stay near bicubic).
+DEFAULT_LR: dict[str, float] = {"paper": 1e-4, "medium": 1e-4, "small": 1e-3, "tiny": 4e-3}
+BN_FREEZE_CAP = 2000  # steps of BN calibration at most (default: min(cap, steps // 10))
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
+
+# Fields a resumed run must share with the stored run: they decide the weights it computes.
+# The others (steps may grow, validation, saving, logging, workers, device) may change.
+RESUME_MUST_MATCH = (
+    "data",
+    "scale",
+    "preset",
+    "norm",
+    "batch_size",
+    "patch_size",
+    "lr",
+    "lr_half_every",
+    "bn_freeze_after",
+    "seed",
+    "channel_shuffle",
+)
+
+
+class UsageError(ValueError):
+    """A bad command line or config value (exit status 2)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training hyperparameter; stored in each checkpoint as ``train_config``."""
+
+    data: str | None = None  # folder of HR images; None: scikit-image's photographs
+    val: str | None = None  # folder of HR images for PSNR/SSIM; None: best.pt = final weights
+    scale: int = 2
+    preset: str = "paper"
+    norm: str = "batch"
+    steps: int = 1_000_000  # paper: 1000 epochs of 1000 iterations
+    batch_size: int = 16  # per process; the global batch is batch_size x world size
+    patch_size: int = 48  # LR patch side; the HR patch is scale times larger
+    lr: float = 1e-4  # resolved from DEFAULT_LR[preset] unless given
+    lr_half_every: int = 200_000  # resolved to steps // 5 unless given; 0: constant
+    bn_freeze_after: int = BN_FREEZE_CAP  # resolved to min(cap, steps // 10) unless given
+    val_every: int = 1000
+    save_every: int = 1000
+    log_every: int = 100
+    seed: int = 0
+    device: str = "auto"
+    workers: int = -1  # DataLoader workers; -1: 0 when every image is cached, else up to 4
+    cache_mb: int = DEFAULT_CACHE_BYTES // 2**20
+    skip_bad_images: bool = False
+    channel_shuffle: bool = True  # permute RGB channels per sample (see CHANNEL_SHUFFLE_WHY)
+    init: str | None = None  # checkpoint whose matching tensors initialise the model
+    out: str = "runs/rdn"
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise UsageError(what)
+
+        for name in ("steps", "batch_size", "patch_size", "val_every", "save_every", "log_every"):
+            value = getattr(self, name)
+            need(_is_int(value) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+        for name in ("lr_half_every", "bn_freeze_after", "seed", "cache_mb"):
+            value = getattr(self, name)
+            need(_is_int(value) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")
+        need(_is_int(self.workers) and self.workers >= -1, f"workers must be >= -1: {self.workers}")
+        need(self.scale in SCALES, f"scale must be one of {SCALES}, got {self.scale!r}")
+        need(self.preset in PRESETS, f"preset must be one of {sorted(PRESETS)}: {self.preset!r}")
+        need(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
+        need(
+            self.device in ("auto", "cpu", "cuda"), f"device must be auto|cpu|cuda: {self.device!r}"
+        )
+        need(
+            isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0,
+            f"lr must be a positive number, got {self.lr!r}",
+        )
+        for name in ("skip_bad_images", "channel_shuffle"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false")
+
+    def model_config(self) -> RDNConfig:
+        return RDNConfig.from_preset(self.preset, scale=self.scale, norm=self.norm)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+PATH_FIELDS = ("data", "val", "init", "out")
+
+
+def make_train_config(options: dict[str, Any]) -> TrainConfig:
+    """TrainConfig from explicit options; lr and bn_freeze_after default from preset and steps."""
+    unknown = set(options) - FIELDS
+    if unknown:
+        raise UsageError(f"unknown option(s) {sorted(unknown)}; valid: {sorted(FIELDS)}")
+    options = {"out": TrainConfig.out, **options}
+    for name in PATH_FIELDS:
+        if options.get(name) is not None:
+            options[name] = str(Path(options[name]).expanduser().resolve())
+    preset = options.get("preset", TrainConfig.preset)
+    if "lr" not in options and preset in DEFAULT_LR:
+        options["lr"] = DEFAULT_LR[preset]
+    steps = options.get("steps", TrainConfig.steps)
+    if "bn_freeze_after" not in options:
+        options["bn_freeze_after"] = default_bn_freeze_after(steps) if _is_int(steps) else 0
+    if "lr_half_every" not in options:
+        options["lr_half_every"] = default_lr_half_every(steps) if _is_int(steps) else 0
+    try:
+        return TrainConfig(**options)
+    except TypeError as e:
+        raise UsageError(str(e)) from e
+
+
+def default_bn_freeze_after(steps: int) -> int:
+    """Calibrate BN for a tenth of training, at most ``BN_FREEZE_CAP`` steps.
+
+    Running statistics (momentum 0.1) settle within tens of steps, so a short calibration
+    suffices; after it, at least 90% of training adapts the weights to the frozen statistics,
+    i.e. to exactly the function used at test time.
+    """
+    return min(BN_FREEZE_CAP, steps // 10)
+
+
+def default_lr_half_every(steps: int) -> int:
+    """Halve the learning rate every fifth of the run: the paper's 200k of 1M iterations."""
+    return max(1, steps // 5)
+
+
+def lr_at(step: int, base_lr: float, half_every: int) -> float:
+    """Learning rate of step ``step`` (0-based): halved every ``half_every`` steps (0: never)."""
+    if half_every <= 0:
+        return base_lr
+    return base_lr * 0.5 ** (step // half_every)
+
+
+def read_toml_config(path: Path) -> dict[str, Any]:
+    """Options from a TOML file whose keys are flag names (``batch-size`` or ``batch_size``).
+
+    Relative paths in the file are taken relative to the file's folder.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError as e:
+        raise UsageError(f"config {path}: no such file") from e
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"config {path}: invalid TOML ({e})") from e
+    options = {key.replace("-", "_"): value for key, value in raw.items()}
+    unknown = set(options) - FIELDS
+    if unknown:
+        raise UsageError(f"config {path}: unknown key(s) {sorted(unknown)}")
+    for name in PATH_FIELDS:  # relative paths in the file are relative to the file
+        if isinstance(options.get(name), str):
+            options[name] = str(Path(path).parent / Path(options[name]).expanduser())
+    return options
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags default to 'not given' so a TOML config and a resumed run's settings can fill them."""
+    p = _Parser(
+        prog="rdn-train",
+        description="Train RDN super-resolution. Precedence: flags > --config TOML > "
+        "the resumed run's settings > defaults.",
+        argument_default=argparse.SUPPRESS,
+    )
+    d = TrainConfig()
+    p.add_argument("--config", type=Path, help="TOML file of options (keys are flag names)")
+    p.add_argument("--data", help="folder of HR training images (default: scikit-image photos)")
+    p.add_argument("--val", help="folder of HR validation images (default: none; best.pt = last)")
+    p.add_argument("--scale", type=int, choices=SCALES, help=f"default {d.scale}")
+    p.add_argument("--preset", choices=sorted(PRESETS), help=f"default {d.preset}")
+    p.add_argument("--norm", choices=NORMS, help=f"default {d.norm}")
+    p.add_argument("--steps", type=int, help=f"optimizer steps in all (default {d.steps})")
+    p.add_argument("--batch-size", type=int, help=f"per process (default {d.batch_size})")
+    p.add_argument("--patch-size", type=int, help=f"LR patch side (default {d.patch_size})")
+    p.add_argument("--lr", type=float, help=f"base learning rate (default per preset {DEFAULT_LR})")
+    p.add_argument("--lr-half-every", type=int, help="default steps/5 (paper); 0: never")
+    p.add_argument(
+        "--bn-freeze-after",
+        type=int,
+        help=f"freeze BatchNorm after this many steps (default min({BN_FREEZE_CAP}, steps/10))",
+    )
+    p.add_argument("--val-every", type=int, help=f"default {d.val_every}")
+    p.add_argument("--save-every", type=int, help=f"default {d.save_every}")
+    p.add_argument("--log-every", type=int, help=f"default {d.log_every}")
+    p.add_argument("--seed", type=int, help=f"default {d.seed}")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help=f"default {d.device}")
+    p.add_argument("--workers", type=int, help="DataLoader workers (default: automatic)")
+    p.add_argument("--cache-mb", type=int, help=f"decoded-image cache (default {d.cache_mb})")
+    p.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="skip unreadable or too-small images with a warning instead of failing",
+    )
+    p.add_argument(
+        "--channel-shuffle",
+        action=argparse.BooleanOptionalAction,
+        help="permute the RGB channels of each patch, one of 6 orders (default on; "
+        "--no-channel-shuffle follows the paper)",
+    )
+    p.add_argument("--init", help="checkpoint whose tensors of matching name and shape are loaded")
+    p.add_argument("--out", help=f"run directory (default {d.out})")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    return p
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 when run directly)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_from_env() -> Dist:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK."""
+    env = os.environ
+    return Dist(
+        int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+    )
+
+
+def pick_device(requested: str, ctx: Dist) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available here; use --device cpu or auto")
+    if requested == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(ctx.local_rank)
+    return torch.device("cuda", ctx.local_rank)
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_rank(ctx: Dist) -> int:
+    """Cores / world size, so ranks do not oversubscribe the CPU.
+
+    A single process honours an explicit OMP_NUM_THREADS; under torchrun, which sets it to 1
+    for every rank, the cores are shared out instead.
+    """
+    if ctx.world_size == 1 and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, cpu_count() // ctx.world_size)
+
+
+def state_sha256(model: nn.Module) -> str:
+    """Hash of every parameter and buffer, to check that DDP ranks hold identical weights."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Copy the tensors of ``state`` whose names and shapes match ``model``'s; the rest is kept.
+
+    The one deliberate non-strict load: fine-tuning x4 from x2 takes everything but the
+    upsampler. Returns (loaded names, skipped names of the model).
+    """
+    own = model.state_dict()
+    matching = {
+        k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)
+    }
+    own.update(matching)
+    model.load_state_dict(own, strict=True)
+    return sorted(matching), sorted(set(own) - set(matching))
+
+
+def check_resumable(stored: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
+    """Refuse a resume whose settings would change the weights the run computes."""
+    for name in RESUME_MUST_MATCH:
+        if stored.get(name) != getattr(cfg, name):
+            raise CheckpointError(
+                f"checkpoint {path}: was trained with {name}={stored.get(name)!r}, now "
+                f"{getattr(cfg, name)!r}; resume keeps these fixed - start a new --out with "
+                f"--init {path} to change them"
+            )
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class RunState:
+    """What changes as training runs and goes into every checkpoint besides the weights."""
+
+    step: int = 0  # optimizer steps completed
+    best_psnr: float = -math.inf
+    best_step: int = -1
+
+
+def train_one_step(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_images: torch.Tensor,
+    hr_images: torch.Tensor,
+) -> torch.Tensor:
+    """One optimizer step on one batch; returns the detached loss (no device sync)."""
+    loss = criterion(model(lr_images), hr_images)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows of ``metrics.jsonl`` up to ``step``: a resumed run rewrites the rest."""
+    kept: list[str] = []
+    if step > 0 and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def append_metrics(path: Path, row: dict[str, Any]) -> None:
+    """One JSON object per line."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def validate(model: nn.Module, folder: Path, scale: int, device: torch.device) -> dict[str, float]:
+    """Mean PSNR/SSIM (Y channel) on ``folder``: rdn-eval's protocol, so the numbers compare."""
+    # Imported here: onnxruntime and scipy cost ~0.7 s of start-up, wasted without --val.
+    from rdn.evaluate import EvalError, evaluate_model
+
+    try:
+        result = evaluate_model(model, folder, scale, device=device).summary()
+    except EvalError as e:
+        raise DataError(f"validation: {e}") from e
+    return {
+        "val_psnr_y": float(result["model_psnr_y"]),
+        "val_ssim_y": float(result["model_ssim_y"]),
+    }
+
+
+def _format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """Loss, LR, speed and ETA: a tqdm bar on a terminal, plain log lines otherwise.
+
+    Every ``log_every`` steps the mean loss of the interval (over all ranks) goes to
+    ``metrics.jsonl`` and the bar or log; only rank 0 writes.
+    """
+
+    def __init__(self, cfg: TrainConfig, start_step: int, ctx: Dist, device: torch.device) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.metrics = Path(cfg.out) / METRICS if ctx.is_main else None
+        if self.metrics is not None:
+            truncate_metrics(self.metrics, start_step)
+        self.bar = None
+        if ctx.is_main and sys.stderr.isatty():
+            self.bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self.loss_sum = torch.zeros((), device=device)
+        self.start, self.steps = time.perf_counter(), 0
+
+    def logging_context(self) -> contextlib.AbstractContextManager[Any]:
+        """Route log lines through tqdm while the bar is shown, so they do not break it."""
+        return logging_redirect_tqdm() if self.bar is not None else contextlib.nullcontext()
+
+    def step_done(self, done: int, loss: torch.Tensor, lr: float) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        if done % self.cfg.log_every and done != self.cfg.steps:
+            return
+        if self.ctx.enabled:  # every rank reaches this step, so the collective is safe
+            dist.all_reduce(self.loss_sum)
+        mean_loss = self.loss_sum.item() / (self.steps * self.ctx.world_size)
+        elapsed = time.perf_counter() - self.start
+        speed = self.steps / elapsed if elapsed > 0 else math.nan
+        self.loss_sum.zero_()
+        self.start, self.steps = time.perf_counter(), 0
+        if self.metrics is None:
+            return
+        append_metrics(
+            self.metrics, {"step": done, "loss": mean_loss, "lr": lr, "steps_per_s": speed}
+        )
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+        else:
+            eta = (self.cfg.steps - done) / speed if speed > 0 else math.inf
+            log.info(
+                "step %d/%d loss %.4f lr %.2e %.2f steps/s (%.3f s/step) eta %s",
+                done,
+                self.cfg.steps,
+                mean_loss,
+                lr,
+                speed,
+                1 / speed if speed > 0 else math.nan,
+                _format_eta(eta),
+            )
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            append_metrics(self.metrics, row)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train_loop(
+    model: nn.Module,
+    raw_model: RDN,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    cfg: TrainConfig,
+    state: RunState,
+    ctx: Dist,
+    extra_payload: dict[str, Any],
+) -> RunState:
+    """Train from ``state.step`` to ``cfg.steps``: freeze BN, log, validate, checkpoint.
+
+    ``model`` is what the forward pass runs (DDP-wrapped or not), ``raw_model`` the RDN
+    inside it (for freezing, validation and checkpoints). Only rank 0 writes files.
+    """
+    out = Path(cfg.out)
+    criterion = nn.L1Loss()
+    progress = Progress(cfg, state.step, ctx, device)
+    has_bn = bool(batchnorm_layers(raw_model))
+
+    def payload() -> dict[str, Any]:
+        return make_payload(
+            raw_model,
+            step=state.step,
+            optimizer=optimizer.state_dict(),
+            schedule={"kind": "step", "base_lr": cfg.lr, "half_every": cfg.lr_half_every},
+            rng=rng_state(),
+            train_config=cfg.to_dict(),
+            best={"val_psnr_y": state.best_psnr, "step": state.best_step},
+            world_size=ctx.world_size,
+            **extra_payload,
+        )
+
+    model.train()
+    with progress.logging_context():
+        for step, (lr_images, hr_images) in enumerate(loader, start=state.step):
+            if has_bn and step == cfg.bn_freeze_after:
+                n = freeze_batchnorm(raw_model)
+                log.info("step %d: froze %d BatchNorm layers into eval mode", step, n)
+            lr = lr_at(step, cfg.lr, cfg.lr_half_every)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            lr_images = lr_images.to(device, non_blocking=True)
+            hr_images = hr_images.to(device, non_blocking=True)
+            loss = train_one_step(model, criterion, optimizer, lr_images, hr_images)
+            state.step = done = step + 1
+            progress.step_done(done, loss, lr)
+            if not ctx.is_main:
+                continue
+            if cfg.val is not None and (done % cfg.val_every == 0 or done == cfg.steps):
+                result = validate(raw_model, Path(cfg.val), cfg.scale, device)
+                progress.write({"step": done, **result})
+                log.info(
+                    "step %d: validation PSNR %.3f dB SSIM %.4f (best before: %.3f at step %d)",
+                    done,
+                    result["val_psnr_y"],
+                    result["val_ssim_y"],
+                    state.best_psnr,
+                    state.best_step,
+                )
+                if result["val_psnr_y"] > state.best_psnr:
+                    state.best_psnr, state.best_step = result["val_psnr_y"], done
+                    save_checkpoint(out / BEST, payload())
+            if done % cfg.save_every == 0 or done == cfg.steps:
+                save_checkpoint(out / LAST, payload())
+    progress.close()
+    return state
+
+
+def _build_loader(
+    dataset: PatchDataset, cfg: TrainConfig, ctx: Dist, start_step: int, device: torch.device
+) -> DataLoader:
+    workers = cfg.workers
+    if workers < 0:  # cached pairs make a sample a memcpy: worker processes only add overhead
+        uncached = dataset.cached_count < len(dataset.entries)
+        workers = min(4, max(1, cpu_count() // ctx.world_size)) if uncached else 0
+    sampler = StepBatchSampler(cfg.seed, ctx.rank, cfg.batch_size, start_step, cfg.steps)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+def run(cfg: TrainConfig, resume: bool, ctx: Dist) -> int:
+    """Set up model, optimizer and data (fresh, --init or --resume), train, write best.pt."""
+    out = Path(cfg.out)
+    last = out / LAST
+    device = pick_device(cfg.device, ctx)
+    torch.set_num_threads(threads_per_rank(ctx))
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.pt.*.tmp"):  # left by a kill during an atomic write
+            stale.unlink(missing_ok=True)
+
+    ckpt: dict[str, Any] = {}
+    if resume:
+        ckpt = load_checkpoint(last)
+        check_resumable(ckpt.get("train_config", {}), cfg, last)
+        for key in ("optimizer", "rng", "train_config"):
+            if key not in ckpt:
+                raise CheckpointError(f"checkpoint {last}: no {key!r}; not written by rdn-train")
+        model = model_from_checkpoint(ckpt, last)
+        state = RunState(
+            step=int(ckpt["step"]),
+            best_psnr=float(ckpt.get("best", {}).get("val_psnr_y", -math.inf)),
+            best_step=int(ckpt.get("best", {}).get("step", -1)),
+        )
+        if state.step > cfg.bn_freeze_after and not batchnorm_frozen(model):
+            raise CheckpointError(
+                f"checkpoint {last}: step {state.step} is past bn_freeze_after="
+                f"{cfg.bn_freeze_after} but its BatchNorm is not frozen; the file is inconsistent"
+            )
+        if ckpt.get("world_size", 1) != ctx.world_size:
+            log.warning(
+                "resuming with %d processes, the run used %d: the global batch changes",
+                ctx.world_size,
+                ckpt.get("world_size", 1),
+            )
+        log.info("resuming %s at step %d of %d", last, state.step, cfg.steps)
+    else:
+        if last.exists():
+            raise UsageError(f"{last} exists; pass --resume to continue that run or pick --out")
+        torch.manual_seed(cfg.seed)
+        model = RDN(cfg.model_config())
+        state = RunState()
+        if cfg.init is not None:
+            init = load_checkpoint(Path(cfg.init))
+            loaded, skipped = load_matching(model, init["model"])
+            if not loaded:
+                raise CheckpointError(
+                    f"checkpoint {cfg.init}: no tensor matches this model ({cfg.model_config()})"
+                )
+            log.info(
+                "--init %s: loaded %d tensors, skipped %d (%s)",
+                cfg.init,
+                len(loaded),
+                len(skipped),
+                ", ".join(skipped[:6]) + (", ..." if len(skipped) > 6 else ""),
+            )
+            if batchnorm_layers(model) and batchnorm_frozen(model):
+                log.info("BatchNorm arrives frozen from --init: no calibration phase")
+
+    if cfg.val is not None and not list_images(Path(cfg.val)):  # fail now, not at the first val
+        raise DataError(f"validation folder {cfg.val}: no images")
+    dataset = build_dataset(
+        Path(cfg.data) if cfg.data else None,
+        cfg.scale,
+        cfg.patch_size,
+        cache_bytes=cfg.cache_mb * 2**20,
+        skip_bad=cfg.skip_bad_images,
+        channel_shuffle=cfg.channel_shuffle,
+    )
+    names = [e.name for e in dataset.entries]
+    if resume and ckpt.get("data_images") not in (None, names):
+        raise CheckpointError(
+            f"checkpoint {last}: the training images changed ({len(ckpt['data_images'])} then, "
+            f"{len(names)} now); resume needs the same set - start a new run with --init"
+        )
+
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    if resume:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+    cfg_model = model.config
+    log.info(
+        "model %s: %d parameters; %d steps, batch %d x %d process(es), patch %d, lr %.2e "
+        "halved every %d, BN frozen after %d, device %s",
+        cfg_model,
+        sum(p.numel() for p in model.parameters()),
+        cfg.steps,
+        cfg.batch_size,
+        ctx.world_size,
+        cfg.patch_size,
+        cfg.lr,
+        cfg.lr_half_every,
+        cfg.bn_freeze_after,
+        device,
+    )
+    if batchnorm_layers(model) and cfg.bn_freeze_after >= cfg.steps:
+        log.warning("bn_freeze_after >= steps: BatchNorm is never frozen in this run")
+
+    wrapped: nn.Module = model
+    if ctx.enabled:
+        wrapped = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    loader = _build_loader(dataset, cfg, ctx, state.step, device)
+    extra = {"data_images": names}
+    if state.step < cfg.steps:
+        state = train_loop(wrapped, model, optimizer, loader, device, cfg, state, ctx, extra)
+    else:
+        log.info("already at step %d of %d: nothing to train", state.step, cfg.steps)
+
+    ok = True
+    if ctx.enabled:  # every rank must hold the same weights
+        hashes: list[str | None] = [None] * ctx.world_size
+        dist.all_gather_object(hashes, state_sha256(model))
+        ok = len(set(hashes)) == 1
+    else:
+        hashes = [state_sha256(model)]
+    if ctx.is_main:
+        append_metrics(
+            out / METRICS, {"step": state.step, "event": "end", "rank_state_sha256": hashes}
+        )
+        if cfg.val is None or not (out / BEST).exists():
+            # No validation set: the final weights are the best we can name.
+            final = load_checkpoint(last)
+            save_checkpoint(out / BEST, final)
+        log.info("done: %s and %s in %s", LAST, BEST, out)
+    if not ok:
+        log.error("ranks ended with different weights: %s", hashes)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ctx = dist_from_env()
+    logging.basicConfig(
+        level=logging.INFO if ctx.is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        args = vars(build_parser().parse_args(argv))
+        resume = bool(args.pop("resume", False))
+        config_file = args.pop("config", None)
+        options = read_toml_config(config_file) if config_file is not None else {}
+        options.update(args)  # flags override the config file
+        if resume:
+            out = Path(options.get("out", TrainConfig.out))
+            stored = load_checkpoint(out / LAST).get("train_config")
+            if not isinstance(stored, dict):
+                raise CheckpointError(
+                    f"checkpoint {out / LAST}: no train_config; not from rdn-train"
+                )
+            if options.get("init") is not None:
+                raise UsageError("--init and --resume exclude each other")
+            options = {**stored, **options}
+        cfg = make_train_config(options)
+    except UsageError as e:
+        print(f"rdn-train: error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"rdn-train: error: {e}", file=sys.stderr)
+        return 1
+
+    if ctx.enabled:
+        backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    try:
+        return run(cfg, resume, ctx)
+    except UsageError as e:
+        print(f"rdn-train: error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, DataError, ImageReadError, FileNotFoundError) as e:
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        print(f"rdn-train: error: {lines[-1] if lines else type(e).__name__}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rdn-train: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    finally:
+        if ctx.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

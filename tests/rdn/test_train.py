@@ -1,0 +1,326 @@
+"""rdn-train: config precedence, schedule, BN freeze, --init, resume after SIGKILL, torchrun DDP.
+
+Runs are tiny (tiny preset, batch 2-4, 16x16 patches, a few steps) on the built-in images.
+The CLI is run in-process through ``main(argv)`` where that suffices and as a real
+subprocess where the process boundary is the point (SIGKILL, torchrun, stderr contract).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from rdn.checkpoint import load_checkpoint, make_payload, model_from_checkpoint, save_checkpoint
+from rdn.imaging import read_rgb
+from rdn.model import RDN, RDNConfig, batchnorm_frozen
+from rdn.train import (
+    DEFAULT_LR,
+    TrainConfig,
+    UsageError,
+    default_bn_freeze_after,
+    lr_at,
+    main,
+    make_train_config,
+    state_sha256,
+)
+
+BIN = Path(sys.executable).parent
+TINY = ["--preset", "tiny", "--batch-size", "2", "--patch-size", "16", "--log-every", "1"]
+
+
+def run_cli(*args: object, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "rdn-train"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def stats_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if k.endswith(("running_mean", "running_var"))}
+
+
+def params_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if k.endswith(("weight", "bias"))}
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def metrics_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+def test_lr_halves_every_half_every_steps() -> None:
+    assert lr_at(0, 1e-3, 100) == 1e-3
+    assert lr_at(99, 1e-3, 100) == 1e-3
+    assert lr_at(100, 1e-3, 100) == 5e-4
+    assert lr_at(350, 1e-3, 100) == 1e-3 / 8
+    assert lr_at(10**6, 1e-3, 0) == 1e-3
+
+
+def test_bn_freeze_default_is_a_tenth_of_training_capped() -> None:
+    assert default_bn_freeze_after(300) == 30
+    assert default_bn_freeze_after(1_000_000) == 2000
+    assert default_bn_freeze_after(5) == 0
+
+
+def test_derived_defaults_and_explicit_values() -> None:
+    cfg = make_train_config({"preset": "tiny", "steps": 300})
+    assert cfg.lr == DEFAULT_LR["tiny"] and cfg.bn_freeze_after == 30 and cfg.lr_half_every == 60
+    paper = make_train_config({})  # the paper's recipe: 1e-4 halved every 200k of 1M steps
+    assert (paper.preset, paper.lr, paper.lr_half_every, paper.steps) == (
+        "paper",
+        1e-4,
+        200_000,
+        1_000_000,
+    )
+    assert paper == make_train_config(TrainConfig().to_dict())
+    explicit = make_train_config({"preset": "tiny", "lr": 3e-4, "bn_freeze_after": 7})
+    assert explicit.lr == 3e-4 and explicit.bn_freeze_after == 7
+    with pytest.raises(UsageError, match="steps must be a positive integer"):
+        make_train_config({"steps": 0})
+    with pytest.raises(UsageError, match="unknown option"):
+        make_train_config({"stepz": 3})
+
+
+# ----------------------------------------------------------------------------- CLI contract
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "fragment"),
+    [
+        (["--steps", "0"], 2, "steps must be a positive integer"),
+        (["--scale", "5"], 2, "--scale"),
+        (["--lr", "-1"], 2, "lr must be a positive number"),
+        (["--bogus"], 2, "unrecognized arguments: --bogus"),
+        (["--data", "/no/such/folder"], 1, "/no/such/folder: no such directory"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_code(
+    argv: list[str], code: int, fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main([*argv, "--out", str(tmp_path / "run")]) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fragment in err, err
+
+
+def test_console_script_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli("--data", empty, "--out", tmp_path / "run")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"{empty}: no images" in result.stderr
+
+
+def test_corrupt_resume_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"PK\x03\x04 truncated")
+    result = run_cli("--resume", "--out", run)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "last.pt: cannot be read" in result.stderr
+
+
+def test_toml_config_is_overridden_by_flags(tmp_path: Path) -> None:
+    config = tmp_path / "train.toml"
+    config.write_text(
+        'preset = "tiny"\nsteps = 2\nbatch-size = 3\npatch_size = 16\nlr = 0.005\n'
+        "save-every = 1\nseed = 4\n"
+    )
+    run = tmp_path / "run"
+    assert main(["--config", str(config), "--batch-size", "2", "--out", str(run)]) == 0
+    stored = load_checkpoint(run / "last.pt")["train_config"]
+    assert stored["batch_size"] == 2  # flag beats file
+    assert (stored["steps"], stored["patch_size"], stored["lr"], stored["seed"]) == (
+        2,
+        16,
+        0.005,
+        4,
+    )
+    assert stored["preset"] == "tiny"
+    (tmp_path / "bad.toml").write_text("batch_sise = 3\n")
+    assert main(["--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "r2")]) == 2
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_bn_freezes_at_bn_freeze_after_and_stays_frozen_across_resumes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    common = [*TINY, "--save-every", "1", "--out", str(run)]
+    assert main([*common, "--steps", "3", "--bn-freeze-after", "3"]) == 0
+    at3 = load_checkpoint(run / "last.pt")
+    assert at3["step"] == 3 and at3["bn_frozen"] is False
+    initial = stats_of(RDN(RDNConfig.from_preset("tiny")).state_dict())
+    assert max_abs_diff(stats_of(at3["model"]), initial) > 1e-3  # calibration moved them
+
+    assert main(["--resume", "--out", str(run), "--steps", "5"]) == 0
+    at5 = load_checkpoint(run / "last.pt")
+    assert at5["step"] == 5 and at5["bn_frozen"] is True
+    # Frozen before step 3's forward pass: the statistics are exactly those after 3 steps.
+    assert max_abs_diff(stats_of(at5["model"]), stats_of(at3["model"])) == 0.0
+
+    assert main(["--resume", "--out", str(run), "--steps", "7"]) == 0
+    at7 = load_checkpoint(run / "last.pt")
+    assert at7["step"] == 7 and at7["bn_frozen"] is True
+    assert max_abs_diff(stats_of(at7["model"]), stats_of(at3["model"])) == 0.0
+    assert max_abs_diff(params_of(at7["model"]), params_of(at5["model"])) > 0.0
+    model = model_from_checkpoint(at7)
+    assert batchnorm_frozen(model.train())
+    x = torch.rand(1, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(model.train()(x), model.eval()(x))
+    assert [r["step"] for r in metrics_rows(run) if "loss" in r] == list(range(1, 8))
+
+
+def test_resume_refuses_changed_settings_and_fresh_run_refuses_used_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    assert main([*TINY, "--steps", "1", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["--resume", "--out", str(run), "--preset", "small"]) == 1
+    assert "preset='tiny', now 'small'" in capsys.readouterr().err
+    assert main(["--resume", "--out", str(run), "--lr", "0.5"]) == 1
+    assert main([*TINY, "--steps", "1", "--out", str(run)]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(["--resume", "--out", str(tmp_path / "none")]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_init_loads_matching_tensors_only(
+    tmp_path: Path, tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fine-tune x4 from x2: everything but the second x2 upsampling stage comes across."""
+    run = tmp_path / "x4"
+    args = ["--preset", "tiny", "--scale", "4", "--steps", "1", "--lr", "1e-12"]
+    with caplog.at_level(logging.INFO, logger="rdn.train"):
+        assert main([*args, "--init", str(tiny_checkpoint), "--out", str(run)]) == 0
+    source = load_checkpoint(tiny_checkpoint)["model"]
+    result = load_checkpoint(run / "last.pt")["model"]
+    skipped = {"upsample.body.2.weight", "upsample.body.2.bias"}
+    assert skipped <= result.keys() and not skipped & source.keys()
+    assert f"loaded {len(result) - 2} tensors, skipped 2" in caplog.text
+    for name in result.keys() - skipped:
+        torch.testing.assert_close(result[name], source[name], rtol=0, atol=1e-9)
+    assert load_checkpoint(run / "last.pt")["bn_frozen"] is True  # frozen state came along
+
+
+def test_validation_writes_metrics_and_best_checkpoint(tmp_path: Path, set5_dir: Path) -> None:
+    val = tmp_path / "val"
+    val.mkdir()
+    for name in ("bird", "head"):  # small crops keep validation fast
+        Image.fromarray(read_rgb(set5_dir / f"{name}.png")[:64, :64]).save(val / f"{name}.png")
+    run = tmp_path / "run"
+    argv = [*TINY, "--steps", "2", "--val", str(val), "--val-every", "1", "--out", str(run)]
+    assert main(argv) == 0
+    rows = [r for r in metrics_rows(run) if "val_psnr_y" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(10 < r["val_psnr_y"] < 60 and 0 < r["val_ssim_y"] <= 1 for r in rows)
+    best = load_checkpoint(run / "best.pt")
+    best_row = max(rows, key=lambda r: r["val_psnr_y"])
+    assert best["best"] == {"val_psnr_y": best_row["val_psnr_y"], "step": best_row["step"]}
+    assert best["step"] == best_row["step"]
+
+
+def test_without_val_best_is_the_final_weights(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main([*TINY, "--steps", "2", "--out", str(run)]) == 0
+    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+    assert best["step"] == last["step"] == 2
+    assert max_abs_diff(best["model"], last["model"]) == 0.0
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
+    steps, kill_after = 40, 6
+    args = [*TINY, "--steps", steps, "--save-every", "3", "--seed", "3"]
+    args += ["--bn-freeze-after", "5", "--log-every", "1000"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert run_cli(*args, "--out", full).returncode == 0
+
+    proc = subprocess.Popen(
+        [str(BIN / "rdn-train"), *map(str, args), "--out", str(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    seen: list[int] = []
+    deadline = time.monotonic() + 120
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if (killed / "last.pt").exists():
+                seen.append(load_checkpoint(killed / "last.pt")["step"])  # loadable at any moment
+                if seen[-1] >= kill_after:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.002)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    at_kill = load_checkpoint(killed / "last.pt")["step"]
+    assert kill_after <= at_kill < steps and len(seen) > 1
+
+    resumed = run_cli("--resume", "--out", killed)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {at_kill} of {steps}" in resumed.stderr
+    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(killed / "last.pt")
+    assert a["step"] == b["step"] == steps
+    assert max_abs_diff(a["model"], b["model"]) <= 1e-6
+    loss_steps = [r["step"] for r in metrics_rows(killed) if "loss" in r]
+    assert loss_steps == sorted(set(loss_steps)) and loss_steps[-1] == steps
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_end_with_identical_weights(tmp_path: Path) -> None:
+    run = tmp_path / "ddp"
+    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "rdn.train"]
+    command += [*TINY, "--steps", "4", "--bn-freeze-after", "2", "--device", "cpu"]
+    result = subprocess.run(
+        [*command, "--out", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    end = metrics_rows(run)[-1]
+    assert end["event"] == "end" and len(end["rank_state_sha256"]) == 2
+    assert end["rank_state_sha256"][0] == end["rank_state_sha256"][1]
+    last = load_checkpoint(run / "last.pt")
+    assert last["world_size"] == 2 and last["step"] == 4 and last["bn_frozen"] is True
+    assert [r["step"] for r in metrics_rows(run) if "loss" in r] == [1, 2, 3, 4]  # rank 0 only
+
+
+def test_rank_state_hash_detects_a_single_changed_value(tmp_path: Path) -> None:
+    """The hash the DDP test compares really depends on every tensor value."""
+    model = RDN(RDNConfig.from_preset("tiny"))
+    before = state_sha256(model)
+    with torch.no_grad():
+        next(iter(model.rdbs[2].parameters())).view(-1)[5] += 1e-3
+    assert state_sha256(model) != before
+    save_checkpoint(tmp_path / "m.pt", make_payload(model))
+    assert state_sha256(model_from_checkpoint(load_checkpoint(tmp_path / "m.pt"))) != before
