@@ -231,6 +231,14 @@ def _ended_status(context: grpc.aio.ServicerContext) -> str:
 
 
 async def _abort(error: Exception, context: grpc.aio.ServicerContext, record: AccessRecord) -> None:
+    # A client that cancels mid-upload ends its request stream (-> "truncated upload") just
+    # before grpc.aio cancels the handler: let a pending cancel land, so the call is logged and
+    # counted as the client's cancel rather than as its error.
+    try:
+        await asyncio.sleep(0)
+    except asyncio.CancelledError:
+        record.set(status=_ended_status(context))
+        raise
     code, message, trailers = grpc_status(error)
     record.set(status=code.name)
     if code == grpc.StatusCode.INTERNAL:
