@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import glob
 import hashlib
 import logging
 import os
@@ -183,7 +184,9 @@ def export_onnx(
 ) -> ExportReport:
     """Export ``checkpoint`` to ``output`` (one .onnx file); verify unless told not to.
 
-    Raises ExportError on any failure, leaving nothing at ``output``.
+    Raises ExportError on any failure, leaving nothing at ``output``. Killed at any moment, it
+    leaves no file at ``output`` or the complete one; a kill inside the final write can leave a
+    hidden ``.NAME.*.tmp`` beside it, which the next export to ``output`` removes.
     """
     checkpoint, output = Path(checkpoint), Path(output)
     check_opset(options.opset)
@@ -249,6 +252,9 @@ def export_onnx(
         logger.info("verify: skipped (--no-verify)")
 
     try:
+        # A kill inside an earlier atomic write of this output left its hidden temp file.
+        for stale in output.parent.glob(f".{glob.escape(output.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
         atomic_write(output, lambda f: f.write(model_bytes))
     except OSError as e:
         raise ExportError(
