@@ -55,6 +55,9 @@ from server.service import (
 EXAMPLES = int(os.environ.get("RDN_FUZZ_EXAMPLES", "300"))
 LONG_RUN = "RDN_FUZZ_EXAMPLES" in os.environ
 DEADLINE_MS = int(os.environ.get("RDN_FUZZ_DEADLINE_MS", "2000"))  # per example; a hang fails
+# A long run outlasts pytest-timeout's 300 s per test; the Hypothesis deadline still bounds
+# every example.
+pytestmark = [pytest.mark.timeout(0)] if LONG_RUN else []
 MAX_PIXELS = 256 * 256  # small: random header sizes are mostly refused, decodes stay cheap
 MAX_BYTES = 2**20
 

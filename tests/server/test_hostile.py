@@ -9,6 +9,7 @@ Every input is generated here (nothing stored as binaries). The server runs with
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import struct
@@ -500,7 +501,8 @@ def send(channel: grpc.Channel, call: Call, timeout: float = CALL_TIMEOUT) -> Ou
             r = upscale_pb2.UpscaleResponse.FromString(method(call.wire, timeout=timeout))
         else:
             assert call.wire_stream is not None
-            answers = list(channel.stream_stream(UPSCALE_STREAM)(iter(call.wire_stream)))
+            method = channel.stream_stream(UPSCALE_STREAM)
+            answers = list(method(iter(call.wire_stream), timeout=timeout))
             r = upscale_pb2.UpscaleChunk.FromString(answers[0]).result
     except grpc.RpcError as e:
         return Outcome(e.code().name, e.details() or "")
@@ -648,3 +650,34 @@ def test_hostile_requests_leave_server_memory_flat(
     assert mismatches == []
     assert process.poll() is None
     assert after - before < RSS_GROWTH_LIMIT, f"RSS grew {(after - before) / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "/rdn.v1.Upscaler/GetModelInfo",
+        "/grpc.health.v1.Health/Check",
+        "/inference.GRPCInferenceService/ModelInfer",
+    ],
+)
+def test_malformed_unary_message_to_any_method_is_invalid_argument(
+    channel: grpc.Channel, method: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        channel.unary_unary(method)(b"\x0a\xff\xff\xff\xff\x0f", timeout=CALL_TIMEOUT)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"request message of {method} cannot be parsed" in (error.value.details() or "")
+
+
+def test_malformed_message_is_access_logged(
+    channel: grpc.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="rdn.access"):
+        assert send(channel, Call(wire=b"\xff\xff\xff\xff\x0f")).code == INVALID
+        deadline = time.monotonic() + CALL_TIMEOUT
+        while not [r for r in caplog.records if r.name == "rdn.access"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    (record,) = [r for r in caplog.records if r.name == "rdn.access"]
+    assert record.fields["method"] == "Upscale"  # type: ignore[attr-defined]
+    assert record.fields["status"] == INVALID  # type: ignore[attr-defined]
