@@ -8,19 +8,26 @@ Figures from a shared machine are noisy: run benchmarks on an otherwise idle mac
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
+import math
+import re
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import cv2
+import grpc
 import numpy as np
+import onnx
 
 from server.codec import to_planar
 from server.config import (
@@ -32,6 +39,7 @@ from server.config import (
 )
 from server.engine import Engine
 from server.models import default_model_path
+from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.tiling import plan_tiles, split_tiles
 
 log = logging.getLogger("bench")
@@ -174,3 +182,160 @@ def median(values: list[float]) -> float:
 
 def mpix(pixels: float, elapsed: float) -> float:
     return round(pixels / elapsed / 1e6, 4)
+
+
+def percentile_ms(seconds: list[float], q: float) -> float:
+    """The ``q``-th percentile (0..100, linear interpolation) of ``seconds``, in milliseconds."""
+    return round(1e3 * float(np.percentile(seconds, q)), 1)
+
+
+# ----------------------------------------------------------------------------- clients
+
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20)]
+RPC_TIMEOUT_S = 600.0
+
+
+async def drive(
+    port: int, png: bytes, requests: int, concurrency: int
+) -> tuple[float, list[float]]:
+    """``requests`` Upscale calls from ``concurrency`` clients: (wall seconds, latencies)."""
+    latencies: list[float] = []
+    remaining = iter(range(requests))
+    request = upscale_pb2.UpscaleRequest(encoded=png, output_format=upscale_pb2.OUTPUT_FORMAT_PNG)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
+        stub = upscale_pb2_grpc.UpscalerStub(channel)
+
+        async def client() -> None:
+            for _ in remaining:
+                start = time.perf_counter()
+                response = await stub.Upscale(request, timeout=RPC_TIMEOUT_S)
+                latencies.append(time.perf_counter() - start)
+                if not response.image:
+                    raise RuntimeError("server answered without an image")
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return time.perf_counter() - start, latencies
+
+
+# ----------------------------------------------------------------------------- compute rates
+
+
+def conv_flops(model: onnx.ModelProto, input_shape: Sequence[int]) -> int:
+    """FLOPs of every Conv of ``model`` on one input of ``input_shape`` ([N, C, H, W]).
+
+    Per Conv: 2 * (Cin/group * kH * kW) * Cout * N * Hout * Wout, i.e. 2 FLOPs per
+    multiply-add, with the weight shape from the graph and the output shape from ONNX shape
+    inference on the fixed input shape. Nothing else is counted: bias adds, ReLU, residual
+    Add, Concat and DepthToSpace are memory traffic, not arithmetic (together under 1% of the
+    Conv FLOPs of an RDN), so a rate computed from this count slightly understates the work.
+    """
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    del fixed.graph.value_info[:]
+    inputs = {i.name for i in fixed.graph.initializer}
+    graph_inputs = [i for i in fixed.graph.input if i.name not in inputs]
+    if len(graph_inputs) != 1:
+        raise ValueError(f"model has {len(graph_inputs)} graph inputs; expected one image input")
+    dims = graph_inputs[0].type.tensor_type.shape.dim
+    if len(dims) != len(input_shape):
+        raise ValueError(f"model input has rank {len(dims)}; got shape {list(input_shape)}")
+    for dim, size in zip(dims, input_shape, strict=True):
+        dim.Clear()
+        dim.dim_value = int(size)
+    inferred = onnx.shape_inference.infer_shapes(fixed, strict_mode=True)
+    shapes: dict[str, list[int]] = {t.name: list(t.dims) for t in inferred.graph.initializer}
+    for value in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
+        shape = value.type.tensor_type.shape
+        shapes.setdefault(
+            value.name, [d.dim_value if d.HasField("dim_value") else -1 for d in shape.dim]
+        )
+    total = 0
+    for node in inferred.graph.node:
+        if node.op_type != "Conv":
+            continue
+        weight, output = shapes.get(node.input[1]), shapes.get(node.output[0])
+        if not weight or not output or min(weight) < 1 or min(output) < 1 or len(output) != 4:
+            raise ValueError(
+                f"Conv {node.name or node.output[0]}: shape inference left weight {weight} / "
+                f"output {output} unknown; cannot count its FLOPs"
+            )
+        n, _, h_out, w_out = output
+        total += 2 * math.prod(weight) * n * h_out * w_out  # weight = [Cout, Cin/group, kH, kW]
+    return total
+
+
+def gemm_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """Best-of-``repeats`` rate of a float32 ``size``^3 matrix product in numpy (BLAS), GFLOP/s."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    out = np.empty((size, size), np.float32)
+    np.matmul(a, b, out=out)  # warm: BLAS threads, pages of `out`
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.matmul(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+# ----------------------------------------------------------------------------- rdn-serve process
+
+SERVE_START_TIMEOUT_S = 120.0
+
+
+def proc_status_mib(pid: int, key: str) -> float:
+    """A memory line of /proc/PID/status (VmRSS, VmHWM ...) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {key} in /proc/{pid}/status")
+
+
+@contextlib.contextmanager
+def serve_process(
+    model: Path, args: argparse.Namespace, extra: Sequence[str] = ()
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """``rdn-serve`` with the common arguments on a free loopback port: (process, port).
+
+    Its log goes to a temporary file (read for the bound port and quoted if it dies); ``extra``
+    flags are appended. Killed on exit if still running: stop it first to see its exit code.
+    """
+    script = Path(sys.executable).with_name("rdn-serve")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "server.main"]
+    command += [
+        "--model", str(model), "--host", "127.0.0.1", "--port", "0",
+        "--tile", str(args.tile), "--tile-pad", str(args.pad), "--threads", str(args.threads),
+        "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms),
+        *extra,
+    ]  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="rdn-bench-serve-") as folder:
+        log_path = Path(folder) / "serve.log"
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log_file)
+        try:
+            yield process, _wait_for_port(process, log_path)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def _wait_for_port(process: subprocess.Popen[bytes], log_path: Path) -> int:
+    deadline = time.monotonic() + SERVE_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        text = log_path.read_text(errors="replace")
+        if process.poll() is not None:
+            raise RuntimeError(f"rdn-serve exited with {process.returncode}: {text[-2000:]}")
+        found = re.search(r"listening on 127\.0\.0\.1:(\d+)", text)
+        if found:
+            return int(found.group(1))
+        time.sleep(0.05)
+    raise RuntimeError(f"rdn-serve did not start within {SERVE_START_TIMEOUT_S} s")
+
+
+def stop_server(process: subprocess.Popen[bytes], timeout: float = 60.0) -> int:
+    """SIGTERM, then the exit code (rdn-serve drains and exits 0)."""
+    process.send_signal(signal.SIGTERM)
+    return process.wait(timeout)

@@ -9,30 +9,28 @@ just before and just after the service run so slow drifts of a shared machine ca
     python -m tests.bench.service_vs_engine [--quick] [--model M] [--concurrency 1,8,32]
 
 One JSON line per concurrency: {"bench": "service_vs_engine", "concurrency": 8, "ratio": ...,
-"service_mpix_s": ..., "engine_mpix_s": ...} in output megapixels per second.
+"service_mpix_s": ..., "engine_mpix_s": ...} in output megapixels per second, with the
+client-observed latency under that load ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms").
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import time
 from typing import Any
 
-import grpc
-
 from server.main import RunningServer, build_server
-from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from tests.bench.common import (
     add_common_arguments,
     batches,
     bench_model,
+    drive,
     emit,
     encode_png,
     engine_seconds,
     image_tiles,
-    median,
     mpix,
+    percentile_ms,
     photo,
     server_config,
     setup_logging,
@@ -41,8 +39,6 @@ from tests.bench.common import (
 BENCH = "service_vs_engine"
 IMAGE_SIZE = 256  # LR pixels per side
 TARGET_RATIO = 0.85  # at 8 clients
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20)]
-RPC_TIMEOUT_S = 600.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,29 +51,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.concurrency = "8" if args.quick else "1,8,32"
     args.levels = [int(c) for c in args.concurrency.split(",")]
     return args
-
-
-async def drive(
-    port: int, png: bytes, requests: int, concurrency: int
-) -> tuple[float, list[float]]:
-    """``requests`` Upscale calls from ``concurrency`` clients: (wall seconds, latencies)."""
-    latencies: list[float] = []
-    remaining = iter(range(requests))
-    request = upscale_pb2.UpscaleRequest(encoded=png, output_format=upscale_pb2.OUTPUT_FORMAT_PNG)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
-        stub = upscale_pb2_grpc.UpscalerStub(channel)
-
-        async def client() -> None:
-            for _ in remaining:
-                start = time.perf_counter()
-                response = await stub.Upscale(request, timeout=RPC_TIMEOUT_S)
-                latencies.append(time.perf_counter() - start)
-                if not response.image:
-                    raise RuntimeError("server answered without an image")
-
-        start = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-        return time.perf_counter() - start, latencies
 
 
 async def measure(
@@ -106,7 +79,6 @@ async def measure(
 
     service = mpix(requests * out_pixels, elapsed)
     engine_rate = mpix(2 * engine_images * out_pixels, engine_before + engine_after)
-    latencies.sort()
     return {
         "bench": BENCH,
         "concurrency": concurrency,
@@ -119,8 +91,9 @@ async def measure(
         "tiles_per_image": sum(len(c) for c in calls),
         "mean_batch": round(tiles / engine_calls, 2) if engine_calls else None,
         "engine_busy": round(busy / elapsed, 4),
-        "latency_p50_ms": round(1e3 * median(latencies), 1),
-        "latency_p95_ms": round(1e3 * latencies[int(0.95 * (len(latencies) - 1))], 1),
+        "latency_p50_ms": percentile_ms(latencies, 50),  # client-observed, under this load
+        "latency_p95_ms": percentile_ms(latencies, 95),
+        "latency_p99_ms": percentile_ms(latencies, 99),  # near the max below ~100 requests
         "engine_image_ms_before": round(1e3 * engine_before / engine_images, 1),
         "engine_image_ms_after": round(1e3 * engine_after / engine_images, 1),
         "provider": engine.active_provider,
