@@ -15,7 +15,14 @@ import sys
 from tests.bench.common import add_common_arguments, bench_model, common_argv, setup_logging
 
 # Each is a module of this package with main(argv) -> int.
-BENCHES = ("service_vs_engine", "idle_latency")
+BENCHES = (
+    "service_vs_engine",
+    "idle_latency",
+    "engine_vs_gemm",
+    "onnxruntime_vs_torch",
+    "batching_gain",
+    "large_image",  # last: minutes on a CPU
+)
 
 log = logging.getLogger("bench")
 
