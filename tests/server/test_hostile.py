@@ -627,6 +627,7 @@ def wait_for_port(process: subprocess.Popen[bytes], log_path: Path) -> int:
     raise AssertionError(f"rdn-serve did not start within {START_TIMEOUT} s")
 
 
+@pytest.mark.slow
 def test_hostile_requests_leave_server_memory_flat(
     serve_process: tuple[subprocess.Popen[bytes], int],
 ) -> None:
