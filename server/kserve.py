@@ -21,7 +21,6 @@ import asyncio
 import importlib.metadata
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -29,7 +28,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2
 
 from rdn.ensemble import N_TRANSFORMS
-from server.batcher import TileResult
+from server.chunked import chunk_tiles, infer_chunked
 from server.config import ServerConfig
 from server.pb.inference import grpc_service_pb2 as pb
 from server.pb.inference import grpc_service_pb2_grpc as pb_grpc
@@ -44,10 +43,8 @@ from server.service import (
     TileSource,
     _unary,
     check_request_id,
-    stitch,
-    tile_planar,
 )
-from server.tiling import TilePlan, plan_tiles
+from server.tiling import plan_tiles
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 SERVER_NAME = "rdn-sr"  # the distribution; ServerMetadata answers its installed version
@@ -234,36 +231,6 @@ def input_array(request: pb.ModelInferRequest, shape: tuple[int, int, int, int])
     return array.astype(np.float32, copy=False).reshape(shape)
 
 
-@dataclass(frozen=True)
-class TiledBatch:
-    """The tiles of every image of one request, in one array, and how to put them back."""
-
-    plans: list[list[TilePlan]]  # per image: its plans (one, or eight views for the ensemble)
-    tiles: np.ndarray  # [sum of counts, 3, in, in]
-    counts: list[int]  # tiles per image
-
-
-def tile_batch(images: np.ndarray, tile: int, pad: int, ensemble: bool) -> TiledBatch:
-    """Cut each [3, H, W] image of ``images`` into tiles, values as given."""
-    plans: list[list[TilePlan]] = []
-    parts: list[np.ndarray] = []
-    for image in images:
-        image_plans, tiles = tile_planar(image, tile, pad, ensemble)
-        plans.append(image_plans)
-        parts.append(tiles)
-    return TiledBatch(plans, np.concatenate(parts), [len(t) for t in parts])
-
-
-def stitch_batch(outputs: np.ndarray, batch: TiledBatch, scale: int) -> np.ndarray:
-    """[N, 3, sH, sW] float32 from the tile outputs of ``tile_batch``."""
-    images = []
-    start = 0
-    for plans, count in zip(batch.plans, batch.counts, strict=True):
-        images.append(stitch(outputs[start : start + count], plans, scale))
-        start += count
-    return np.stack(images)
-
-
 def tensor_metadata(name: str) -> pb.ModelMetadataResponse.TensorMetadata:
     return pb.ModelMetadataResponse.TensorMetadata(name=name, datatype=DATATYPE, shape=TENSOR_SHAPE)
 
@@ -372,17 +339,27 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         check_data(request, shape)
         record.set(bytes_in=int(np.prod(shape)) * FLOAT32_LE.itemsize)
         tiling = self._config.tiling
-        tiled = await asyncio.to_thread(
-            _tile_request, request, shape, tiling.tile, tiling.pad, self._config.self_ensemble
+        images = await asyncio.to_thread(input_array, request, shape)
+        # Chunk by chunk into the float32 answer (server/chunked.py): bounded memory.
+        canvas = np.empty((n, 3, scale * height, scale * width), np.float32)
+        result = await infer_chunked(
+            self._batcher,
+            list(images),
+            list(canvas),
+            tile=tiling.tile,
+            pad=tiling.pad,
+            scale=scale,
+            ensemble=self._config.self_ensemble,
+            chunk_size=chunk_tiles(self._config.batcher.max_batch),
+            request_id=request.id,
         )
-        record.set(tiles=len(tiled.tiles))
-        result: TileResult = await self._batcher.submit(tiled.tiles, request.id)
         record.set(
+            tiles=result.tiles,
             queue_ms=round(1e3 * result.queue_seconds, 2),
             compute_ms=round(1e3 * result.compute_seconds, 2),
         )
         started = time.perf_counter()
-        data = await asyncio.to_thread(_output_bytes, result.outputs, tiled, scale)
+        data = await asyncio.to_thread(_output_bytes, canvas)
         record.set(bytes_out=len(data), stitch_ms=round(1e3 * (time.perf_counter() - started), 2))
         return pb.ModelInferResponse(
             model_name=self._name,
@@ -399,17 +376,6 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         )
 
 
-def _tile_request(
-    request: pb.ModelInferRequest,
-    shape: tuple[int, int, int, int],
-    tile: int,
-    pad: int,
-    ensemble: bool,
-) -> TiledBatch:
-    """Worker thread: the request's images as tiles."""
-    return tile_batch(input_array(request, shape), tile, pad, ensemble)
-
-
-def _output_bytes(outputs: np.ndarray, tiled: TiledBatch, scale: int) -> bytes:
+def _output_bytes(canvas: np.ndarray) -> bytes:
     """Worker thread: stitched images as the protocol's raw little-endian float32 bytes."""
-    return stitch_batch(outputs, tiled, scale).astype(FLOAT32_LE, copy=False).tobytes()
+    return canvas.astype(FLOAT32_LE, copy=False).tobytes()

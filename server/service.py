@@ -25,6 +25,7 @@ import numpy as np
 from export.metadata import KEY_CONFIG, KEY_PRECISION, KEY_STEP, KEY_WEIGHTS_SHA256
 from rdn.ensemble import N_TRANSFORMS, inverse_transform, transform
 from server.batcher import BatcherStopped, QueueFull, TileResult
+from server.chunked import chunk_tiles, infer_chunked, to_uint8, to_unit_float
 from server.codec import (
     INPUT_FORMATS,
     DecodedImage,
@@ -34,7 +35,6 @@ from server.codec import (
     decode_raw,
     encode_image,
     finish_output,
-    from_planar,
     to_planar,
 )
 from server.config import LimitsConfig, ServerConfig
@@ -132,6 +132,14 @@ def tile_image(
     (not retryable) before any tile is cut.
     """
     height, width = rgb.shape[:2]
+    check_tile_count(height, width, tile, pad, ensemble, max_tiles)
+    return tile_planar(to_planar(rgb), tile, pad, ensemble)
+
+
+def check_tile_count(
+    height: int, width: int, tile: int, pad: int, ensemble: bool, max_tiles: int
+) -> int:
+    """Tiles of an image (all 8 views with ``ensemble``); refused if over ``max_tiles``."""
     n_views = N_TRANSFORMS if ensemble else 1
     count = n_views * plan_tiles(height, width, tile, pad).count  # a turn swaps rows and cols
     if count > max_tiles:
@@ -140,7 +148,7 @@ def tile_image(
             f"{' (x8 self-ensemble)' if ensemble else ''}, more than the queue holds "
             f"({max_tiles}, --max-queue-tiles); send a smaller image"
         )
-    return tile_planar(to_planar(rgb), tile, pad, ensemble)
+    return count
 
 
 def tile_planar(
@@ -424,21 +432,30 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         record.set(
             width=width, height=height, channels=decoded.channels, source=decoded.source_format
         )
-        plans, tiles = await asyncio.to_thread(
-            tile_image,
-            decoded.rgb,
-            tiling.tile,
-            tiling.pad,
-            self._config.self_ensemble,
-            self._config.batcher.max_queue_tiles,
+        batching = self._config.batcher
+        ensemble = self._config.self_ensemble
+        check_tile_count(height, width, tiling.tile, tiling.pad, ensemble, batching.max_queue_tiles)
+        # Chunk by chunk into the uint8 answer (server/chunked.py): bounded memory per request.
+        sr_rgb = np.empty((scale * height, scale * width, 3), np.uint8)
+        result = await infer_chunked(
+            self._batcher,
+            [decoded.rgb.transpose(2, 0, 1)],
+            [sr_rgb.transpose(2, 0, 1)],
+            tile=tiling.tile,
+            pad=tiling.pad,
+            scale=scale,
+            ensemble=ensemble,
+            chunk_size=chunk_tiles(batching.max_batch),
+            request_id=request_id,
+            to_model=to_unit_float,
+            from_model=to_uint8,
         )
-        record.set(tiles=len(tiles))
-        result = await self._batcher.submit(tiles, request_id)
         record.set(
+            tiles=result.tiles,
             queue_ms=round(1e3 * result.queue_seconds, 2),
             compute_ms=round(1e3 * result.compute_seconds, 2),
         )
-        image = await asyncio.to_thread(_finish, result.outputs, plans, scale, decoded, spec)
+        image = await asyncio.to_thread(_finish, sr_rgb, decoded, spec, scale)
         response = upscale_pb2.UpscaleResponse(
             width=width * scale,
             height=height * scale,
@@ -451,18 +468,15 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
                 total_seconds=time.perf_counter() - received,
             ),
             request_id=request_id,
-            tiles=len(tiles),
+            tiles=result.tiles,
             total_bytes=len(image),
         )
         record.set(bytes_out=len(image), format=spec.name)
         return _Upscaled(response, image)
 
 
-def _finish(
-    outputs: np.ndarray, plans: list[TilePlan], scale: int, decoded: DecodedImage, spec: OutputSpec
-) -> bytes:
-    """Worker thread: stitch the tiles, restore grey/alpha, encode."""
-    sr_rgb = from_planar(stitch(outputs, plans, scale))
+def _finish(sr_rgb: np.ndarray, decoded: DecodedImage, spec: OutputSpec, scale: int) -> bytes:
+    """Worker thread: restore grey/alpha of the upscaled RGB, encode."""
     return encode_image(finish_output(sr_rgb, decoded, scale), spec.name, spec.quality)
 
 

@@ -69,12 +69,12 @@ def _reflect_pad(image: np.ndarray, axis: int, before: int, after: int) -> np.nd
     return np.pad(image, widths, mode=mode)
 
 
-def split_tiles(image: np.ndarray, plan: TilePlan) -> np.ndarray:
-    """Cut ``image`` [3, H, W] into ``[plan.count, 3, input_size, input_size]`` tiles, row-major.
+def _reflect_index(size: int, before: int, after: int) -> np.ndarray:
+    """Source index of every position of one axis padded as ``_reflect_pad`` pads it."""
+    return _reflect_pad(np.arange(size), 0, before, after)
 
-    Tile (r, c) covers LR rows ``r*tile - pad .. (r+1)*tile + pad`` (and the same for columns);
-    whatever falls outside the image is reflected in from inside it.
-    """
+
+def _check_image(image: np.ndarray, plan: TilePlan) -> None:
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"image shape {image.shape}: expected [3, H, W]")
     if image.shape[1:] != (plan.height, plan.width):
@@ -82,14 +82,83 @@ def split_tiles(image: np.ndarray, plan: TilePlan) -> np.ndarray:
             f"image is {image.shape[1]}x{image.shape[2]} but the plan is for "
             f"{plan.height}x{plan.width}"
         )
+
+
+def _check_range(plan: TilePlan, start: int, stop: int) -> None:
+    if not 0 <= start <= stop <= plan.count:
+        raise ValueError(f"tile range [{start}, {stop}) is not inside [0, {plan.count})")
+
+
+def split_tile_range(image: np.ndarray, plan: TilePlan, start: int, stop: int) -> np.ndarray:
+    """Tiles ``start .. stop`` (row-major) of ``image`` [3, H, W]: ``[stop-start, 3, in, in]``.
+
+    Same tiles as ``split_tiles(image, plan)[start:stop]``, in the image's own dtype, without
+    padding or copying the whole image: only the rows of the tile rows in the range are read.
+    ``image`` may be a strided view (e.g. ``rgb.transpose(2, 0, 1)`` of an H x W x 3 array).
+    """
+    _check_image(image, plan)
+    _check_range(plan, start, stop)
     tile, pad, size = plan.tile, plan.pad, plan.input_size
-    padded = _reflect_pad(image, 1, pad, plan.rows * tile - plan.height + pad)
-    padded = _reflect_pad(padded, 2, pad, plan.cols * tile - plan.width + pad)
-    # [3, rows, cols, size, size] view of every tile-sized window at the tile origins.
-    windows = np.lib.stride_tricks.sliding_window_view(padded, (size, size), axis=(1, 2))
-    windows = windows[:, ::tile, ::tile]
-    tiles = windows.transpose(1, 2, 0, 3, 4).reshape(plan.count, 3, size, size)
-    return np.ascontiguousarray(tiles, dtype=np.float32)
+    rows = _reflect_index(plan.height, pad, plan.rows * tile - plan.height + pad)
+    cols = _reflect_index(plan.width, pad, plan.cols * tile - plan.width + pad)
+    tiles = np.empty((stop - start, 3, size, size), image.dtype)
+    for row in range(start // plan.cols, -(-stop // plan.cols)):
+        first = max(start, row * plan.cols) - row * plan.cols  # columns of this row in range
+        last = min(stop, (row + 1) * plan.cols) - row * plan.cols
+        band_cols = cols[first * tile : (last - 1) * tile + size]
+        band = image[:, rows[row * tile : row * tile + size]][:, :, band_cols]
+        out = row * plan.cols + first - start
+        windows = np.lib.stride_tricks.sliding_window_view(band, size, axis=2)[:, :, ::tile]
+        tiles[out : out + last - first] = windows.transpose(2, 0, 1, 3)
+    return tiles
+
+
+def split_tiles(image: np.ndarray, plan: TilePlan) -> np.ndarray:
+    """Cut ``image`` [3, H, W] into ``[plan.count, 3, input_size, input_size]`` tiles, row-major.
+
+    Tile (r, c) covers LR rows ``r*tile - pad .. (r+1)*tile + pad`` (and the same for columns);
+    whatever falls outside the image is reflected in from inside it.
+    """
+    tiles = split_tile_range(image, plan, 0, plan.count)
+    return tiles.astype(np.float32, copy=False)
+
+
+def merge_tile_range_into(
+    canvas: np.ndarray,
+    outputs: np.ndarray,
+    plan: TilePlan,
+    scale: int,
+    start: int,
+    stop: int,
+) -> None:
+    """Write the cores of SR tiles ``start .. stop`` into ``canvas`` [3, s*H, s*W] in place.
+
+    ``outputs`` is ``[stop-start, 3, s*in, s*in]``; each tile's ``s*pad`` margin is dropped
+    and the part of its core past the image's bottom/right edge is cut off. Values are cast
+    to the canvas's dtype as numpy assignment does; ``canvas`` may be a strided view (e.g.
+    ``sr.transpose(2, 0, 1)`` of an sH x sW x 3 array). Merging every range of a partition of
+    ``[0, plan.count)`` gives ``merge_tiles``.
+    """
+    if scale < 1:
+        raise ValueError(f"scale {scale}: must be at least 1")
+    _check_range(plan, start, stop)
+    side = scale * plan.input_size
+    expected = (stop - start, 3, side, side)
+    if outputs.shape != expected:
+        raise ValueError(
+            f"tile outputs have shape {outputs.shape}; expected {expected} for tiles "
+            f"{start}..{stop} of {plan.input_size}x{plan.input_size} LR pixels at x{scale}"
+        )
+    height, width = scale * plan.height, scale * plan.width
+    if canvas.shape != (3, height, width):
+        raise ValueError(f"canvas shape {canvas.shape}: expected {(3, height, width)}")
+    margin, core = scale * plan.pad, scale * plan.tile
+    for index in range(start, stop):
+        row, col = divmod(index, plan.cols)
+        top, left = row * core, col * core
+        rows, cols = min(core, height - top), min(core, width - left)
+        piece = outputs[index - start, :, margin : margin + rows, margin : margin + cols]
+        canvas[:, top : top + rows, left : left + cols] = piece
 
 
 def merge_tiles(outputs: np.ndarray, plan: TilePlan, scale: int) -> np.ndarray:
@@ -100,16 +169,6 @@ def merge_tiles(outputs: np.ndarray, plan: TilePlan, scale: int) -> np.ndarray:
     """
     if scale < 1:
         raise ValueError(f"scale {scale}: must be at least 1")
-    side = scale * plan.input_size
-    expected = (plan.count, 3, side, side)
-    if outputs.shape != expected:
-        raise ValueError(
-            f"tile outputs have shape {outputs.shape}; expected {expected} for "
-            f"{plan.count} tiles of {plan.input_size}x{plan.input_size} LR pixels at x{scale}"
-        )
-    margin, core = scale * plan.pad, scale * plan.tile
-    cores = outputs[:, :, margin : margin + core, margin : margin + core]
-    # [rows, cols, 3, core, core] -> [3, rows, core, cols, core] -> [3, rows*core, cols*core]
-    grid = cores.reshape(plan.rows, plan.cols, 3, core, core).transpose(2, 0, 3, 1, 4)
-    stitched = grid.reshape(3, plan.rows * core, plan.cols * core)
-    return np.ascontiguousarray(stitched[:, : scale * plan.height, : scale * plan.width])
+    canvas = np.empty((3, scale * plan.height, scale * plan.width), outputs.dtype)
+    merge_tile_range_into(canvas, outputs, plan, scale, 0, plan.count)
+    return canvas

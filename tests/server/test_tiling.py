@@ -13,7 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.config import TilingConfig
-from server.tiling import TilePlan, merge_tiles, plan_tiles, split_tiles
+from server.tiling import (
+    TilePlan,
+    merge_tile_range_into,
+    merge_tiles,
+    plan_tiles,
+    split_tile_range,
+    split_tiles,
+)
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "server" / "models" / "default_x2.onnx"
 
@@ -203,3 +210,50 @@ def test_default_model_tiled_matches_whole_with_default_pad() -> None:
     tiling = TilingConfig()
     psnr, max_diff = tiled_vs_whole(DEFAULT_MODEL, astronaut_lr(), tiling.tile, tiling.pad)
     assert psnr >= 50.0 and max_diff <= 2, (psnr, max_diff)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    height=st.integers(1, 40),
+    width=st.integers(1, 40),
+    tile=st.integers(1, 12),
+    pad=st.integers(0, 6),
+    chunk=st.integers(1, 7),
+)
+def test_range_wise_split_and_merge_equal_the_whole_image_versions(
+    height: int, width: int, tile: int, pad: int, chunk: int
+) -> None:
+    """Splitting and merging chunk by chunk, from a strided uint8 H x W x 3 view into a
+    strided uint8 canvas, gives exactly the whole-image results (the server's chunked path)."""
+    rng = np.random.default_rng(height * 1000 + width)
+    rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    plan = plan_tiles(height, width, tile, pad)
+    whole = split_tiles(rgb.transpose(2, 0, 1).astype(np.float32), plan)
+    outputs = nearest_upscale(whole, 2)
+    expected = merge_tiles(outputs, plan, 2)
+    canvas = np.zeros((2 * height, 2 * width, 3), np.uint8)
+    for start in range(0, plan.count, chunk):
+        stop = min(start + chunk, plan.count)
+        part = split_tile_range(rgb.transpose(2, 0, 1), plan, start, stop)
+        assert part.dtype == np.uint8
+        np.testing.assert_array_equal(part.astype(np.float32), whole[start:stop])
+        merge_tile_range_into(
+            canvas.transpose(2, 0, 1), nearest_upscale(part, 2), plan, 2, start, stop
+        )
+    np.testing.assert_array_equal(canvas.transpose(2, 0, 1), expected)
+    np.testing.assert_array_equal(
+        canvas.transpose(2, 0, 1), nearest_upscale(rgb.transpose(2, 0, 1), 2)
+    )
+
+
+def test_tile_ranges_outside_the_plan_are_refused() -> None:
+    plan = plan_tiles(10, 10, 4, 1)  # 9 tiles
+    image = random_image(10, 10)
+    with pytest.raises(ValueError, match=r"tile range \[3, 10\) is not inside \[0, 9\)"):
+        split_tile_range(image, plan, 3, 10)
+    canvas = np.zeros((3, 20, 20), np.float32)
+    outputs = np.zeros((2, 3, 12, 12), np.float32)
+    with pytest.raises(ValueError, match=r"tile range \[5, 3\)"):
+        merge_tile_range_into(canvas, outputs, plan, 2, 5, 3)
+    with pytest.raises(ValueError, match=r"canvas shape \(3, 20, 21\)"):
+        merge_tile_range_into(np.zeros((3, 20, 21), np.float32), outputs, plan, 2, 0, 2)
