@@ -30,6 +30,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, corrupt or not from this project."""
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Any) -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``.
 
@@ -43,6 +49,8 @@ def atomic_write(path: Path, write: Any) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+            # mkstemp creates 0600; give the result the mode a plain open() would.
+            os.fchmod(f.fileno(), 0o666 & ~_current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
