@@ -292,8 +292,13 @@ def retry_after_s(trailing_metadata: Any) -> float | None:
 
 
 def is_retryable(code: grpc.StatusCode, trailing_metadata: Any) -> bool:
-    """UNAVAILABLE always; RESOURCE_EXHAUSTED only when the server says retrying can help."""
-    if code == grpc.StatusCode.UNAVAILABLE:
+    """UNAVAILABLE always; RESOURCE_EXHAUSTED only when the server says retrying can help.
+
+    CANCELLED too: it reaches a caller only from the other side (the caller's own cancel raises
+    asyncio.CancelledError), e.g. for a call still queued inside gRPC when a draining server
+    stopped, which no handler ran. Upscaling is idempotent, so a retry is safe.
+    """
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return True
     return (
         code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after_s(trailing_metadata) is not None
