@@ -28,6 +28,7 @@ from rdn.train import (
     TrainConfig,
     UsageError,
     default_bn_freeze_after,
+    default_lr_half_every,
     lr_at,
     main,
     make_train_config,
@@ -76,21 +77,23 @@ def test_lr_halves_every_half_every_steps() -> None:
     assert lr_at(10**6, 1e-3, 0) == 1e-3
 
 
-def test_bn_freeze_default_is_a_tenth_of_training_capped() -> None:
-    assert default_bn_freeze_after(300) == 30
-    assert default_bn_freeze_after(1_000_000) == 2000
-    assert default_bn_freeze_after(5) == 0
+def test_default_bn_freeze_and_lr_halving_scale_with_steps() -> None:
+    assert default_bn_freeze_after(300) == 150
+    assert default_bn_freeze_after(1) == 0
+    assert default_lr_half_every(300) == 100
+    assert default_lr_half_every(2) == 1
 
 
 def test_derived_defaults_and_explicit_values() -> None:
     cfg = make_train_config({"preset": "tiny", "steps": 300})
-    assert cfg.lr == DEFAULT_LR["tiny"] and cfg.bn_freeze_after == 30 and cfg.lr_half_every == 60
-    paper = make_train_config({})  # the paper's recipe: 1e-4 halved every 200k of 1M steps
+    assert cfg.lr == DEFAULT_LR["tiny"] and cfg.bn_freeze_after == 150
+    assert cfg.lr_half_every == 100
+    paper = make_train_config({})  # the paper's recipe: 1e-4 halved every 200k steps
     assert (paper.preset, paper.lr, paper.lr_half_every, paper.steps) == (
         "paper",
         1e-4,
         200_000,
-        1_000_000,
+        600_000,
     )
     assert paper == make_train_config(TrainConfig().to_dict())
     explicit = make_train_config({"preset": "tiny", "lr": 3e-4, "bn_freeze_after": 7})
@@ -145,7 +148,7 @@ def test_toml_config_is_overridden_by_flags(tmp_path: Path) -> None:
     config = tmp_path / "train.toml"
     config.write_text(
         'preset = "tiny"\nsteps = 2\nbatch-size = 3\npatch_size = 16\nlr = 0.005\n'
-        "save-every = 1\nseed = 4\n"
+        "save-every = 1\nseed = 4\nchannel-shuffle = false\n"
     )
     run = tmp_path / "run"
     assert main(["--config", str(config), "--batch-size", "2", "--out", str(run)]) == 0
@@ -157,7 +160,7 @@ def test_toml_config_is_overridden_by_flags(tmp_path: Path) -> None:
         0.005,
         4,
     )
-    assert stored["preset"] == "tiny"
+    assert stored["preset"] == "tiny" and stored["channel_shuffle"] is False
     (tmp_path / "bad.toml").write_text("batch_sise = 3\n")
     assert main(["--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "r2")]) == 2
 
