@@ -395,6 +395,15 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[lis
     return sorted(matching), sorted(set(own) - set(matching))
 
 
+# Options added after runs were already stored, with the value that reproduces those runs.
+LEGACY_DEFAULTS: dict[str, Any] = {"channel_shuffle": False}
+
+
+def stored_train_config(stored: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's train_config, options it predates filled with their old behaviour."""
+    return {**LEGACY_DEFAULTS, **stored}
+
+
 def check_resumable(stored: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
     """Refuse a resume whose settings would change the weights the run computes."""
     for name in RESUME_MUST_MATCH:
@@ -641,10 +650,10 @@ def run(cfg: TrainConfig, resume: bool, ctx: Dist) -> int:
     ckpt: dict[str, Any] = {}
     if resume:
         ckpt = load_checkpoint(last)
-        check_resumable(ckpt.get("train_config", {}), cfg, last)
         for key in ("optimizer", "rng", "train_config"):
             if key not in ckpt:
                 raise CheckpointError(f"checkpoint {last}: no {key!r}; not written by rdn-train")
+        check_resumable(stored_train_config(ckpt["train_config"]), cfg, last)
         model = model_from_checkpoint(ckpt, last)
         state = RunState(
             step=int(ckpt["step"]),
@@ -782,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             if options.get("init") is not None:
                 raise UsageError("--init and --resume exclude each other")
-            options = {**stored, **options}
+            options = {**stored_train_config(stored), **options}
         cfg = make_train_config(options)
     except UsageError as e:
         print(f"rdn-train: error: {e}", file=sys.stderr)

@@ -327,3 +327,13 @@ def test_rank_state_hash_detects_a_single_changed_value(tmp_path: Path) -> None:
     assert state_sha256(model) != before
     save_checkpoint(tmp_path / "m.pt", make_payload(model))
     assert state_sha256(model_from_checkpoint(load_checkpoint(tmp_path / "m.pt"))) != before
+
+
+def test_resume_of_a_run_stored_before_channel_shuffle_keeps_it_off(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main([*TINY, "--steps", "1", "--no-channel-shuffle", "--out", str(run)]) == 0
+    old = load_checkpoint(run / "last.pt")
+    del old["train_config"]["channel_shuffle"]  # as written before the option existed
+    save_checkpoint(run / "last.pt", old)
+    assert main(["--resume", "--out", str(run), "--steps", "2"]) == 0
+    assert load_checkpoint(run / "last.pt")["train_config"]["channel_shuffle"] is False
