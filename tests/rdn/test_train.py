@@ -22,7 +22,7 @@ from PIL import Image
 
 from rdn.checkpoint import load_checkpoint, make_payload, model_from_checkpoint, save_checkpoint
 from rdn.imaging import read_rgb
-from rdn.model import RDN, RDNConfig, batchnorm_frozen
+from rdn.model import RDN, RDNConfig, batchnorm_frozen, freeze_batchnorm
 from rdn.train import (
     DEFAULT_LR,
     TrainConfig,
@@ -319,14 +319,19 @@ def test_torchrun_two_cpu_processes_end_with_identical_weights(tmp_path: Path) -
 
 
 def test_rank_state_hash_detects_a_single_changed_value(tmp_path: Path) -> None:
-    """The hash the DDP test compares really depends on every tensor value."""
+    """The hash the DDP test compares depends on every weight, and on BN buffers once frozen."""
     model = RDN(RDNConfig.from_preset("tiny"))
     before = state_sha256(model)
     with torch.no_grad():
         next(iter(model.rdbs[2].parameters())).view(-1)[5] += 1e-3
-    assert state_sha256(model) != before
+    changed = state_sha256(model)
+    assert changed != before
     save_checkpoint(tmp_path / "m.pt", make_payload(model))
-    assert state_sha256(model_from_checkpoint(load_checkpoint(tmp_path / "m.pt"))) != before
+    assert state_sha256(model_from_checkpoint(load_checkpoint(tmp_path / "m.pt"))) == changed
+    freeze_batchnorm(model)
+    frozen = state_sha256(model)
+    model.rdbs[0].lff_norm.running_mean[0] += 1e-3
+    assert state_sha256(model) != frozen
 
 
 def test_resume_of_a_run_stored_before_channel_shuffle_keeps_it_off(tmp_path: Path) -> None:
