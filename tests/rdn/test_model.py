@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,19 @@ from rdn.model import (
     count_parameters,
     freeze_batchnorm,
 )
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """One thread per test process: on 2 shared cores, more threads spin-wait on each other.
+
+    OMP_NUM_THREADS also reaches in-process ``main()``, which honours it.
+    """
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny(scale: int = 2, norm: str = "batch") -> RDN:

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,19 @@ from rdn.train import (
 
 BIN = Path(sys.executable).parent
 TINY = ["--preset", "tiny", "--batch-size", "2", "--patch-size", "16", "--log-every", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """One thread per test process: on 2 shared cores, more threads spin-wait on each other.
+
+    OMP_NUM_THREADS also reaches in-process ``main()``, which honours it.
+    """
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def run_cli(*args: object, timeout: float = 120) -> subprocess.CompletedProcess[str]:
