@@ -651,10 +651,6 @@ def run(cfg: TrainConfig, resume: bool, ctx: Dist) -> int:
     last = out / LAST
     device = pick_device(cfg.device, ctx)
     torch.set_num_threads(threads_per_rank(ctx))
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".*.pt.*.tmp"):  # left by a kill during an atomic write
-            stale.unlink(missing_ok=True)
 
     ckpt: dict[str, Any] = {}
     if resume:
@@ -721,6 +717,10 @@ def run(cfg: TrainConfig, resume: bool, ctx: Dist) -> int:
             f"{len(names)} now); resume needs the same set - start a new run with --init"
         )
 
+    if ctx.is_main:  # only now: a run that fails its checks leaves no folder behind
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.pt.*.tmp"):  # left by a kill during an atomic write
+            stale.unlink(missing_ok=True)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     if resume:
