@@ -7,9 +7,10 @@ benchmark degradation (``rdn.imaging.downscale``); pairs are kept in memory whil
 a byte budget, and the rest are decoded again for every sample.
 
 Each sample is a pure function of the key ``(seed, step, rank, index in batch)``: the key
-seeds a numpy generator that picks the image, the patch position and one of the 8
-flip/rotate transforms. Resuming at step k therefore only needs k, and every DDP rank draws
-different patches because its rank is part of the key.
+seeds a numpy generator that picks the image, the patch position, one of the 8 flip/rotate
+transforms and (with ``channel_shuffle``) one of the 6 RGB channel orders. Resuming at step
+k therefore only needs k, and every DDP rank draws different patches because its rank is
+part of the key.
 """
 
 from __future__ import annotations

@@ -222,3 +222,7 @@ def test_channel_shuffle_permutes_lr_and_hr_alike_and_covers_all_orders(set5_dir
         np.testing.assert_array_equal(lr_s, lr[..., order])
         np.testing.assert_array_equal(hr_s, hr[..., order])
     assert orders == set(CHANNEL_ORDERS)
+    hr_image = modcrop(read_rgb(set5_dir / "bird.png"), 2)  # the pair stays exact:
+    for order in CHANNEL_ORDERS:
+        permuted = np.ascontiguousarray(hr_image[..., list(order)])
+        np.testing.assert_array_equal(downscale(permuted, 2), downscale(hr_image, 2)[..., order])
