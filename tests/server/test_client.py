@@ -176,6 +176,26 @@ def test_channel_options_one_limit_both_ways_and_round_robin() -> None:
 # ---------------------------------------------------------------------- real server
 
 
+def test_round_robin_spreads_calls_over_replicas(
+    tiny_onnx_x2: Path, engine: Engine, set5_dir: Path
+) -> None:
+    """Two replicas behind one client channel (the scale-out set-up of the README, with the
+    addresses given directly instead of by a DNS name): calls alternate between them."""
+    image = small_png(set5_dir, "baby.png", 20, 20)  # one tile
+    with (
+        BackgroundServer(config(tiny_onnx_x2), engine) as first,
+        BackgroundServer(config(tiny_onnx_x2), engine) as second,
+    ):
+        target = f"ipv4:127.0.0.1:{first.port},127.0.0.1:{second.port}"
+        with UpscaleClient(target, lb="round_robin") as client:
+            client.health(timeout=10)  # both subchannels connect before the count starts
+            for _ in range(6):
+                assert client.upscale(image, timeout=30).tiles == 1
+        served = [bg.running.batcher.tiles_computed for bg in (first, second)]  # type: ignore[union-attr]
+    assert sum(served) == 6
+    assert min(served) >= 2, served  # pick_first would send all 6 to one replica
+
+
 def test_full_queue_is_retried_until_it_has_room(
     tiny_onnx_x2: Path, engine: Engine, set5_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
