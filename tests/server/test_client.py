@@ -8,8 +8,8 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -31,39 +31,22 @@ from server.client import (
     stream_messages,
     writes_single_file,
 )
-from server.config import BatcherConfig, EngineConfig, ServerConfig, TilingConfig
+from server.config import BatcherConfig, ServerConfig, TilingConfig
 from server.engine import Engine
 from server.main import BackgroundServer
 from server.pb.rdn.v1 import upscale_pb2
+from tests.server.loopback import loopback_config
 
-CPU = EngineConfig(providers=("CPUExecutionProvider",))
 CLI_TIMEOUT = 60  # seconds per subprocess
 RDN_CLIENT = Path(sys.executable).with_name("rdn-client")  # the declared console script
 
 
-def config(model: Path, **changes: object) -> ServerConfig:
-    base: dict[str, object] = {
-        "model": model,
-        "host": "127.0.0.1",
-        "port": 0,
-        "grace_s": 1.0,
-        "engine": CPU,
-        "tiling": TilingConfig(tile=32, pad=4),
-        "batcher": BatcherConfig(max_batch=4),
-    }
-    base.update(changes)
-    return ServerConfig(**base)  # type: ignore[arg-type]
+config = partial(loopback_config, grace_s=1.0)
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_onnx_x2: Path) -> Engine:
-    return Engine(tiny_onnx_x2, CPU)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_onnx_x2: Path, engine: Engine) -> Iterator[BackgroundServer]:
-    with BackgroundServer(config(tiny_onnx_x2), engine) as bg:
-        yield bg
+def shared_server_config(tiny_onnx_x2: Path) -> ServerConfig:
+    return config(tiny_onnx_x2)
 
 
 def small_png(set5_dir: Path, name: str, height: int, width: int) -> bytes:

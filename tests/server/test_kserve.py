@@ -16,6 +16,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,6 @@ from server.config import (
     LimitsConfig,
     MetricsConfig,
     ServerConfig,
-    TilingConfig,
 )
 from server.engine import Engine
 from server.main import BackgroundServer
@@ -41,10 +41,9 @@ from server.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.service import RETRY_AFTER_KEY
 from server.tiling import merge_tiles, plan_tiles, split_tiles
+from tests.server.loopback import CPU, PAD, TILE, loopback_config
 from tests.tritonclient_env import tritonclient_python
 
-TILE, PAD = 32, 4
-CPU = EngineConfig(providers=("CPUExecutionProvider",))
 MAX_PIXELS = 10_000  # per request, all images together
 CALL_TIMEOUT = 60.0  # seconds: a broken server fails the test instead of hanging it
 SCRIPT = Path(__file__).with_name("kserve_client_script.py")
@@ -67,31 +66,12 @@ WIRE_MESSAGES = (
 )
 
 
-def server_config(model: Path, **changes: Any) -> ServerConfig:
-    base: dict[str, Any] = {
-        "model": model,
-        "host": "127.0.0.1",
-        "port": 0,
-        "grace_s": 2.0,
-        "engine": CPU,
-        "tiling": TilingConfig(tile=TILE, pad=PAD),
-        "batcher": BatcherConfig(max_batch=4, max_delay_ms=2.0, max_queue_tiles=4096),
-        "limits": LimitsConfig(max_pixels=MAX_PIXELS),
-    }
-    base.update(changes)
-    return ServerConfig(**base)
+server_config = partial(loopback_config, limits=LimitsConfig(max_pixels=MAX_PIXELS))
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_onnx_x2: Path) -> Engine:
-    return Engine(tiny_onnx_x2, CPU)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_onnx_x2: Path, engine: Engine) -> Iterator[BackgroundServer]:
-    metrics = MetricsConfig(port=0, host="127.0.0.1")
-    with BackgroundServer(server_config(tiny_onnx_x2, metrics=metrics), engine) as bg:
-        yield bg
+def shared_server_config(tiny_onnx_x2: Path) -> ServerConfig:
+    return server_config(tiny_onnx_x2, metrics=MetricsConfig(port=0, host="127.0.0.1"))
 
 
 @pytest.fixture(scope="module")

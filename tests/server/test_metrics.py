@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -22,58 +23,26 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from export.metadata import KEY_WEIGHTS_SHA256
 from server.chunked import IN_FLIGHT, chunk_tiles
-from server.client import AsyncUpscaleClient, RetryPolicy, UpscaleClient, UpscaleError
-from server.config import (
-    BatcherConfig,
-    EngineConfig,
-    MetricsConfig,
-    ServerConfig,
-    TilingConfig,
-)
+from server.client import AsyncUpscaleClient, UpscaleClient, UpscaleError
+from server.config import MetricsConfig, ServerConfig
 from server.engine import Engine
 from server.main import BackgroundServer, ServerStartError, build_parser, config_from_args
 from server.metrics import batch_size_bounds, cumulative_buckets
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
+from tests.server.loopback import MAX_BATCH, NO_RETRY, loopback_config
 
-TILE, PAD, MAX_BATCH = 32, 4, 4
-CPU = EngineConfig(providers=("CPUExecutionProvider",))
-NO_RETRY = RetryPolicy(max_attempts=1)
 CALL_TIMEOUT = 60.0  # seconds: a broken server fails the test instead of hanging it
 SCRAPE_TIMEOUT = 10.0
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def server_config(model: Path, **changes: object) -> ServerConfig:
-    base: dict[str, object] = {
-        "model": model,
-        "host": "127.0.0.1",
-        "port": 0,
-        "grace_s": 2.0,
-        "engine": CPU,
-        "tiling": TilingConfig(tile=TILE, pad=PAD),
-        "batcher": BatcherConfig(max_batch=MAX_BATCH, max_delay_ms=2.0),
-        "metrics": MetricsConfig(port=0, host="127.0.0.1"),
-    }
-    base.update(changes)
-    return ServerConfig(**base)  # type: ignore[arg-type]
+server_config = partial(loopback_config, metrics=MetricsConfig(port=0, host="127.0.0.1"))
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_onnx_x2: Path) -> Engine:
-    return Engine(tiny_onnx_x2, CPU)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_onnx_x2: Path, engine: Engine) -> Iterator[BackgroundServer]:
-    with BackgroundServer(server_config(tiny_onnx_x2), engine) as bg:
-        yield bg
-
-
-@pytest.fixture(scope="module")
-def client(server: BackgroundServer) -> Iterator[UpscaleClient]:
-    with UpscaleClient(f"127.0.0.1:{server.port}", retry=NO_RETRY) as c:
-        yield c
+def shared_server_config(tiny_onnx_x2: Path) -> ServerConfig:
+    return server_config(tiny_onnx_x2)
 
 
 def metrics_port(bg: BackgroundServer) -> int:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -23,34 +24,22 @@ import grpc
 import numpy as np
 import pytest
 
-from server.config import BatcherConfig, EngineConfig, LimitsConfig, ServerConfig, TilingConfig
+from server.config import BatcherConfig, LimitsConfig, TilingConfig
 from server.engine import Engine
 from server.main import BackgroundServer
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.service import RETRY_AFTER_KEY
+from tests.server.loopback import loopback_config
 
-CPU = EngineConfig(providers=("CPUExecutionProvider",))
 CALL_TIMEOUT = 60.0  # seconds: bounds every call so a broken server fails instead of hanging
 
 
-def config(model: Path, **changes: object) -> ServerConfig:
-    base: dict[str, object] = {
-        "model": model,
-        "host": "127.0.0.1",
-        "port": 0,
-        "grace_s": 1.0,
-        "engine": CPU,
-        "tiling": TilingConfig(tile=32, pad=4),
-        "batcher": BatcherConfig(max_batch=8, max_delay_ms=2.0, max_queue_tiles=4096),
-        "limits": LimitsConfig(max_message_bytes=4 * 2**20),
-    }
-    base.update(changes)
-    return ServerConfig(**base)  # type: ignore[arg-type]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_onnx_x2: Path) -> Engine:
-    return Engine(tiny_onnx_x2, CPU)
+config = partial(
+    loopback_config,
+    grace_s=1.0,
+    batcher=BatcherConfig(max_batch=8, max_delay_ms=2.0, max_queue_tiles=4096),
+    limits=LimitsConfig(max_message_bytes=4 * 2**20),
+)
 
 
 def pixels(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:

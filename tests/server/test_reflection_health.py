@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -24,11 +24,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from server.client import RetryPolicy, UpscaleClient, UpscaleError
-from server.config import BatcherConfig, EngineConfig, ServerConfig, TilingConfig
+from server.config import BatcherConfig, ServerConfig
 from server.engine import Engine
 from server.main import BackgroundServer
+from tests.server.loopback import loopback_config
 
-CPU = EngineConfig(providers=("CPUExecutionProvider",))
 SERVICES = {
     "rdn.v1.Upscaler",
     "inference.GRPCInferenceService",
@@ -39,28 +39,12 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def config(model: Path, **changes: object) -> ServerConfig:
-    base: dict[str, object] = {
-        "model": model,
-        "host": "127.0.0.1",
-        "port": 0,
-        "engine": CPU,
-        "tiling": TilingConfig(tile=32, pad=4),
-        "batcher": BatcherConfig(max_batch=4),
-    }
-    base.update(changes)
-    return ServerConfig(**base)  # type: ignore[arg-type]
+config = partial(loopback_config, grace_s=10.0)  # rdn-serve's default grace
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_onnx_x2: Path) -> Engine:
-    return Engine(tiny_onnx_x2, CPU)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_onnx_x2: Path, engine: Engine) -> Iterator[BackgroundServer]:
-    with BackgroundServer(config(tiny_onnx_x2), engine) as bg:
-        yield bg
+def shared_server_config(tiny_onnx_x2: Path) -> ServerConfig:
+    return config(tiny_onnx_x2)
 
 
 def test_health_serving_after_warmup(server: BackgroundServer) -> None:

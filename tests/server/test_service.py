@@ -26,47 +26,14 @@ from onnx import TensorProto, helper
 from rdn.ensemble import N_TRANSFORMS, inverse_transform, transform
 from server.client import AsyncUpscaleClient, RetryPolicy, UpscaleClient, UpscaleError
 from server.codec import decode_image, from_planar, to_planar
-from server.config import BatcherConfig, EngineConfig, LimitsConfig, ServerConfig, TilingConfig
+from server.config import BatcherConfig, LimitsConfig, TilingConfig
 from server.engine import Engine
 from server.main import BackgroundServer
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.tiling import merge_tiles, plan_tiles, split_tiles
+from tests.server.loopback import NO_RETRY, PAD, TILE, loopback_config
 
-TILE, PAD = 32, 4
-CPU = EngineConfig(providers=("CPUExecutionProvider",))
-NO_RETRY = RetryPolicy(max_attempts=1)
 CALL_TIMEOUT = 60.0  # seconds: generous bound so a broken server fails the test, not hangs it
-
-
-def server_config(model: Path, **changes: object) -> ServerConfig:
-    base: dict[str, object] = {
-        "model": model,
-        "host": "127.0.0.1",
-        "port": 0,
-        "grace_s": 2.0,
-        "engine": CPU,
-        "tiling": TilingConfig(tile=TILE, pad=PAD),
-        "batcher": BatcherConfig(max_batch=4, max_delay_ms=2.0, max_queue_tiles=4096),
-    }
-    base.update(changes)
-    return ServerConfig(**base)  # type: ignore[arg-type]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_onnx_x2: Path) -> Engine:
-    return Engine(tiny_onnx_x2, CPU)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_onnx_x2: Path, engine: Engine) -> Iterator[BackgroundServer]:
-    with BackgroundServer(server_config(tiny_onnx_x2), engine) as bg:
-        yield bg
-
-
-@pytest.fixture(scope="module")
-def client(server: BackgroundServer) -> Iterator[UpscaleClient]:
-    with UpscaleClient(f"127.0.0.1:{server.port}", retry=NO_RETRY) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +186,7 @@ def test_large_request_travels_by_stream_under_a_4_mib_limit(
     limit = 4 * 2**20
     rgb = photo(set5_dir, 48, 64)
     data = with_private_chunk(encode(rgb, ".png"), 5 * 2**20)  # > 4 MiB file, few pixels
-    config = server_config(tiny_onnx_x2, limits=LimitsConfig(max_message_bytes=limit))
+    config = loopback_config(tiny_onnx_x2, limits=LimitsConfig(max_message_bytes=limit))
     with BackgroundServer(config, engine) as bg:
         target = f"127.0.0.1:{bg.port}"
         with UpscaleClient(target, max_message_bytes=limit, retry=NO_RETRY) as small:
@@ -237,7 +204,7 @@ def test_large_request_in_one_message_with_raised_limits(
     limit = 16 * 2**20
     rgb = photo(set5_dir, 48, 64)
     data = with_private_chunk(encode(rgb, ".png"), 5 * 2**20)
-    config = server_config(tiny_onnx_x2, limits=LimitsConfig(max_message_bytes=limit))
+    config = loopback_config(tiny_onnx_x2, limits=LimitsConfig(max_message_bytes=limit))
     with (
         BackgroundServer(config, engine) as bg,
         UpscaleClient(f"127.0.0.1:{bg.port}", max_message_bytes=limit) as big,
@@ -252,7 +219,7 @@ def test_large_answer_comes_back_in_chunks(
 ) -> None:
     limit = 512 * 2**10  # a small limit keeps the image small on CPU
     rgb = photo(set5_dir, 224, 224, name="baby.png", y=0)
-    config = server_config(
+    config = loopback_config(
         tiny_onnx_x2, tiling=TilingConfig(56, PAD), limits=LimitsConfig(max_message_bytes=limit)
     )
     with (
@@ -305,7 +272,7 @@ def test_client_cancellation_drops_queued_tiles(
     tiny_onnx_x2: Path, engine: Engine, set5_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="rdn.access")
-    config = server_config(tiny_onnx_x2, batcher=BatcherConfig(max_batch=1, max_delay_ms=0))
+    config = loopback_config(tiny_onnx_x2, batcher=BatcherConfig(max_batch=1, max_delay_ms=0))
     rgb = photo(set5_dir, 160, 160)  # 25 tiles, one per engine call
     with BackgroundServer(config, engine) as bg:
         batcher = bg.running.batcher
@@ -335,7 +302,7 @@ def test_deadline_exceeded_then_server_keeps_serving(
     tiny_onnx_x2: Path, engine: Engine, set5_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="rdn.access")
-    config = server_config(tiny_onnx_x2, batcher=BatcherConfig(max_batch=1, max_delay_ms=0))
+    config = loopback_config(tiny_onnx_x2, batcher=BatcherConfig(max_batch=1, max_delay_ms=0))
     rgb = photo(set5_dir, 400, 400, name="baby.png", y=0)  # 169 tiles = 169 engine calls
     with (
         BackgroundServer(config, engine) as bg,
@@ -385,7 +352,7 @@ def test_self_ensemble_averages_the_eight_views(
         sr = merge_tiles(engine.run(split_tiles(view, plan)), plan, 2)
         total += inverse_transform(sr[None], i)
     expected = from_planar((total / N_TRANSFORMS)[0].astype(np.float32))
-    config = server_config(tiny_onnx_x2, self_ensemble=True)
+    config = loopback_config(tiny_onnx_x2, self_ensemble=True)
     with (
         BackgroundServer(config, engine) as bg,
         UpscaleClient(f"127.0.0.1:{bg.port}", retry=NO_RETRY) as c,
@@ -454,7 +421,7 @@ def lying_model(path: Path) -> Path:
 def test_unexpected_error_is_internal_with_a_generic_message_and_a_logged_traceback(
     tmp_path: Path, set5_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = server_config(lying_model(tmp_path / "lying.onnx"))
+    config = loopback_config(lying_model(tmp_path / "lying.onnx"))
     with (
         caplog.at_level(logging.ERROR, logger="server.service"),
         BackgroundServer(config) as bg,
