@@ -92,6 +92,10 @@ def test_drain_not_serving_in_flight_finish_new_calls_unavailable(
 
             follower = threading.Thread(target=follow)
             follower.start()
+            deadline = time.monotonic() + 30
+            while not statuses:  # the watch is registered before the drain can begin
+                assert time.monotonic() < deadline, "health Watch sent nothing"
+                time.sleep(0.002)
             results: list[object] = []
             with UpscaleClient(target, retry=RetryPolicy(max_attempts=1)) as client:
                 worker = threading.Thread(
