@@ -468,6 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --save-comparison: only the first N images",
     )
     parser.add_argument(
+        "--comparison-image",
+        action="append",
+        metavar="NAME",
+        help="with --save-comparison: only this image (file name without extension); repeatable",
+    )
+    parser.add_argument(
         "--device",
         choices=("cpu", "cuda", "auto"),
         help="--checkpoint only: torch device (default auto: cuda if available)",
@@ -488,6 +494,8 @@ def _check_usage(args: argparse.Namespace) -> None:
         raise _UsageError("--providers applies to --onnx; use --device with --checkpoint")
     if args.onnx is not None and args.device is not None:
         raise _UsageError("--device applies to --checkpoint; use --providers with --onnx")
+    if args.comparison_image is not None and args.save_comparison is None:
+        raise _UsageError("--comparison-image needs --save-comparison DIR")
     if args.comparison_limit is not None:
         if args.save_comparison is None:
             raise _UsageError("--comparison-limit needs --save-comparison DIR")
@@ -580,8 +588,12 @@ def _run(args: argparse.Namespace, upscaler: Upscaler, runs_on: str) -> EvalResu
         else:
             row = _row(r.name, r.model_psnr_y, r.model_ssim_y, r.bicubic_psnr_y, r.bicubic_ssim_y)
             print(row, flush=True)
-        limit = args.comparison_limit
-        if args.save_comparison is not None and (limit is None or saved < limit):
+        limit, wanted = args.comparison_limit, args.comparison_image
+        if (
+            args.save_comparison is not None
+            and (limit is None or saved < limit)
+            and (wanted is None or r.name in wanted)
+        ):
             log.info("wrote %s", save_comparison(sample, args.save_comparison, upscaler.scale))
             saved += 1
 

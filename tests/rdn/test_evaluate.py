@@ -288,6 +288,16 @@ def test_save_comparison_writes_pngs_of_the_expected_size(
         assert image.size == (3 * 88 * 3 + 2 * COMPARISON_GAP, 90 * 3)
 
 
+def test_comparison_image_picks_the_named_image(
+    capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path, small_set: Path, tmp_path: Path
+) -> None:
+    out_dir = tmp_path / "cmp"
+    argv = ["--checkpoint", tiny_checkpoint, "--data", small_set, "--save-comparison", out_dir]
+    code, _, err = run_main(capsys, *argv, "--comparison-image", "b_grey")
+    assert code == 0, err
+    assert [p.name for p in out_dir.iterdir()] == ["b_grey_x2.png"]
+
+
 def test_comparison_image_layout_and_crop_choice() -> None:
     hr = np.full((200, 300, 3), 128, np.uint8)
     texture = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
@@ -413,6 +423,7 @@ def test_usage_errors_exit_2(
         (["--onnx", tiny_onnx, "--data", small_set, "--device", "cpu"], "--checkpoint"),
         (["--onnx", tiny_onnx, "--data", small_set, "--providers", "warp"], "warp"),
         (["--checkpoint", tiny_checkpoint, "--data", small_set, "--comparison-limit", "1"], "DIR"),
+        (["--checkpoint", tiny_checkpoint, "--data", small_set, "--comparison-image", "a"], "DIR"),
     ]
     for argv, word in cases:
         code, out, err = run_main(capsys, *argv)
