@@ -54,6 +54,9 @@ class TileResult:
     outputs: np.ndarray  # [n, 3, s*in, s*in] in the order submitted
     queue_seconds: float  # submit -> first tile dispatched
     compute_seconds: float  # sum of engine time of the batches that carried its tiles
+    # engine call number -> its seconds, for each batch that carried its tiles: callers that
+    # split one job into several submissions sum distinct batches, not each submission's total
+    batches: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -68,7 +71,7 @@ class _Request:
     done_tiles: int = 0
     outputs: np.ndarray | None = None  # allocated when the first result arrives
     first_dispatch: float | None = None
-    compute_seconds: float = 0.0
+    batches: dict[int, float] = field(default_factory=dict)  # engine call -> seconds
     tile_shape: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -308,10 +311,10 @@ class TileBatcher:
         self._tiles_computed += len(batch)
         self._engine_seconds += seconds
         self._batch_sizes[len(batch)] += 1
-        self._deliver(batch, outputs, seconds)
+        self._deliver(batch, outputs, seconds, self._engine_calls)
 
     def _deliver(
-        self, batch: list[tuple[_Request, int]], outputs: np.ndarray, seconds: float
+        self, batch: list[tuple[_Request, int]], outputs: np.ndarray, seconds: float, call: int
     ) -> None:
         """Scatter a batch's outputs to their requests; complete the requests now whole."""
         if len(outputs) != len(batch):
@@ -319,7 +322,6 @@ class TileBatcher:
                 batch, ValueError(f"engine returned {len(outputs)} outputs for {len(batch)} tiles")
             )
             return
-        charged: set[int] = set()
         for k, (request, index) in enumerate(batch):
             if request.future.done():  # cancelled or failed: the result is discarded
                 continue
@@ -327,16 +329,15 @@ class TileBatcher:
                 request.outputs = np.empty((request.count, *outputs.shape[1:]), outputs.dtype)
             request.outputs[index] = outputs[k]
             request.done_tiles += 1
-            if id(request) not in charged:
-                charged.add(id(request))
-                request.compute_seconds += seconds
+            request.batches[call] = seconds
             if request.done_tiles == request.count:
                 assert request.first_dispatch is not None
                 request.future.set_result(
                     TileResult(
                         outputs=request.outputs,
                         queue_seconds=request.first_dispatch - request.submitted,
-                        compute_seconds=request.compute_seconds,
+                        compute_seconds=sum(request.batches.values()),
+                        batches=request.batches,
                     )
                 )
 

@@ -42,7 +42,7 @@ class TileSource(Protocol):
 @dataclass(frozen=True)
 class ChunkTimings:
     queue_seconds: float  # the first chunk's wait for its first batch
-    compute_seconds: float  # engine time of every chunk, summed
+    compute_seconds: float  # engine time of the distinct batches that carried its tiles
     tiles: int  # tiles of every chunk
 
 
@@ -171,17 +171,17 @@ async def infer_chunked(
         return to_model(split_tile_range(view, plan, chunk.start, chunk.stop))
 
     queue_seconds: float | None = None
-    compute_seconds = 0.0
+    batches: dict[int, float] = {}  # chunks in flight together can share an engine call
     flight: collections.deque[tuple[Chunk, asyncio.Task[TileResult]]] = collections.deque()
 
     async def finish_oldest() -> None:
-        nonlocal queue_seconds, compute_seconds
+        nonlocal queue_seconds
         chunk, task = flight[0]
         result = await task
         flight.popleft()
         if queue_seconds is None:
             queue_seconds = result.queue_seconds
-        compute_seconds += result.compute_seconds
+        batches.update(result.batches)
         await asyncio.to_thread(images[chunk.image].merge, chunk, result.outputs)
 
     try:
@@ -202,5 +202,5 @@ async def infer_chunked(
                 if not task.cancelled():
                     task.exception()
     return ChunkTimings(
-        queue_seconds or 0.0, compute_seconds, sum(c.stop - c.start for c in chunks)
+        queue_seconds or 0.0, sum(batches.values()), sum(c.stop - c.start for c in chunks)
     )

@@ -173,3 +173,38 @@ def test_cancelling_drops_queued_tiles_and_a_refused_chunk_fails_the_request() -
             await asyncio.wait_for(batcher.stop(), WAIT)
 
     asyncio.run(scenario())
+
+
+def test_chunks_sharing_an_engine_call_are_charged_for_it_once() -> None:
+    # 16 tiles of 8 in chunks of 8, batches of 2: the second chunk is queued while the first
+    # has tiles left, and round-robin puts one tile of each into every batch until one ends.
+    rgb = photo_like(32, 32)
+
+    async def scenario() -> tuple[float, float, int]:
+        batcher = TileBatcher(SlowEngine(0.02), BatcherConfig(max_batch=2, max_delay_ms=0))
+        await batcher.start()
+        canvas = np.zeros((64, 64, 3), np.uint8)
+        try:
+            timings = await asyncio.wait_for(
+                infer_chunked(
+                    batcher,
+                    [rgb.transpose(2, 0, 1)],
+                    [canvas.transpose(2, 0, 1)],
+                    tile=TILE,
+                    pad=PAD,
+                    scale=2,
+                    ensemble=False,
+                    chunk_size=8,
+                    request_id="shared",
+                    to_model=to_unit_float,
+                    from_model=to_uint8,
+                ),
+                WAIT,
+            )
+        finally:
+            await asyncio.wait_for(batcher.stop(), WAIT)
+        return timings.compute_seconds, batcher.engine_seconds, batcher.engine_calls
+
+    compute, engine_seconds, calls = asyncio.run(scenario())
+    assert calls == 8
+    assert compute == pytest.approx(engine_seconds)  # each call counted once, not once a chunk
