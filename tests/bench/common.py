@@ -90,6 +90,12 @@ def emit(record: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def emit_checked(record: dict[str, Any], target_met: bool) -> int:
+    """Emit ``record`` with ``target_met``; the exit status: 0 when the target is met, else 1."""
+    emit({**record, "target_met": target_met})
+    return 0 if target_met else 1
+
+
 @contextlib.contextmanager
 def bench_model(model: Path | None) -> Iterator[Path]:
     """The model to benchmark: ``model``, else the default x2 model, else a random export."""

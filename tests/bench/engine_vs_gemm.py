@@ -31,7 +31,7 @@ from tests.bench.common import (
     add_common_arguments,
     bench_model,
     conv_flops,
-    emit,
+    emit_checked,
     gemm_gflops,
     image_tiles,
     photo,
@@ -98,10 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     rates = {t: flops / min(s) / 1e9 for t, s in seconds.items()}
     best = max(rates, key=rates.__getitem__)
     gemm = max(gemm_before, gemm_after)
-    emit(
+    ratio = rates[best] / gemm
+    return emit_checked(
         {
             "bench": BENCH,
-            "ratio": round(rates[best] / gemm, 4),
+            "ratio": round(ratio, 4),
             "engine_gflops": round(rates[best], 2),
             "gemm_gflops": round(gemm, 2),
             "flops_per_tile": flops // len(batch),
@@ -121,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats,
             "provider": provider,
             "quick": args.quick,
-        }
+        },
+        ratio >= TARGET_RATIO,
     )
-    return 0
 
 
 if __name__ == "__main__":

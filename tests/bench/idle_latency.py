@@ -22,7 +22,7 @@ from tests.bench.common import (
     add_common_arguments,
     batches,
     bench_model,
-    emit,
+    emit_checked,
     encode_png,
     engine_seconds,
     image_tiles,
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-async def run(args: argparse.Namespace) -> None:
+async def run(args: argparse.Namespace) -> int:
     with bench_model(args.model) as model:
         running = await build_server(server_config(model, args))
         try:
@@ -82,7 +82,7 @@ async def run(args: argparse.Namespace) -> None:
         finally:
             await running.stop(1.0)
     ratio = median(latency) / median(engine_time)
-    emit(
+    return emit_checked(
         {
             "bench": BENCH,
             "ratio": round(ratio, 4),
@@ -97,15 +97,15 @@ async def run(args: argparse.Namespace) -> None:
             "repeats": args.repeats,
             "provider": engine.active_provider,
             "quick": args.quick,
-        }
+        },
+        ratio <= TARGET_RATIO,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    asyncio.run(run(args))
-    return 0
+    return asyncio.run(run(args))
 
 
 if __name__ == "__main__":

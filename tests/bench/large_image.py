@@ -30,7 +30,7 @@ from server.tiling import plan_tiles
 from tests.bench.common import (
     add_common_arguments,
     bench_model,
-    emit,
+    emit_checked,
     encode_png,
     log,
     proc_status_mib,
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     expected = (result.scale * args.size,) * 2
     if (result.width, result.height) != expected:
         raise RuntimeError(f"server answered {result.width}x{result.height}, expected {expected}")
-    emit(
+    status = emit_checked(
         {
             "bench": BENCH,
             "image": f"{args.size}x{args.size}",
@@ -134,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             "streamed": result.streamed,
             "sigterm_exit_code": exit_code,
             "quick": args.quick,
-        }
+        },
+        peak <= TARGET_PEAK_MIB,
     )
-    return 0 if exit_code == 0 else 1
+    return status if exit_code == 0 else 1
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from tests.bench.common import (
     batches,
     bench_model,
     emit,
+    emit_checked,
     engine_seconds,
     image_tiles,
     photo,
@@ -162,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             if not i % 2:
                 torch_times.append(torch_seconds(model, torch_calls))
     ort_median, torch_median = statistics.median(ort_times), statistics.median(torch_times)
-    emit(
+    ratio = torch_median / ort_median
+    return emit_checked(
         {
             "bench": BENCH,
-            "ratio": round(torch_median / ort_median, 4),
+            "ratio": round(ratio, 4),
             "ratio_best": round(min(torch_times) / min(ort_times), 4),
             "onnxruntime_ms": round(1e3 * ort_median, 1),
             "torch_ms": round(1e3 * torch_median, 1),
@@ -180,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats,
             "torch": torch.__version__,
             "quick": args.quick,
-        }
+        },
+        ratio >= TARGET_RATIO,
     )
-    return 0
 
 
 if __name__ == "__main__":
