@@ -8,6 +8,7 @@ while this project runs protobuf 7, so it runs in an interpreter of its own
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -100,11 +101,15 @@ def test_rewrite_replaces_files_without_litter(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "fields",
-    ({"name": "a b"}, {"name": ""}, {"name": "../up"}, {"name": ".hidden"},
-     {"max_batch_size": 0}, {"max_queue_size": -1}, {"instance_kind": "KIND_TPU"},
-     {"max_queue_delay_us": -5}),
+    "fields,message",
+    (({"name": "a b"}, "model name 'a b' must be"), ({"name": ""}, "model name '' must be"),
+     ({"name": "../up"}, "model name '../up' must be"),
+     ({"name": ".hidden"}, "model name '.hidden' must be"),
+     ({"max_batch_size": 0}, "max_batch_size must be a positive integer, got 0"),
+     ({"max_queue_size": -1}, "max_queue_size must be a positive integer, got -1"),
+     ({"instance_kind": "KIND_TPU"}, "instance_kind must be one of"),
+     ({"max_queue_delay_us": -5}, "max_queue_delay_us must be >= 0, got -5")),
 )  # fmt: skip
-def test_invalid_config_is_refused(fields: dict) -> None:
-    with pytest.raises(ValueError):
+def test_invalid_config_is_refused(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
         TritonModelConfig(**fields)
