@@ -19,12 +19,20 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.client import RetryPolicy, UpscaleClient, UpscaleError
+from server.client import (
+    RetryPolicy,
+    StreamAssembler,
+    UpscaleClient,
+    UpscaleError,
+    make_payload,
+    stream_messages,
+)
 from server.config import BatcherConfig, EngineConfig, LimitsConfig, ServerConfig, TilingConfig
 from server.engine import Engine
 from server.logging_setup import JsonFormatter, TextFormatter
 from server.main import BackgroundServer, ServerStartError, build_parser, config_from_args
 from server.models import SCALES, default_model_path
+from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 
 RDN_SERVE = Path(sys.executable).with_name("rdn-serve")  # the declared console script
 START_TIMEOUT = 60.0  # seconds for a subprocess to print its first lines
@@ -67,14 +75,19 @@ def assert_one_error_line(done: subprocess.CompletedProcess[str], *needles: str)
 
 def test_missing_model_exits_1_with_one_line_before_binding(held_port: int) -> None:
     # The port is taken: had the server bound first, the error would be about the port.
-    done = run_serve("--model", "/nonexistent/model.onnx", "--port", str(held_port), *CPU_FLAGS)
+    done = run_serve(
+        "--model", "/nonexistent/model.onnx", "--host", "127.0.0.1", "--port", str(held_port),
+        *CPU_FLAGS,
+    )  # fmt: skip
     assert_one_error_line(done, "/nonexistent/model.onnx", "no such file")
 
 
 def test_corrupt_model_exits_1_with_one_line(tmp_path: Path, held_port: int) -> None:
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"\x08\x07this is not a protobuf model" * 10)
-    done = run_serve("--model", str(corrupt), "--port", str(held_port), *CPU_FLAGS)
+    done = run_serve(
+        "--model", str(corrupt), "--host", "127.0.0.1", "--port", str(held_port), *CPU_FLAGS
+    )
     assert_one_error_line(done, str(corrupt), "not an ONNX model")
 
 
@@ -110,11 +123,17 @@ def test_port_in_use_is_a_start_error(tiny_onnx_x2: Path, held_port: int) -> Non
         port=held_port,
         engine=EngineConfig(providers=("CPUExecutionProvider",)),
     )
-    with pytest.raises(ServerStartError, match=f"127.0.0.1:{held_port}"):
-        BackgroundServer(config).start()
+    unexpected = BackgroundServer(config)
+    try:
+        with pytest.raises(ServerStartError, match=f"127.0.0.1:{held_port}"):
+            unexpected.start()
+    finally:
+        unexpected.stop()  # a server that started after all must not outlive the test
 
 
-def test_flags_build_the_server_config(tiny_onnx_x2: Path) -> None:
+def test_flags_build_the_server_config(
+    tiny_onnx_x2: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     args = build_parser().parse_args(
         [
             "--model", str(tiny_onnx_x2), "--host", "::", "--port", "0", "--max-batch", "3",
@@ -144,8 +163,12 @@ def test_flags_build_the_server_config(tiny_onnx_x2: Path) -> None:
     )
     defaults = config_from_args(build_parser().parse_args(["--model", str(tiny_onnx_x2)]))
     assert defaults == ServerConfig(model=tiny_onnx_x2)  # flag defaults = config defaults
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as refused:
         build_parser().parse_args(["--max-message-bytes", "1000"])  # below one stream chunk
+    assert refused.value.code == 2
+    assert "argument --max-message-bytes: must be at least 65536, got 1000" in (
+        capsys.readouterr().err
+    )
 
 
 def test_serving_path_does_not_import_torch() -> None:
@@ -206,22 +229,42 @@ def test_sigterm_drains_in_flight_calls_and_exits_0(tiny_onnx_x2: Path, set5_dir
 
         results: dict[str, object] = {}
         client = UpscaleClient(target, retry=RetryPolicy(max_attempts=1))
+        # r2 streams its upload and holds the last chunk until the drain has begun: a call
+        # surely in flight at the signal, however fast the engine (r0 and r1 may finish first).
+        release = threading.Event()
+        stream_channel = grpc.insecure_channel(target)
+
+        def held_upload() -> Iterator[upscale_pb2.UpscaleChunk]:
+            *head, last = stream_messages(make_payload(image), "raw", 0, "r2", 2**16)
+            yield from head
+            release.wait(60)
+            yield last
 
         def call(name: str) -> None:
             try:
-                results[name] = client.upscale(image, "raw", request_id=name, timeout=60)
-            except UpscaleError as e:
+                if name == "r2":
+                    stub = upscale_pb2_grpc.UpscalerStub(stream_channel)
+                    answer = StreamAssembler()
+                    for message in stub.UpscaleStream(held_upload(), timeout=60):
+                        answer.add(message)
+                    results[name] = answer.result()
+                else:
+                    results[name] = client.upscale(image, "raw", request_id=name, timeout=60)
+            except (UpscaleError, grpc.RpcError) as e:
                 results[name] = e
 
         workers = [threading.Thread(target=call, args=(f"r{i}",)) for i in range(3)]
-        for worker in workers:
-            worker.start()
-        for _ in workers:  # all three are inside the server before the signal
-            server.wait_for("started (request_id=")
-        server.process.send_signal(signal.SIGTERM)
-        statuses.append(next(watch).status)
-        watch.cancel()  # an open watch would hold the drain for the whole grace
-        server.wait_for("shutting down")
+        try:
+            for worker in workers:
+                worker.start()
+            for _ in workers:  # all three are inside the server before the signal
+                server.wait_for("started (request_id=")
+            server.process.send_signal(signal.SIGTERM)
+            statuses.append(next(watch).status)
+            watch.cancel()  # an open watch would hold the drain for the whole grace
+            server.wait_for("shutting down")
+        finally:
+            release.set()
         refused_new = None
         deadline = time.monotonic() + 30
         while refused_new is None and time.monotonic() < deadline:
@@ -235,6 +278,7 @@ def test_sigterm_drains_in_flight_calls_and_exits_0(tiny_onnx_x2: Path, set5_dir
             worker.join(60)
         assert server.process.wait(60) == 0
         watch_channel.close()
+        stream_channel.close()
         client.close()
     finally:
         if server.process.poll() is None:
@@ -255,7 +299,7 @@ def test_sigterm_drains_in_flight_calls_and_exits_0(tiny_onnx_x2: Path, set5_dir
     finished_during_drain = [
         e["request_id"] for e in server.seen[drain_began:] if e["logger"] == "rdn.access"
     ]
-    assert finished_during_drain  # the signal really arrived while calls were in flight
+    assert "r2" in finished_during_drain  # the signal really arrived while calls were in flight
 
 
 def test_in_process_server_answers_on_its_port(tiny_onnx_x2: Path) -> None:
