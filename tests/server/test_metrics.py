@@ -101,15 +101,19 @@ def test_batch_size_buckets() -> None:
     ]
 
 
-def test_flags_map_onto_metrics_config(tiny_onnx_x2: Path) -> None:
+def test_flags_map_onto_metrics_config(
+    tiny_onnx_x2: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     parse = build_parser().parse_args
     assert config_from_args(parse(["--model", str(tiny_onnx_x2)])).metrics == MetricsConfig()
     on = parse(["--model", str(tiny_onnx_x2), "--metrics-port", "9100"])
     assert config_from_args(on).metrics == MetricsConfig(port=9100, host=None)
     host = parse(["--model", str(tiny_onnx_x2), "--metrics-port", "1", "--metrics-host", "::1"])
     assert config_from_args(host).metrics == MetricsConfig(port=1, host="::1")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as refused:
         parse(["--metrics-port", "70000"])
+    assert refused.value.code == 2
+    assert "argument --metrics-port: must be 0..65535" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------- a real server
@@ -265,5 +269,9 @@ def test_metrics_off_by_default_and_a_taken_port_is_a_start_error(
         held.bind(("127.0.0.1", 0))
         held.listen()
         taken = MetricsConfig(port=held.getsockname()[1], host="127.0.0.1")
-        with pytest.raises(ServerStartError, match=r"cannot serve metrics on 127\.0\.0\.1"):
-            BackgroundServer(server_config(tiny_onnx_x2, metrics=taken), engine).start()
+        unexpected = BackgroundServer(server_config(tiny_onnx_x2, metrics=taken), engine)
+        try:
+            with pytest.raises(ServerStartError, match=r"cannot serve metrics on 127\.0\.0\.1"):
+                unexpected.start()
+        finally:
+            unexpected.stop()  # a server that started after all must not outlive the test
