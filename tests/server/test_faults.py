@@ -26,7 +26,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -39,41 +40,19 @@ from server.config import BatcherConfig, EngineConfig, ServerConfig, TilingConfi
 from server.engine import Engine
 from server.main import BackgroundServer
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
+from tests.server.gated import (
+    DEADLINES,
+    WAIT,
+    GatedEngine,
+    call_held_at_the_gate,
+    gated_server,
+    until,
+)
 
 CPU = EngineConfig(providers=("CPUExecutionProvider",))
-WAIT = 30.0  # seconds: bound on every wait; a broken server fails the test instead of hanging
 MAX_BATCH = 2
 TILES = 12  # the image below: 3 x 4 tiles of 32 px
 RDN_SERVE = Path(sys.executable).with_name("rdn-serve")
-
-
-class GatedEngine:
-    """The real engine behind a gate: each call waits until the test opens it.
-
-    Not a mock: every batch still runs through onnxruntime. The gate makes "the batch that
-    was running when the client gave up" a fact the test controls instead of a race.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self.gate = threading.Event()
-        self.calls: list[int] = []  # tiles per engine call, in order
-
-    def __getattr__(self, name: str) -> Any:  # scale, providers, metadata, warmup ...
-        return getattr(self._engine, name)
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        self.calls.append(len(batch))
-        if not self.gate.wait(WAIT):
-            raise TimeoutError("the test never opened the engine gate")
-        return self._engine.run(batch)
-
-
-def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.002)
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +60,9 @@ def engine(tiny_onnx_x2: Path) -> Engine:
     return Engine(tiny_onnx_x2, CPU)
 
 
-@pytest.fixture
-def gated(engine: Engine, tiny_onnx_x2: Path) -> Iterator[tuple[BackgroundServer, GatedEngine]]:
-    gated = GatedEngine(engine)
-    config = ServerConfig(
-        model=tiny_onnx_x2,
+def gated_config(model: Path) -> ServerConfig:
+    return ServerConfig(
+        model=model,
         host="127.0.0.1",
         port=0,
         grace_s=1.0,
@@ -93,15 +70,12 @@ def gated(engine: Engine, tiny_onnx_x2: Path) -> Iterator[tuple[BackgroundServer
         tiling=TilingConfig(tile=32, pad=4),
         batcher=BatcherConfig(max_batch=MAX_BATCH, max_delay_ms=0.0, max_queue_tiles=64),
     )
-    gated.gate.set()  # warm-up runs through the engine too
-    server = BackgroundServer(config, gated).start()
-    gated.gate.clear()
-    gated.calls.clear()
-    try:
+
+
+@pytest.fixture
+def gated(engine: Engine, tiny_onnx_x2: Path) -> Iterator[tuple[BackgroundServer, GatedEngine]]:
+    with gated_server(gated_config(tiny_onnx_x2), engine) as (server, gated):
         yield server, gated
-    finally:
-        gated.gate.set()
-        server.stop()
 
 
 def image_request(request_id: str) -> upscale_pb2.UpscaleRequest:
@@ -147,18 +121,25 @@ def assert_serving(server: BackgroundServer, gated: GatedEngine) -> None:
 
 @pytest.mark.parametrize("how", ["cancel", "deadline"])
 def test_unary_call_given_up_mid_compute_costs_at_most_the_running_batch(
-    gated: tuple[BackgroundServer, GatedEngine], how: str, caplog: pytest.LogCaptureFixture
+    engine: Engine, tiny_onnx_x2: Path, how: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="rdn.access")
-    server, engine = gated
-    batcher = server.running.batcher
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+
+    def start(
+        server: BackgroundServer, stack: ExitStack, request_id: str, deadline: float
+    ) -> grpc.Future:
+        channel = stack.enter_context(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
         stub = upscale_pb2_grpc.UpscalerStub(channel)
-        timeout = 1.0 if how == "deadline" else WAIT
-        future = stub.Upscale.future(image_request(how), timeout=timeout)
-        until(lambda: engine.calls == [MAX_BATCH], "the first batch to reach the engine")
-        assert batcher.queued_tiles == TILES - MAX_BATCH
+        return stub.Upscale.future(image_request(request_id), timeout=deadline)
+
+    deadlines = (WAIT,) if how == "cancel" else DEADLINES
+    config = gated_config(tiny_onnx_x2)
+    with call_held_at_the_gate(config, engine, start, how, deadlines) as held:
+        server, gated, future, request_id = held.server, held.gated, held.call, held.request_id
+        batcher = server.running.batcher
+        assert gated.calls == [MAX_BATCH]  # the first batch is held at the gate
         if how == "cancel":
+            assert batcher.queued_tiles == TILES - MAX_BATCH
             future.cancel()
         else:
             with pytest.raises(grpc.RpcError) as late:
@@ -166,12 +147,13 @@ def test_unary_call_given_up_mid_compute_costs_at_most_the_running_batch(
             assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         until(lambda: batcher.tiles_dropped == TILES - MAX_BATCH, "the queued tiles to be dropped")
         assert (batcher.queued_tiles, batcher.pending_requests) == (0, 0)
-        engine.gate.set()
+        gated.gate.set()
         until(lambda: batcher.tiles_computed == MAX_BATCH, "the running batch to finish")
-        until(lambda: access_status(caplog, how) is not None, "the access log line")
-    assert engine.calls == [MAX_BATCH]  # one batch: the one running when the client gave up
-    assert access_status(caplog, how) == ("CANCELLED" if how == "cancel" else "DEADLINE_EXCEEDED")
-    assert_serving(server, engine)
+        until(lambda: access_status(caplog, request_id) is not None, "the access log line")
+        assert gated.calls == [MAX_BATCH]  # one batch: the one running when the client gave up
+        status = access_status(caplog, request_id)
+        assert status == ("CANCELLED" if how == "cancel" else "DEADLINE_EXCEEDED")
+        assert_serving(server, gated)
 
 
 @pytest.mark.parametrize("stage", ["upload", "compute"])
