@@ -1,8 +1,9 @@
 """Faults around the server: clients that give up, SIGTERM under load, broken model files.
 
 Already covered elsewhere (not repeated here):
-- a cancelled call / an expired deadline leaves fewer tiles computed than the image has, and the
-  server keeps serving (test_service.py); the batcher drops undispatched tiles exactly
+- the library clients' cancel (AsyncUpscaleClient) and deadline (UpscaleClient with retries)
+  reach the server the same way: only the held batch is computed, and the server keeps serving
+  (test_service.py, with the same gate); the batcher drops undispatched tiles exactly
   (test_batcher.py, with a test engine);
 - rdn-serve drains 3 in-flight calls on SIGTERM and refuses new ones (test_main.py);
 - a missing or non-protobuf model file exits 1 with one line (test_main.py); every kind of bad
@@ -11,7 +12,8 @@ Already covered elsewhere (not repeated here):
 Added here, on the real server with the real engine:
 - cancel or deadline mid-request, cancel mid-stream (during the upload and during compute): the
   engine computes at most the one batch that was running, every other tile is dropped; measured
-  with the batcher's counters while a gate holds the engine's single worker thread;
+  with the batcher's counters while a gate holds the engine's single worker thread
+  (tests/server/gated.py);
 - SIGTERM while 16 clients keep calls in flight: no call the server had started fails, the
   others fail only in ways rdn-client retries, the process exits 0 within the grace period;
 - a truncated model file and a file that is not ONNX end rdn-serve start-up with one line.

@@ -13,7 +13,8 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import cv2
@@ -24,14 +25,21 @@ import pytest
 from onnx import TensorProto, helper
 
 from rdn.ensemble import N_TRANSFORMS, inverse_transform, transform
-from server.client import AsyncUpscaleClient, RetryPolicy, UpscaleClient, UpscaleError
+from server.client import (
+    AsyncUpscaleClient,
+    RetryPolicy,
+    UpscaleClient,
+    UpscaleError,
+    UpscaleResult,
+)
 from server.codec import decode_image, from_planar, to_planar
 from server.config import BatcherConfig, LimitsConfig, TilingConfig
 from server.engine import Engine
 from server.main import BackgroundServer
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.tiling import merge_tiles, plan_tiles, split_tiles
-from tests.server.loopback import NO_RETRY, PAD, TILE, loopback_config
+from tests.server.gated import call_held_at_the_gate, gated_server, until
+from tests.server.loopback import MAX_BATCH, NO_RETRY, PAD, TILE, loopback_config
 
 CALL_TIMEOUT = 60.0  # seconds: generous bound so a broken server fails the test, not hangs it
 
@@ -235,25 +243,38 @@ def test_large_answer_comes_back_in_chunks(
     assert "send it through UpscaleStream" in too_big.value.details
 
 
-def test_eight_concurrent_requests_all_correct(
-    server: BackgroundServer, engine: Engine, set5_dir: Path
+def test_eight_concurrent_requests_all_correct_and_batched_together(
+    tiny_onnx_x2: Path, engine: Engine, set5_dir: Path
 ) -> None:
+    """The engine is held on the first batch until all eight requests are queued: every later
+    engine call is full, so tiles of different requests share calls and each answer must
+    still get exactly its own tiles back."""
     images = [photo(set5_dir, 30 + 3 * i, 40 + 2 * i, y=10 * i) for i in range(8)]
-    calls_before = server.running.batcher.engine_calls
+    tiles = sum(plan_tiles(*img.shape[:2], TILE, PAD).count for img in images)  # 30
     with (
+        gated_server(loopback_config(tiny_onnx_x2), engine) as (server, gated),
         UpscaleClient(f"127.0.0.1:{server.port}", retry=NO_RETRY) as c,
         ThreadPoolExecutor(8) as pool,
     ):
+        batcher = server.running.batcher
         futures = [
             pool.submit(c.upscale, img, "raw", 0, f"c{i}", CALL_TIMEOUT)
             for i, img in enumerate(images)
         ]
-        results = [f.result() for f in futures]
+        until(
+            lambda: len(gated.calls) == 1 and batcher.queued_tiles == tiles - gated.calls[0],
+            "all eight requests queued behind the held first batch",
+        )
+        gated.gate.set()
+        results = [f.result(CALL_TIMEOUT) for f in futures]
+        first, rest = gated.calls[0], tiles - gated.calls[0]
+        assert batcher.engine_calls == len(gated.calls)
     for i, (img, result) in enumerate(zip(images, results, strict=True)):
         assert result.request_id == f"c{i}"
         assert_close_to(result.to_array(), tiled_reference(engine, img))
-    tiles = sum(r.tiles for r in results)
-    assert server.running.batcher.engine_calls - calls_before <= tiles
+    assert sum(r.tiles for r in results) == tiles
+    full, left = divmod(rest, MAX_BATCH)
+    assert gated.calls == [first] + [MAX_BATCH] * full + ([left] if left else [])
 
 
 def _wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
@@ -271,53 +292,70 @@ def access_records(caplog: pytest.LogCaptureFixture) -> dict[str, dict[str, obje
 def test_client_cancellation_drops_queued_tiles(
     tiny_onnx_x2: Path, engine: Engine, set5_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Cancelling the asyncio task of AsyncUpscaleClient.upscale cancels the call on the server:
+    with the engine held on the first tile, the other 24 are dropped and never computed."""
     caplog.set_level(logging.INFO, logger="rdn.access")
     config = loopback_config(tiny_onnx_x2, batcher=BatcherConfig(max_batch=1, max_delay_ms=0))
     rgb = photo(set5_dir, 160, 160)  # 25 tiles, one per engine call
-    with BackgroundServer(config, engine) as bg:
+    with gated_server(config, engine) as (bg, gated):
         batcher = bg.running.batcher
 
         async def cancel_mid_flight() -> None:
             async with AsyncUpscaleClient(f"127.0.0.1:{bg.port}", retry=NO_RETRY) as c:
                 call = c.upscale(rgb, "raw", request_id="to-cancel", timeout=CALL_TIMEOUT)
                 task = asyncio.ensure_future(call)
-                while batcher.tiles_computed == 0:
+                while not gated.calls:  # bounded by bg.call's timeout
                     await asyncio.sleep(0.002)
                 task.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await task
 
         bg.call(cancel_mid_flight(), timeout=CALL_TIMEOUT)  # one event loop for grpc.aio
-        _wait_until(lambda: batcher.queued_tiles == 0 and batcher.pending_requests == 0)
-        time.sleep(0.2)  # a batcher that kept going would compute more tiles meanwhile
-        assert batcher.tiles_computed < 25
-        _wait_until(lambda: "to-cancel" in access_records(caplog))
+        until(lambda: batcher.tiles_dropped == 24, "the 24 queued tiles to be dropped")
+        assert (batcher.queued_tiles, batcher.pending_requests) == (0, 0)
+        until(lambda: "to-cancel" in access_records(caplog), "the access log line")
         assert access_records(caplog)["to-cancel"]["status"] == "CANCELLED"
+        gated.gate.set()
         with UpscaleClient(f"127.0.0.1:{bg.port}", retry=NO_RETRY) as again:
             small = photo(set5_dir, 20, 20)
             assert_close_to(again.upscale(small, "raw").to_array(), tiled_reference(engine, small))
+        assert gated.calls == [1, 1]  # the tile held at the cancel, then the small image's
+        assert batcher.tiles_computed == 2
 
 
 def test_deadline_exceeded_then_server_keeps_serving(
     tiny_onnx_x2: Path, engine: Engine, set5_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """UpscaleClient (retries allowed) reports DEADLINE_EXCEEDED; the server drops the tiles
+    queued behind the batch held at the deadline, and answers the next call."""
     caplog.set_level(logging.INFO, logger="rdn.access")
     config = loopback_config(tiny_onnx_x2, batcher=BatcherConfig(max_batch=1, max_delay_ms=0))
-    rgb = photo(set5_dir, 400, 400, name="baby.png", y=0)  # 169 tiles = 169 engine calls
-    with (
-        BackgroundServer(config, engine) as bg,
-        UpscaleClient(f"127.0.0.1:{bg.port}", retry=RetryPolicy(max_attempts=3)) as c,
-    ):
-        with pytest.raises(UpscaleError) as late:
-            c.upscale(rgb, "raw", request_id="too-late", timeout=0.05)
-        assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-        _wait_until(lambda: "too-late" in access_records(caplog))
-        assert access_records(caplog)["too-late"]["status"] == "DEADLINE_EXCEEDED"
+    rgb = photo(set5_dir, 160, 160)  # 25 tiles, one per engine call
+
+    def start(
+        bg: BackgroundServer, stack: ExitStack, request_id: str, deadline: float
+    ) -> Future[UpscaleResult]:
+        target = f"127.0.0.1:{bg.port}"
+        c = stack.enter_context(UpscaleClient(target, retry=RetryPolicy(max_attempts=3)))
+        pool = stack.enter_context(ThreadPoolExecutor(1))
+        return pool.submit(c.upscale, rgb, "raw", 0, request_id, deadline)
+
+    with call_held_at_the_gate(config, engine, start, "too-late") as held:
+        bg, gated, request_id = held.server, held.gated, held.request_id
         batcher = bg.running.batcher
-        _wait_until(lambda: batcher.queued_tiles == 0)
-        assert batcher.tiles_computed < 169
-        small = photo(set5_dir, 20, 20)
-        assert_close_to(c.upscale(small, "raw").to_array(), tiled_reference(engine, small))
+        with pytest.raises(UpscaleError) as late:
+            held.call.result(CALL_TIMEOUT)  # the engine is held: the deadline passes first
+        assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        until(lambda: request_id in access_records(caplog), "the access log line")
+        assert access_records(caplog)[request_id]["status"] == "DEADLINE_EXCEEDED"
+        until(lambda: batcher.tiles_dropped == 24, "the 24 queued tiles to be dropped")
+        assert (batcher.queued_tiles, batcher.pending_requests) == (0, 0)
+        gated.gate.set()
+        with UpscaleClient(f"127.0.0.1:{bg.port}", retry=NO_RETRY) as again:
+            small = photo(set5_dir, 20, 20)
+            assert_close_to(again.upscale(small, "raw").to_array(), tiled_reference(engine, small))
+        assert gated.calls == [1, 1]  # the tile held at the deadline, then the small image's
+        assert batcher.tiles_computed == 2
 
 
 def test_deadline_while_uploading(server: BackgroundServer) -> None:
