@@ -2,9 +2,10 @@
 
 - 300 requests at concurrency 32 (PNG, JPEG, raw, RGBA, grey, streamed) all succeed, each
   answer the right size, and the queue ends empty;
-- with a small ``max_queue_tiles``, excess requests are refused at admission with
-  RESOURCE_EXHAUSTED and the retry hint: the refusals come back before any admitted request
-  finishes, the admitted ones all succeed, and the engine never sees a refused tile.
+- with a small ``max_queue_tiles`` filled while the engine is held at a gate, excess requests
+  are refused at admission with RESOURCE_EXHAUSTED and the retry hint: the refusals come back
+  while the admitted requests still wait, those all succeed, and the engine never sees a
+  refused tile.
 
 The long versions (5000 requests, a 10-minute soak with RSS samples) are in tests/bench/load.py.
 """
@@ -29,6 +30,7 @@ from server.engine import Engine
 from server.main import BackgroundServer
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.service import RETRY_AFTER_KEY
+from tests.server.gated import gated_server, until
 from tests.server.loopback import loopback_config
 
 CALL_TIMEOUT = 60.0  # seconds: bounds every call so a broken server fails instead of hanging
@@ -106,7 +108,6 @@ class Result:
     code: str
     answer: tuple[int, int, int] | None
     retry_hint: str | None
-    finished: float  # time.monotonic() when the call returned
 
 
 def call(stub: upscale_pb2_grpc.UpscalerStub, job: Job) -> Result:
@@ -118,9 +119,9 @@ def call(stub: upscale_pb2_grpc.UpscalerStub, job: Job) -> Result:
             response = stub.Upscale(job.request, timeout=CALL_TIMEOUT)
     except grpc.RpcError as e:
         hint = dict(e.trailing_metadata() or ()).get(RETRY_AFTER_KEY)
-        return Result(e.code().name, None, hint, time.monotonic())
+        return Result(e.code().name, None, hint)
     answer = (response.width, response.height, response.channels)
-    return Result("OK", answer, None, time.monotonic())
+    return Result("OK", answer, None)
 
 
 @pytest.fixture
@@ -161,10 +162,10 @@ def test_300_requests_at_concurrency_32_all_succeed(
 def test_full_queue_refuses_at_admission_and_admitted_requests_succeed(
     tiny_onnx_x2: Path, engine: Engine, stub_for: Callable[[int], upscale_pb2_grpc.UpscalerStub]
 ) -> None:
-    """4 requests of 4 large tiles fill a 16-tile queue drained one tile at a time; 16 more sent
-    meanwhile are refused. Tiles of 128 px make each engine call take tens of milliseconds, so
-    the queue stays full while the overflow wave arrives; the assertions are about order."""
-    tile, limit = 128, 16
+    """4 requests of 4 tiles fill a 16-tile queue while the engine is held on their first tile;
+    16 more sent meanwhile are all refused, and come back while the first four are still
+    waiting for the engine."""
+    tile, limit = 32, 16
     cfg = config(
         tiny_onnx_x2,
         tiling=TilingConfig(tile=tile, pad=4),
@@ -172,7 +173,7 @@ def test_full_queue_refuses_at_admission_and_admitted_requests_succeed(
     )
     image = pixels(2 * tile, 2 * tile)  # 4 tiles
     job = Job(raw_request(image), False, (4 * tile, 4 * tile, 3))
-    with BackgroundServer(cfg, engine) as bg, ThreadPoolExecutor(20) as pool:
+    with ThreadPoolExecutor(20) as pool, gated_server(cfg, engine) as (bg, gated):
         stub, batcher = stub_for(bg.port), bg.running.batcher
         peak = [0]
         sampling = threading.Event()
@@ -185,22 +186,20 @@ def test_full_queue_refuses_at_admission_and_admitted_requests_succeed(
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         first = [pool.submit(call, stub, job) for _ in range(4)]
-        deadline = time.monotonic() + CALL_TIMEOUT
-        # All four admitted: their 16 tiles are queued, computed or in the one running batch.
-        while batcher.queued_tiles + batcher.tiles_computed < limit - 1:
-            assert time.monotonic() < deadline, "the first four requests never reached the queue"
-            time.sleep(0.001)
-        wave = [pool.submit(call, stub, job) for _ in range(16)]
-        results = [f.result() for f in [*first, *wave]]
+        # All four admitted: one tile held at the gate, the other 15 queued.
+        until(
+            lambda: gated.calls == [1] and batcher.queued_tiles == limit - 1,
+            "the first four requests to fill the queue",
+        )
+        wave = [f.result(CALL_TIMEOUT) for f in [pool.submit(call, stub, job) for _ in range(16)]]
+        assert not any(f.done() for f in first)  # refused at admission, not after a wait
+        gated.gate.set()
+        admitted = [f.result(CALL_TIMEOUT) for f in first]
         sampling.set()
         sampler.join()
         computed, dropped = batcher.tiles_computed, batcher.tiles_dropped
-    admitted = [r for r in results if r.code == "OK"]
-    refused = [r for r in results if r.code != "OK"]
+    assert [r.code for r in admitted] == ["OK"] * 4
     assert all(r.answer == job.answer for r in admitted)
-    assert {(r.code, r.retry_hint) for r in refused} == {("RESOURCE_EXHAUSTED", "100")}
-    assert len(admitted) >= 4 and len(refused) >= 8
-    # Refused at admission: every refusal returned before the first admitted call finished.
-    assert max(r.finished for r in refused) < min(r.finished for r in admitted)
-    assert computed == 4 * len(admitted) and dropped == 0  # no refused tile reached the engine
+    assert [(r.code, r.retry_hint) for r in wave] == [("RESOURCE_EXHAUSTED", "100")] * 16
+    assert computed == 4 * 4 and dropped == 0  # no refused tile reached the engine
     assert peak[0] <= limit
