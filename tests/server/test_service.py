@@ -252,9 +252,9 @@ def test_eight_concurrent_requests_all_correct_and_batched_together(
     images = [photo(set5_dir, 30 + 3 * i, 40 + 2 * i, y=10 * i) for i in range(8)]
     tiles = sum(plan_tiles(*img.shape[:2], TILE, PAD).count for img in images)  # 30
     with (
+        ThreadPoolExecutor(8) as pool,
         gated_server(loopback_config(tiny_onnx_x2), engine) as (server, gated),
         UpscaleClient(f"127.0.0.1:{server.port}", retry=NO_RETRY) as c,
-        ThreadPoolExecutor(8) as pool,
     ):
         batcher = server.running.batcher
         futures = [
