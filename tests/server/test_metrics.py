@@ -29,6 +29,7 @@ from server.engine import Engine
 from server.main import BackgroundServer, ServerStartError, build_parser, config_from_args
 from server.metrics import batch_size_bounds, cumulative_buckets
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
+from tests.server.gated import gated_server, until
 from tests.server.loopback import MAX_BATCH, NO_RETRY, loopback_config
 
 CALL_TIMEOUT = 60.0  # seconds: a broken server fails the test instead of hanging it
@@ -205,40 +206,40 @@ def test_inflight_request_is_visible_while_its_upload_is_open(server: Background
 
 
 def test_cancelled_request_counts_dropped_tiles(
-    server: BackgroundServer, client: UpscaleClient, set5_dir: Path
+    tiny_onnx_x2: Path, engine: Engine, set5_dir: Path
 ) -> None:
-    port = metrics_port(server)
-    batcher = server.running.batcher  # type: ignore[union-attr]
-    image = photo(set5_dir, 400, 400)  # 13 x 13 = 169 tiles: 43 engine calls
-    before = scrape(port)
+    """A stream cancelled while the engine is held on its first batch: the tiles queued behind
+    it are counted as dropped, the held batch as computed."""
+    image = photo(set5_dir, 400, 400)  # 13 x 13 = 169 tiles
+    # The image travels in chunks of chunk_tiles() tiles, IN_FLIGHT of them queued at once; the
+    # held first batch keeps the first chunk from finishing, so no later chunk is submitted.
+    submitted = IN_FLIGHT * chunk_tiles(MAX_BATCH)
+    with gated_server(server_config(tiny_onnx_x2), engine) as (bg, gated):
+        port, batcher = metrics_port(bg), bg.running.batcher
+        before = scrape(port)
 
-    async def cancel_mid_flight() -> None:
-        async with AsyncUpscaleClient(f"127.0.0.1:{server.port}", retry=NO_RETRY) as c:
-            computed = batcher.tiles_computed
-            call = c.upscale(image, "raw", timeout=CALL_TIMEOUT, stream=True)
-            task = asyncio.ensure_future(call)
-            while batcher.tiles_computed == computed:
-                await asyncio.sleep(0.002)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+        async def cancel_mid_flight() -> None:
+            async with AsyncUpscaleClient(f"127.0.0.1:{bg.port}", retry=NO_RETRY) as c:
+                call = c.upscale(image, "raw", timeout=CALL_TIMEOUT, stream=True)
+                task = asyncio.ensure_future(call)
+                while not (gated.calls and batcher.queued_tiles == submitted - MAX_BATCH):
+                    await asyncio.sleep(0.002)  # bounded by bg.call's timeout
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
 
-    server.call(cancel_mid_flight(), timeout=CALL_TIMEOUT)
-    # The batch running at the cancel finishes later; the engine runs one batch at a time,
-    # so once a one-tile follow-up is answered that batch has been counted.
-    assert client.upscale(photo(set5_dir, 20, 20), "raw", timeout=CALL_TIMEOUT).tiles == 1
-    cancelled = {"method": "UpscaleStream", "code": "CANCELLED"}
-    after = scrape_until(port, lambda s: delta(before, s, "rdn_requests_total", **cancelled) == 1)
+        bg.call(cancel_mid_flight(), timeout=CALL_TIMEOUT)
+        until(lambda: batcher.tiles_dropped == submitted - MAX_BATCH, "the queued tiles dropped")
+        gated.gate.set()
+        until(lambda: batcher.tiles_computed == MAX_BATCH, "the held batch to finish")
+        cancelled = {"method": "UpscaleStream", "code": "CANCELLED"}
+        after = scrape_until(
+            port, lambda s: delta(before, s, "rdn_requests_total", **cancelled) == 1
+        )
+        assert gated.calls == [MAX_BATCH]
     assert delta(before, after, "rdn_requests_total", **cancelled) == 1
-    dropped = delta(before, after, "rdn_tiles_dropped_total")
-    computed = delta(before, after, "rdn_tiles_computed_total")
-    assert dropped > 0
-    # Every submitted tile either ran or was dropped, none twice. The image travels in chunks of
-    # chunk_tiles() tiles, at most IN_FLIGHT of them queued, so a cancel can come before the
-    # later chunks were ever submitted: the submitted tiles are a whole number of chunks.
-    size = chunk_tiles(MAX_BATCH)
-    submitted = {min(169, k * size) for k in range(1, IN_FLIGHT + 1)} | {169}
-    assert dropped + computed - 1 in submitted  # the 1 is the follow-up request's tile
+    assert delta(before, after, "rdn_tiles_dropped_total") == submitted - MAX_BATCH
+    assert delta(before, after, "rdn_tiles_computed_total") == MAX_BATCH
     assert value(after, "rdn_tiles_dropped_total") == batcher.tiles_dropped
 
 
