@@ -35,7 +35,8 @@ from server.config import BatcherConfig, ServerConfig, TilingConfig
 from server.engine import Engine
 from server.main import BackgroundServer
 from server.pb.rdn.v1 import upscale_pb2
-from tests.server.loopback import loopback_config
+from tests.server.gated import gated_server, until
+from tests.server.loopback import NO_RETRY, loopback_config
 
 CLI_TIMEOUT = 60  # seconds per subprocess
 RDN_CLIENT = Path(sys.executable).with_name("rdn-client")  # the declared console script
@@ -54,6 +55,16 @@ def small_png(set5_dir: Path, name: str, height: int, width: int) -> bytes:
     ok, data = cv2.imencode(".png", bgr)
     assert ok
     return data.tobytes()
+
+
+def access_statuses(caplog: pytest.LogCaptureFixture) -> dict[str, list[str]]:
+    """request_id -> the statuses of its access lines so far, in order."""
+    statuses: dict[str, list[str]] = {}
+    for record in list(caplog.records):
+        if record.name == "rdn.access":
+            fields = record.fields
+            statuses.setdefault(str(fields.get("request_id")), []).append(str(fields["status"]))
+    return statuses
 
 
 # ------------------------------------------------------------------------- pure helpers
@@ -169,14 +180,23 @@ def test_round_robin_spreads_calls_over_replicas(
         BackgroundServer(config(tiny_onnx_x2), engine) as first,
         BackgroundServer(config(tiny_onnx_x2), engine) as second,
     ):
+
+        def served() -> list[int]:  # calls answered by each replica (one tile each)
+            return [bg.running.batcher.tiles_computed for bg in (first, second)]  # type: ignore[union-attr]
+
         target = f"ipv4:127.0.0.1:{first.port},127.0.0.1:{second.port}"
-        with UpscaleClient(target, lb="round_robin") as client:
-            client.health(timeout=10)  # both subchannels connect before the count starts
+        with UpscaleClient(target, lb="round_robin", retry=NO_RETRY) as client:
+            # round_robin picks among READY subchannels only: call until both have answered
+            # (pick_first never gets there), then each next pick alternates between the two.
+            deadline = time.monotonic() + 30
+            while min(served()) == 0:
+                assert time.monotonic() < deadline, f"a replica never got a call: {served()}"
+                assert client.upscale(image, timeout=30).tiles == 1
+            warm = served()
             for _ in range(6):
                 assert client.upscale(image, timeout=30).tiles == 1
-        served = [bg.running.batcher.tiles_computed for bg in (first, second)]  # type: ignore[union-attr]
-    assert sum(served) == 6
-    assert min(served) >= 2, served  # pick_first would send all 6 to one replica
+            after = served()
+    assert [a - w for a, w in zip(after, warm, strict=True)] == [3, 3], (warm, after)
 
 
 def test_full_queue_is_retried_until_it_has_room(
@@ -184,38 +204,43 @@ def test_full_queue_is_retried_until_it_has_room(
 ) -> None:
     caplog.set_level(logging.INFO, logger="rdn.access")
     # Queue of 100 tiles of 16x16, one tile per engine call: a 160x160 image (100 tiles) fills
-    # it, and a 144x144 one (81 tiles) is refused until at most 19 tiles are left queued.
+    # it while the engine is held on its first tile, so a 144x144 one (81 tiles, sent in chunks
+    # of 64) is refused until the gate opens and the queue drains.
     tight = config(
         tiny_onnx_x2,
         tiling=TilingConfig(tile=16, pad=2),
         batcher=BatcherConfig(max_batch=1, max_delay_ms=0, max_queue_tiles=100),
     )
-    retry = RetryPolicy(max_attempts=50, initial_backoff_s=0.02, max_backoff_s=0.1)
+    # Retried until the 60 s deadline rather than a count of attempts: the drain takes as
+    # long as this machine needs for ~60 engine calls.
+    retry = RetryPolicy(max_attempts=1000, initial_backoff_s=0.02, max_backoff_s=0.1)
     first = cv2.imread(str(set5_dir / "baby.png"), cv2.IMREAD_COLOR)[:160, :160]
     second = cv2.imread(str(set5_dir / "baby.png"), cv2.IMREAD_COLOR)[200:344, 200:344]
     with (
-        BackgroundServer(tight, engine) as bg,
+        ThreadPoolExecutor(2) as pool,
+        gated_server(tight, engine) as (bg, gated),
         UpscaleClient(f"127.0.0.1:{bg.port}", retry=retry) as client,
-        ThreadPoolExecutor(1) as pool,
     ):
         filling = pool.submit(client.upscale, first, "raw", 0, "first", 60)
         batcher = bg.running.batcher
-        deadline = time.monotonic() + 30
-        while batcher.queued_tiles < 90:
-            assert time.monotonic() < deadline and not filling.done()
-            time.sleep(0.001)
-        waited = client.upscale(second, "raw", request_id="second", timeout=60)
-        assert filling.result(60).width == 320 and waited.width == 288
+        until(
+            lambda: gated.calls == [1] and batcher.queued_tiles == 99,
+            "the first image to fill the queue",
+        )
+        waiting = pool.submit(client.upscale, second, "raw", 0, "second", 60)
+        until(lambda: "second" in access_statuses(caplog), "the second image to be refused")
+        gated.gate.set()
+        assert filling.result(60).width == 320 and waiting.result(60).width == 288
         with pytest.raises(UpscaleError) as never:  # 121 tiles can never fit: not retried
             client.upscale(np.zeros((176, 176, 3), np.uint8), "raw", request_id="never")
         assert client.info(timeout=10).scale == 2  # a later call: access lines are written
     assert never.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "needs 121 tiles" in never.value.details and "--max-queue-tiles" in never.value.details
-    calls = [r.fields for r in caplog.records if r.name == "rdn.access"]
-    second_calls = [c["status"] for c in calls if c.get("request_id") == "second"]
+    statuses = access_statuses(caplog)
+    second_calls = statuses["second"]
     assert second_calls[-1] == "OK"
     assert len(second_calls) >= 2 and set(second_calls[:-1]) == {"RESOURCE_EXHAUSTED"}
-    assert [c["status"] for c in calls if c.get("request_id") == "never"] == ["RESOURCE_EXHAUSTED"]
+    assert statuses["never"] == ["RESOURCE_EXHAUSTED"]
 
 
 def test_image_too_large_is_not_retried(
