@@ -232,10 +232,16 @@ class AccessRecord:
             self._observer.finished(self)
 
 
+# The server's deadline clock starts when it reads the request, after the client's: a client
+# whose deadline expired cancels the call while the server still sees a little time left.
+DEADLINE_SLACK_S = 0.1
+
+
 def _ended_status(context: grpc.aio.ServicerContext) -> str:
     """CANCELLED or DEADLINE_EXCEEDED for a handler cancelled by grpc.aio."""
     remaining = context.time_remaining()
-    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    expired = remaining is not None and remaining <= DEADLINE_SLACK_S
+    return "DEADLINE_EXCEEDED" if expired else "CANCELLED"
 
 
 async def _abort(error: Exception, context: grpc.aio.ServicerContext, record: AccessRecord) -> None:
