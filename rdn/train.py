@@ -797,8 +797,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise CheckpointError(
                     f"checkpoint {out / LAST}: no train_config; not from rdn-train"
                 )
+            # The run's own --init (a config file repeats it) is fine: the checkpoint supersedes
+            # it. Another one would silently not be used, so it is refused.
             if options.get("init") is not None:
-                raise UsageError("--init and --resume exclude each other")
+                given = str(Path(options["init"]).expanduser().resolve())
+                if given != stored.get("init"):
+                    raise UsageError(
+                        f"--init {given} is not this run's --init ({stored.get('init')}); "
+                        f"--resume continues from {out / LAST}"
+                    )
             options = {**stored_train_config(stored), **options}
         cfg = make_train_config(options)
     except UsageError as e:

@@ -243,6 +243,22 @@ def test_init_loads_matching_tensors_only(
     assert load_checkpoint(run / "last.pt")["bn_frozen"] is True  # frozen state came along
 
 
+def test_resume_accepts_the_runs_own_init_and_refuses_another(
+    tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A config file with ``init`` (configs/default_x4.toml) must still resume after a kill."""
+    run = tmp_path / "x4"
+    args = [*TINY, "--scale", "4", "--init", str(tiny_checkpoint), "--out", str(run)]
+    assert main([*args, "--steps", "1"]) == 0
+    assert main([*args, "--steps", "2", "--resume"]) == 0
+    assert load_checkpoint(run / "last.pt")["step"] == 2
+    capsys.readouterr()
+    other = tmp_path / "other.pt"
+    other.write_bytes(tiny_checkpoint.read_bytes())
+    assert main(["--init", str(other), "--out", str(run), "--resume", "--steps", "3"]) == 2
+    assert "is not this run's --init" in capsys.readouterr().err
+
+
 def test_validation_writes_metrics_and_best_checkpoint(tmp_path: Path, set5_dir: Path) -> None:
     val = tmp_path / "val"
     val.mkdir()
