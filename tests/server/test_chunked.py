@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from server.batcher import QueueFull, TileBatcher
 from server.chunked import (
     IN_FLIGHT,
     Chunk,
+    ChunkTimings,
     infer_chunked,
     plan_chunks,
     to_uint8,
@@ -120,6 +123,25 @@ class SlowEngine:
         return batch.repeat(2, axis=2).repeat(2, axis=3)
 
 
+def doubled(
+    batcher: TileBatcher, rgb: np.ndarray, canvas: np.ndarray, chunk_size: int, request_id: str
+) -> Coroutine[Any, Any, ChunkTimings]:
+    """Chunked x2 inference of ``rgb`` into ``canvas`` with plain tiles (for SlowEngine)."""
+    return infer_chunked(
+        batcher,
+        [rgb.transpose(2, 0, 1)],
+        [canvas.transpose(2, 0, 1)],
+        tile=TILE,
+        pad=PAD,
+        scale=2,
+        ensemble=False,
+        chunk_size=chunk_size,
+        request_id=request_id,
+        to_model=to_unit_float,
+        from_model=to_uint8,
+    )
+
+
 def test_cancelling_drops_queued_tiles_and_a_refused_chunk_fails_the_request() -> None:
     rgb = photo_like(32, 32)  # 16 tiles of 8; chunks of 4
 
@@ -131,21 +153,7 @@ def test_cancelling_drops_queued_tiles_and_a_refused_chunk_fails_the_request() -
         canvas = np.zeros((64, 64, 3), np.uint8)
 
         def call(request_id: str) -> asyncio.Future[object]:
-            return asyncio.ensure_future(
-                infer_chunked(
-                    batcher,
-                    [rgb.transpose(2, 0, 1)],
-                    [canvas.transpose(2, 0, 1)],
-                    tile=TILE,
-                    pad=PAD,
-                    scale=2,
-                    ensemble=False,
-                    chunk_size=4,
-                    request_id=request_id,
-                    to_model=to_unit_float,
-                    from_model=to_uint8,
-                )
-            )
+            return asyncio.ensure_future(doubled(batcher, rgb, canvas, 4, request_id))
 
         try:
             # Cancelled mid-way: its queued tiles are dropped, none keeps reaching the engine.
@@ -185,22 +193,7 @@ def test_chunks_sharing_an_engine_call_are_charged_for_it_once() -> None:
         await batcher.start()
         canvas = np.zeros((64, 64, 3), np.uint8)
         try:
-            timings = await asyncio.wait_for(
-                infer_chunked(
-                    batcher,
-                    [rgb.transpose(2, 0, 1)],
-                    [canvas.transpose(2, 0, 1)],
-                    tile=TILE,
-                    pad=PAD,
-                    scale=2,
-                    ensemble=False,
-                    chunk_size=8,
-                    request_id="shared",
-                    to_model=to_unit_float,
-                    from_model=to_uint8,
-                ),
-                WAIT,
-            )
+            timings = await asyncio.wait_for(doubled(batcher, rgb, canvas, 8, "shared"), WAIT)
         finally:
             await asyncio.wait_for(batcher.stop(), WAIT)
         return timings.compute_seconds, batcher.engine_seconds, batcher.engine_calls
