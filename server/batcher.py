@@ -53,10 +53,14 @@ class BatcherStopped(RuntimeError):
 class TileResult:
     outputs: np.ndarray  # [n, 3, s*in, s*in] in the order submitted
     queue_seconds: float  # submit -> first tile dispatched
-    compute_seconds: float  # sum of engine time of the batches that carried its tiles
     # engine call number -> its seconds, for each batch that carried its tiles: callers that
     # split one job into several submissions sum distinct batches, not each submission's total
     batches: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def compute_seconds(self) -> float:
+        """Engine time of the batches that carried its tiles."""
+        return sum(self.batches.values())
 
 
 @dataclass(eq=False)
@@ -336,7 +340,6 @@ class TileBatcher:
                     TileResult(
                         outputs=request.outputs,
                         queue_seconds=request.first_dispatch - request.submitted,
-                        compute_seconds=sum(request.batches.values()),
                         batches=request.batches,
                     )
                 )
