@@ -81,6 +81,10 @@ class RequestError(ValueError):
     """A request is malformed (INVALID_ARGUMENT); the message says what is allowed."""
 
 
+class StreamEnded(RequestError):
+    """A request stream ended early (INVALID_ARGUMENT), unless a client's cancel follows it."""
+
+
 class RequestTooLarge(RequestError):
     """A request or its answer exceeds a size limit (RESOURCE_EXHAUSTED)."""
 
@@ -235,6 +239,8 @@ class AccessRecord:
 # The server's deadline clock starts when it reads the request, after the client's: a client
 # whose deadline expired cancels the call while the server still sees a little time left.
 DEADLINE_SLACK_S = 0.1
+# How long a request stream that ended early waits for the client's cancel (see _abort).
+CANCEL_GRACE_S = 0.25
 
 
 def _ended_status(context: grpc.aio.ServicerContext) -> str:
@@ -245,11 +251,12 @@ def _ended_status(context: grpc.aio.ServicerContext) -> str:
 
 
 async def _abort(error: Exception, context: grpc.aio.ServicerContext, record: AccessRecord) -> None:
-    # A client that cancels mid-upload ends its request stream (-> "truncated upload") just
-    # before grpc.aio cancels the handler: let a pending cancel land, so the call is logged and
-    # counted as the client's cancel rather than as its error.
+    # A client that cancels mid-upload ends its request stream (-> StreamEnded) before grpc.aio
+    # cancels the handler, and on a busy machine the cancel can take many loop turns to land:
+    # wait up to CANCEL_GRACE_S for it, so the call is logged and counted as the client's cancel
+    # rather than as its error. A client that really half-closed early gets its answer that late.
     try:
-        await asyncio.sleep(0)
+        await asyncio.sleep(CANCEL_GRACE_S if isinstance(error, StreamEnded) else 0)
     except asyncio.CancelledError:
         record.set(status=_ended_status(context))
         raise
@@ -492,7 +499,7 @@ async def receive_stream(
     """The header and the reassembled bytes of an UpscaleStream upload, strictly checked."""
     first = await anext(aiter(requests), None)
     if first is None:
-        raise RequestError("stream ended before its header; send an UpscaleChunk.header first")
+        raise StreamEnded("stream ended before its header; send an UpscaleChunk.header first")
     kind = first.WhichOneof("kind")
     if kind != "header":
         what = "a data chunk" if kind == "data" else f"{kind or 'an empty message'!s}"
@@ -539,7 +546,7 @@ async def receive_stream(
         buffer[filled:end] = chunk.data
         filled = end
     if filled < total:
-        raise RequestError(
+        raise StreamEnded(
             f"stream ended after {filled} of header.total_bytes={total} bytes (truncated upload)"
         )
     return header, bytes(buffer)  # the codec takes bytes (one copy, after the upload)
