@@ -28,6 +28,7 @@ import cv2
 import grpc
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from server.codec import to_planar
 from server.config import (
@@ -230,11 +231,14 @@ async def drive(
 def conv_flops(model: onnx.ModelProto, input_shape: Sequence[int]) -> int:
     """FLOPs of every Conv of ``model`` on one input of ``input_shape`` ([N, C, H, W]).
 
-    Per Conv: 2 * (Cin/group * kH * kW) * Cout * N * Hout * Wout, i.e. 2 FLOPs per
-    multiply-add, with the weight shape from the graph and the output shape from ONNX shape
-    inference on the fixed input shape. Nothing else is counted: bias adds, ReLU, residual
-    Add, Concat and DepthToSpace are memory traffic, not arithmetic (together under 1% of the
-    Conv FLOPs of an RDN), so a rate computed from this count slightly understates the work.
+    Per Conv: 2 * (non-zero weights) * N * Hout * Wout, i.e. 2 FLOPs per multiply-add by a
+    non-zero weight, with the weights from the graph's initializers and the output shape from
+    ONNX shape inference on the fixed input shape. A trained conv has no zero weights, so this
+    is 2 * (Cin/group * kH * kW) * Cout per output pixel; the exported RGB conv that runs before
+    the last pixel shuffle (export/subpixel.py) is mostly structural zeros and counts as the
+    high-resolution conv it replaces. Nothing else is counted: bias adds, ReLU, residual Add,
+    Concat and DepthToSpace are memory traffic, not arithmetic, so a rate computed from this
+    count slightly understates the work.
     """
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
@@ -256,6 +260,9 @@ def conv_flops(model: onnx.ModelProto, input_shape: Sequence[int]) -> int:
         shapes.setdefault(
             value.name, [d.dim_value if d.HasField("dim_value") else -1 for d in shape.dim]
         )
+    nonzero = {
+        t.name: int(np.count_nonzero(numpy_helper.to_array(t))) for t in model.graph.initializer
+    }
     total = 0
     for node in inferred.graph.node:
         if node.op_type != "Conv":
@@ -267,7 +274,9 @@ def conv_flops(model: onnx.ModelProto, input_shape: Sequence[int]) -> int:
                 f"output {output} unknown; cannot count its FLOPs"
             )
         n, _, h_out, w_out = output
-        total += 2 * math.prod(weight) * n * h_out * w_out  # weight = [Cout, Cin/group, kH, kW]
+        # weight = [Cout, Cin/group, kH, kW]: multiply-adds per output pixel, less the zeros
+        multiply_adds = nonzero.get(node.input[1], math.prod(weight))
+        total += 2 * multiply_adds * n * h_out * w_out
     return total
 
 

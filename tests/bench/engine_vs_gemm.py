@@ -2,8 +2,8 @@
 
 The work is the server's own engine call: ``max_batch`` tiles of ``tile + 2*pad`` LR pixels
 square (8 x [3, 80, 80] by default) cut from a photograph. Its FLOPs are counted from the ONNX
-graph (``common.conv_flops``: 2 per multiply-add of every Conv, at the shapes ONNX shape
-inference gives for that input; nothing else is counted). The yardstick is numpy's float32
+graph (``common.conv_flops``: 2 per multiply-add by a non-zero Conv weight, at the shapes ONNX
+shape inference gives for that input; nothing else is counted). The yardstick is numpy's float32
 2048^3 matrix product on the same machine in the same run, best of several, measured before
 and after the engine (the better of the two is used).
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             "gemm_gflops_before": round(gemm_before, 2),
             "gemm_gflops_after": round(gemm_after, 2),
             "gemm": f"numpy float32 {GEMM_SIZE}^3, best of {GEMM_REPEATS}",
-            "flops_counted": "Conv only, 2 per multiply-add",
+            "flops_counted": "Conv only, 2 per multiply-add by a non-zero weight",
             "repeats": args.repeats,
             "provider": provider,
             "quick": args.quick,

@@ -1,11 +1,12 @@
 """The served model in onnxruntime against the same network in torch eager (target >= 1.1).
 
 The torch network is rebuilt from the model file alone: ``rdn.config`` from its metadata gives
-the architecture (with ``norm="none"``: export folds every BatchNorm into the Conv before it),
-and the Conv weights and biases of the graph, in graph order, are copied into the network's
-Conv2d modules in module order (every shape is checked). Before anything is timed, torch must
-reproduce onnxruntime's output within 1e-4 on the benchmark's own tiles; otherwise the
-benchmark prints an error line and exits 1 instead of a ratio.
+the architecture (with ``norm="none"``: export folds every BatchNorm into the Conv before it,
+and runs the RGB conv before the last pixel shuffle, ``export.subpixel``), and the Conv
+weights and biases of the graph, in graph order, are copied into the network's Conv2d modules
+in module order (every shape is checked). Before anything is timed, torch must reproduce
+onnxruntime's output within 1e-4 on the benchmark's own tiles; otherwise the benchmark prints
+an error line and exits 1 instead of a ratio.
 
 Both run the tiles a 256x256 photograph is cut into, in the server's engine calls (max_batch
 tiles each), on the CPU with the same number of threads (``--threads``, else torch's default),
@@ -29,6 +30,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from export.metadata import read_model_metadata
+from export.subpixel import fold_rgb_before_shuffle
 from rdn.model import RDN, RDNConfig
 from server.config import EngineConfig
 from server.engine import Engine
@@ -93,8 +95,10 @@ def torch_from_onnx(path: Path) -> RDN:
     """The RDN of ``path``'s metadata with the graph's Conv parameters loaded, in eval mode."""
     config = {**read_model_metadata(path).config, "norm": "none"}
     model = RDN(RDNConfig(**config)).eval()
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     params = conv_parameters(onnx.load(str(path)))
+    if params and params[-1][1].shape[0] != 3:  # rdn-export runs the RGB conv before the shuffle
+        model = fold_rgb_before_shuffle(model)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if len(convs) != len(params):
         raise ValueError(
             f"model file {path}: {len(params)} Conv nodes, but RDN({config}) has {len(convs)} "

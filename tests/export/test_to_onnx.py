@@ -52,6 +52,13 @@ def test_graph_has_no_batchnorm_and_named_dynamic_io(
     assert count_op(model, "BatchNormalization") == 0
     assert count_op(model, "Conv") > 0
     assert count_op(model, "DepthToSpace") == (2 if scale == 4 else 1)
+    # the RGB conv runs before the last shuffle (export/subpixel.py): it moves 3 channels/pixel
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: v.type.tensor_type.shape.dim for v in inferred.graph.value_info}
+    last_shuffle = [n for n in inferred.graph.node if n.op_type == "DepthToSpace"][-1]
+    r = 2 if scale == 4 else scale
+    assert shapes[last_shuffle.input[0]][1].dim_value == 3 * r * r
+    assert last_shuffle.output[0] == "sr"
     (lr,) = model.graph.input
     (sr,) = model.graph.output
     assert (lr.name, sr.name) == ("lr", "sr")
