@@ -3,7 +3,7 @@
 An RDN ends in ``PixelShuffle(r)`` (ONNX DepthToSpace) of G*r*r feature channels, then a 3x3
 conv from G channels to RGB at high resolution. onnxruntime's CPU DepthToSpace is a plain
 element-wise copy outside its NCHWc layout: in onnxruntime's profile of the small model, it and
-the layout reorders around it took 12-14 % of an x2 batch and 28 % of an x4 one. The same 3x3 HR
+the layout reorders around it took 11-13 % of an x2 batch and 28 % of an x4 one. The same 3x3 HR
 conv can run *before* the shuffle, as a 3x3 conv at the lower resolution from G*r*r to 3*r*r
 channels; the shuffle then moves 3*r*r channels instead of G*r*r.
 
