@@ -11,6 +11,9 @@ Rules:
 - the engine runs in ONE worker thread, so the event loop keeps decoding, encoding and
   answering while it computes;
 - ``submit`` refuses at once (``QueueFull``) when accepting would exceed ``max_queue_tiles``;
+- ``reserve`` takes a whole request's queue capacity at admission: the chunks later submitted
+  against that ``Reservation`` are never refused for queue space, so a request that began
+  computing is never turned away half-way (queued tiles + reserved tiles <= max_queue_tiles);
 - when the awaiting task is cancelled, its tiles not yet in a batch are dropped; tiles already
   in a running batch finish and their results are discarded;
 - an engine error fails every request in that batch (``RuntimeError`` with the cause) and the
@@ -63,6 +66,32 @@ class TileResult:
         return sum(self.batches.values())
 
 
+class Reservation:
+    """Queue capacity held for one request's tiles until they are submitted or released."""
+
+    def __init__(self, batcher: TileBatcher, tiles: int) -> None:
+        self._batcher = batcher
+        self.tiles = tiles  # reserved and not yet submitted
+
+    def take(self, count: int) -> None:
+        """Move ``count`` reserved tiles into the queue (called by ``submit``)."""
+        if count > self.tiles:
+            raise ValueError(f"submitting {count} tiles against a reservation of {self.tiles}")
+        self.tiles -= count
+        self._batcher._held -= count
+
+    def release(self) -> None:
+        """Give back what was not submitted (idempotent)."""
+        self._batcher._held -= self.tiles
+        self.tiles = 0
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 @dataclass(eq=False)
 class _Request:
     """One submitted request: its tiles, how far dispatch got, where the outputs go."""
@@ -103,6 +132,7 @@ class TileBatcher:
         self._config = config
         self._pending: collections.deque[_Request] = collections.deque()  # rotation order
         self._queued = 0  # tiles submitted but not yet in a batch
+        self._held = 0  # tiles reserved by admitted requests and not yet submitted
         self._in_flight: list[_Request] = []  # requests with tiles in the running batch
         self._arrivals = 0  # submissions accepted so far; tells whether any came during a batch
         self._wakeup: asyncio.Event | None = None
@@ -127,6 +157,11 @@ class TileBatcher:
     def queued_tiles(self) -> int:
         """Tiles accepted but not yet put into a batch."""
         return self._queued
+
+    @property
+    def reserved_tiles(self) -> int:
+        """Tiles admitted requests hold in reserve (not yet submitted)."""
+        return self._held
 
     @property
     def pending_requests(self) -> int:
@@ -191,27 +226,50 @@ class TileBatcher:
                 self._executor.shutdown(wait=False)
 
     # -- requests -----------------------------------------------------------------------------
-    async def submit(self, tiles: np.ndarray, request_id: str = "") -> TileResult:
-        """Run ``tiles`` ([n, 3, in, in]) through the engine; outputs come back in order.
-
-        Raises ``QueueFull`` at once when the queue cannot take them, ``BatcherStopped`` when
-        the batcher is not running, ``RuntimeError`` when the engine failed on one of its
-        batches. Cancelling the awaiting task drops the tiles not yet dispatched.
-        """
+    def _check_accepting(self) -> None:
         if not self._accepting:
             raise BatcherStopped(
                 "tile batcher is not accepting requests (not started or shutting down); retry "
                 "on another server"
             )
+
+    def _check_room(self, count: int) -> None:
+        limit = self._config.max_queue_tiles
+        if self._queued + self._held + count > limit:
+            held = f" + {self._held} reserved" if self._held else ""
+            raise QueueFull(
+                f"queue full: {self._queued} tiles queued{held} + {count} requested > limit "
+                f"{limit}; retry later"
+            )
+
+    def reserve(self, tiles: int) -> Reservation:
+        """Hold queue capacity for a request's ``tiles`` now, or raise ``QueueFull`` at once.
+
+        Submit its chunks with ``reservation=``; release what is left when the request ends.
+        """
+        self._check_accepting()
+        self._check_room(tiles)
+        self._held += tiles
+        return Reservation(self, tiles)
+
+    async def submit(
+        self, tiles: np.ndarray, request_id: str = "", reservation: Reservation | None = None
+    ) -> TileResult:
+        """Run ``tiles`` ([n, 3, in, in]) through the engine; outputs come back in order.
+
+        Raises ``QueueFull`` at once when the queue cannot take them (never for tiles covered
+        by ``reservation``), ``BatcherStopped`` when the batcher is not running,
+        ``RuntimeError`` when the engine failed on one of its batches. Cancelling the awaiting
+        task drops the tiles not yet dispatched.
+        """
+        self._check_accepting()
         if not isinstance(tiles, np.ndarray) or tiles.ndim != 4 or len(tiles) == 0:
             shape = getattr(tiles, "shape", type(tiles).__name__)
             raise ValueError(f"submit needs a non-empty [n, 3, h, w] tile array, got {shape}")
-        limit = self._config.max_queue_tiles
-        if self._queued + len(tiles) > limit:
-            raise QueueFull(
-                f"queue full: {self._queued} tiles queued + {len(tiles)} requested > limit "
-                f"{limit}; retry later"
-            )
+        if reservation is None:
+            self._check_room(len(tiles))
+        else:
+            reservation.take(len(tiles))
         loop = asyncio.get_running_loop()
         request = _Request(request_id, tiles, loop.create_future(), time.perf_counter())
         self._pending.append(request)

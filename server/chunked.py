@@ -8,8 +8,10 @@ as soon as they come back, so besides the source and the answer at most ``IN_FLI
 of tiles and outputs are alive per request. Two chunks are in flight so a lone request keeps
 the engine busy: chunk k+1 waits in the queue while chunk k is stitched.
 
-Every chunk goes through ``submit``, which refuses it (``QueueFull``) when the queue cannot take
-it; cancelling the caller cancels the chunk tasks in flight, which drops their queued tiles.
+Every chunk goes through ``submit``; a caller that reserved the request's tiles at admission
+(``TileBatcher.reserve``) passes the reservation, so no chunk is refused for queue space
+(without one, ``submit`` refuses a chunk the queue cannot take with ``QueueFull``);
+cancelling the caller cancels the chunk tasks in flight, which drops their queued tiles.
 Results are bit-identical to tiling the whole image: splitting and merging are per-tile copies,
 and the value conversions (``to_model``, ``from_model``) are element-wise.
 """
@@ -25,7 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from rdn.ensemble import N_TRANSFORMS, inverse_transform, transform
-from server.batcher import TileResult
+from server.batcher import Reservation, TileResult
 from server.tiling import merge_tile_range_into, plan_tiles, split_tile_range
 
 CHUNK_MIN_TILES = 64  # a chunk is at least this many tiles ...
@@ -36,7 +38,9 @@ IN_FLIGHT = 2  # chunks of one request submitted and not yet stitched
 class TileSource(Protocol):
     """What chunked inference needs from the batcher (``server.batcher.TileBatcher`` is one)."""
 
-    async def submit(self, tiles: np.ndarray, request_id: str = "") -> TileResult: ...
+    async def submit(
+        self, tiles: np.ndarray, request_id: str = "", reservation: Reservation | None = None
+    ) -> TileResult: ...
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,7 @@ async def infer_chunked(
     ensemble: bool,
     chunk_size: int,
     request_id: str,
+    reservation: Reservation | None = None,
     to_model: Callable[[np.ndarray], np.ndarray] = _identity,
     from_model: Callable[[np.ndarray], np.ndarray] = _identity,
 ) -> ChunkTimings:
@@ -187,7 +192,8 @@ async def infer_chunked(
     try:
         for chunk in chunks:
             tiles = await asyncio.to_thread(split, chunk)
-            flight.append((chunk, asyncio.ensure_future(batcher.submit(tiles, request_id))))
+            submitted = batcher.submit(tiles, request_id, reservation)
+            flight.append((chunk, asyncio.ensure_future(submitted)))
             del tiles
             if len(flight) == IN_FLIGHT:
                 await finish_oldest()

@@ -44,6 +44,9 @@ MAX_CHUNK_BYTES = 1 * 2**20  # data per stream message: far below any sane messa
 MAX_SCALE = 4  # largest upscaling factor, assumed until a response tells the real one
 RETRY_AFTER_KEY = "rdn-retry-after-ms"  # trailer server/service.py sets on transient overload
 LB_POLICIES = ("pick_first", "round_robin")
+MAX_CHANNELS = 4  # RGBA
+UNKNOWN_INPUT_ANSWER_BYTES = 2**32  # cap on an answer when the input's size could not be read
+ENCODING_SLACK_BYTES = 2**20  # a PNG may be a little larger than its raw pixels
 
 FORMATS: dict[str, int] = {
     "png": upscale_pb2.OUTPUT_FORMAT_PNG,
@@ -61,6 +64,11 @@ FORMAT_NAMES: dict[int, str] = {
 }
 EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "raw": ".raw"}
 CLI_FORMATS = ("png", "jpeg", "webp")
+
+
+class AnswerError(ValueError):
+    """The server's answer is inconsistent with itself or with the request (a broken or
+    hostile server); the clients raise it as ``UpscaleError`` with DATA_LOSS."""
 
 
 class UpscaleError(Exception):
@@ -161,6 +169,34 @@ def estimated_response_bytes(payload: Payload, scale: int) -> int:
     return payload.estimated_output_pixels * scale * scale * payload.channels
 
 
+def max_answer_bytes(payload: Payload) -> int:
+    """The most image bytes an answer to ``payload`` can hold: its pixels at the largest scale,
+    4 channels, plus encoding slack (a PNG of noise is a little larger than raw)."""
+    pixels = payload.estimated_output_pixels
+    if pixels == 0:
+        return UNKNOWN_INPUT_ANSWER_BYTES
+    raw = pixels * MAX_SCALE * MAX_SCALE * MAX_CHANNELS
+    return raw + raw // 64 + ENCODING_SLACK_BYTES
+
+
+def check_answer(response: upscale_pb2.UpscaleResponse, max_bytes: int) -> None:
+    """Raise ``AnswerError`` unless the answer's sizes are ones the request can produce."""
+    if response.channels not in (1, 3, MAX_CHANNELS):
+        raise AnswerError(f"the answer claims {response.channels} channels; expected 1, 3 or 4")
+    if response.total_bytes > max_bytes:
+        raise AnswerError(
+            f"the answer announces {response.total_bytes} bytes, more than this request can "
+            f"produce ({max_bytes})"
+        )
+    if FORMAT_NAMES.get(response.format) == "raw":
+        expected = response.width * response.height * response.channels
+        if response.total_bytes != expected:
+            raise AnswerError(
+                f"the raw answer announces {response.total_bytes} bytes for "
+                f"{response.width}x{response.height}x{response.channels} (= {expected})"
+            )
+
+
 def format_number(output_format: str) -> int:
     """The OutputFormat enum value of a format name."""
     try:
@@ -226,44 +262,66 @@ def result_from_response(response: upscale_pb2.UpscaleResponse, streamed: bool) 
 
 
 class StreamAssembler:
-    """Rebuilds an UpscaleResult from UpscaleStream's answer: result first, then data chunks."""
+    """Rebuilds an UpscaleResult from UpscaleStream's answer: result first, then data chunks.
 
-    def __init__(self) -> None:
+    Sizes the server announces are checked against ``max_bytes`` (what the request can
+    produce, ``max_answer_bytes``) before anything is stored, and memory grows only with the
+    bytes received. Every inconsistency raises ``AnswerError``.
+    """
+
+    def __init__(self, max_bytes: int = UNKNOWN_INPUT_ANSWER_BYTES) -> None:
+        self._max_bytes = max_bytes
         self._head: upscale_pb2.UpscaleResponse | None = None
-        self._buffer = bytearray()
+        self._parts: list[bytes] = []
         self._filled = 0
 
     def add(self, message: upscale_pb2.UpscaleChunk) -> None:
         kind = message.WhichOneof("kind")
         if self._head is None:
             if kind != "result":
-                raise ValueError(f"stream answer began with {kind!r}, expected 'result'")
+                raise AnswerError(f"stream answer began with {kind!r}, expected 'result'")
+            check_answer(message.result, self._max_bytes)
             self._head = message.result
-            self._buffer = bytearray(message.result.total_bytes)
             return
         if kind != "data":
-            raise ValueError(f"stream answer sent {kind!r} after its result, expected 'data'")
+            raise AnswerError(f"stream answer sent {kind!r} after its result, expected 'data'")
         chunk = message.data
+        total = self._head.total_bytes
         end = chunk.offset + len(chunk.data)
-        if chunk.offset != self._filled or end > len(self._buffer):
-            raise ValueError(
+        if chunk.offset != self._filled or end > total:
+            raise AnswerError(
                 f"stream answer chunk at offset {chunk.offset} (+{len(chunk.data)} bytes) does "
-                f"not follow byte {self._filled} of {len(self._buffer)}"
+                f"not follow byte {self._filled} of {total}"
             )
-        self._buffer[chunk.offset : end] = chunk.data
+        self._parts.append(chunk.data)
         self._filled = end
 
     def result(self) -> UpscaleResult:
         if self._head is None:
-            raise ValueError("stream answer ended before its result message")
-        if self._filled != len(self._buffer):
-            raise ValueError(
-                f"stream answer ended after {self._filled} of {len(self._buffer)} bytes"
+            raise AnswerError("stream answer ended before its result message")
+        if self._filled != self._head.total_bytes:
+            raise AnswerError(
+                f"stream answer ended after {self._filled} of {self._head.total_bytes} bytes"
             )
         response = upscale_pb2.UpscaleResponse()
         response.CopyFrom(self._head)
-        response.image = bytes(self._buffer)
+        response.image = b"".join(self._parts)
         return result_from_response(response, streamed=True)
+
+
+def checked_unary(response: upscale_pb2.UpscaleResponse, payload: Payload) -> UpscaleResult:
+    """A unary answer as an UpscaleResult, its sizes checked as a stream's are."""
+    check_answer(response, max_answer_bytes(payload))
+    if len(response.image) != response.total_bytes:
+        raise AnswerError(
+            f"the answer holds {len(response.image)} image bytes but announces "
+            f"{response.total_bytes}"
+        )
+    return result_from_response(response, streamed=False)
+
+
+def _answer_failure(error: AnswerError) -> UpscaleError:
+    return UpscaleError(grpc.StatusCode.DATA_LOSS, f"broken answer from the server: {error}")
 
 
 def channel_options(max_message_bytes: int, lb: str | None = None) -> list[tuple[str, Any]]:
@@ -421,8 +479,10 @@ class UpscaleClient:
                     response = self._stub.Upscale(
                         request, timeout=remaining, metadata=self._metadata
                     )
-                    result = result_from_response(response, streamed=False)
+                    result = checked_unary(response, payload)
                 return self._common.learn(result)
+            except AnswerError as e:
+                raise _answer_failure(e) from None
             except grpc.RpcError as e:
                 error, trailers = _error_from(e)
                 time.sleep(self._common.next_delay(attempt, error, trailers, deadline))
@@ -432,9 +492,14 @@ class UpscaleClient:
         self, payload: Payload, fmt: str, quality: int, request_id: str, timeout: float | None
     ) -> UpscaleResult:
         messages = stream_messages(payload, fmt, quality, request_id, self._common.chunk_bytes)
-        assembler = StreamAssembler()
-        for message in self._stub.UpscaleStream(messages, timeout=timeout, metadata=self._metadata):
-            assembler.add(message)
+        assembler = StreamAssembler(max_answer_bytes(payload))
+        call = self._stub.UpscaleStream(messages, timeout=timeout, metadata=self._metadata)
+        try:
+            for message in call:
+                assembler.add(message)
+        except AnswerError:
+            call.cancel()
+            raise
         return assembler.result()
 
     def info(self, timeout: float | None = None) -> upscale_pb2.ModelInfo:
@@ -515,8 +580,10 @@ class AsyncUpscaleClient:
                     response = await self._stub.Upscale(
                         request, timeout=remaining, metadata=self._metadata
                     )
-                    result = result_from_response(response, streamed=False)
+                    result = checked_unary(response, payload)
                 return self._common.learn(result)
+            except AnswerError as e:
+                raise _answer_failure(e) from None
             except grpc.RpcError as e:
                 error, trailers = _error_from(e)
                 await asyncio.sleep(self._common.next_delay(attempt, error, trailers, deadline))
@@ -527,11 +594,11 @@ class AsyncUpscaleClient:
     ) -> UpscaleResult:
         messages = stream_messages(payload, fmt, quality, request_id, self._common.chunk_bytes)
         call = self._stub.UpscaleStream(messages, timeout=timeout, metadata=self._metadata)
-        assembler = StreamAssembler()
+        assembler = StreamAssembler(max_answer_bytes(payload))
         try:
             async for message in call:
                 assembler.add(message)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, AnswerError):
             call.cancel()
             raise
         return assembler.result()

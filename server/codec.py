@@ -12,6 +12,15 @@ image over the pixel limit before OpenCV allocates its pixels, so a small file t
   8-bit; float or 32-bit integer samples are refused;
 - decoding work is bounded by the file: every PNG chunk must fit in the file (at most 65536
   chunks), a JPEG may have at most 256 scans (each scan is a pass over the whole image);
+- decoding memory is bounded by the pixel limit: a TIFF tile or strip may hold at most
+  ``max_pixels`` pixels of at most 4 samples of at most 16 bits (libtiff sizes its buffers from
+  the tile, not from the image), so no format needs more than ``DECODE_BYTES_PER_PIXEL`` bytes
+  per allowed pixel while it decodes (measured: tests/server/test_codec.py);
+- corrupt and truncated data is refused, never filled in: the decoders' warnings are errors.
+  libjpeg, behind OpenCV, fills a cut scan with grey and only warns, so every JPEG is first
+  decoded by libjpeg-turbo (simplejpeg, strict, at 1/8 scale: about a fifth of a full decode);
+  every TIFF strip or tile must lie inside the file, and a compressed TIFF is also decoded by
+  Pillow, which fails on the damaged data that libtiff behind OpenCV passes over;
 - JPEG EXIF orientation and the TIFF Orientation tag are applied; PNG and WebP pixels are used as
   stored; CMYK JPEG/TIFF are converted to RGB; a multi-page TIFF yields its first page.
 
@@ -30,6 +39,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps
 
 INPUT_FORMATS = ("png", "jpeg", "webp", "bmp", "tiff")
@@ -39,6 +49,9 @@ WEBP_MAX_SIDE = 16383  # pixels, a limit of the WebP bitstream
 JPEG_MAX_SIDE = 65535  # pixels, a limit of the JPEG frame header
 PNG_MAX_CHUNKS = 2**16  # a walk of ~50 ms; real files have a few hundred at most
 JPEG_MAX_SCANS = 256  # nvImageCodec's default limit against the many-scans DoS (cure53 report)
+TIFF_MAX_SAMPLES = 4  # samples per pixel: grey, grey+alpha, RGB, RGBA or CMYK
+TIFF_MAX_BITS = 16  # bits per sample (float and 32-bit samples are refused after decoding)
+DECODE_BYTES_PER_PIXEL = 24  # peak decode memory per pixel of the limit, any accepted format
 
 _ACCEPTED = "a PNG, JPEG, WebP, BMP or TIFF file"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -78,6 +91,8 @@ class _Header:
     jpeg_components: int = 3  # JPEG only: 1 grey, 3 YCbCr/RGB, 4 CMYK
     tiff_cmyk: bool = False  # TIFF only: PhotometricInterpretation = separated (CMYK)
     tiff_alpha: bool = False  # TIFF only: 8-bit with an alpha (ExtraSamples) channel
+    tiff_block_pixels: int = 0  # TIFF only: pixels of one tile or strip (libtiff's buffer)
+    tiff_compressed: bool = False  # TIFF only: Compression is not 1 (none)
     min_bytes: int = 0  # uncompressed BMP only: where its pixel rows end
 
 
@@ -252,7 +267,7 @@ def _bmp_header(data: bytes) -> _Header:
 
 
 def _tiff_header(data: bytes) -> _Header:
-    """Read width, height and photometric interpretation from the first IFD (page)."""
+    """Read the first IFD (page): size, layout, and where its strips or tiles lie."""
     order = "<" if data[:2] == b"II" else ">"
     n = len(data)
     if n < 8:
@@ -263,33 +278,71 @@ def _tiff_header(data: bytes) -> _Header:
     (count,) = struct.unpack(order + "H", data[ifd : ifd + 2])
     if ifd + 2 + 12 * count > n:
         raise _truncated("tiff", f"{n} bytes, the first directory ends at {ifd + 2 + 12 * count}")
-    tags: dict[int, int] = {}
+    tags: dict[int, np.ndarray] = {}
     for k in range(count):
         entry = ifd + 2 + 12 * k
         tag, kind, values = struct.unpack(order + "HHI", data[entry : entry + 8])
         if kind not in (3, 4) or values < 1:  # only SHORT and LONG tags matter here
             continue
         size = 2 if kind == 3 else 4
-        # The first value sits in the entry itself unless all values take more than 4 bytes.
+        # The values sit in the entry itself unless all of them take more than 4 bytes.
         where = (
             entry + 8
             if size * values <= 4
             else struct.unpack(order + "I", data[entry + 8 : entry + 12])[0]
         )
-        (tags[tag],) = struct.unpack(
-            order + ("H" if kind == 3 else "I"), data[where : where + size]
-        )
+        if where + size * values > n:
+            raise _truncated("tiff", f"{n} bytes, tag {tag} ends at {where + size * values}")
+        dtype = np.dtype(order + ("u2" if kind == 3 else "u4"))
+        tags[tag] = np.frombuffer(data, dtype, values, where).astype(np.int64)
+
+    def first(tag: int, default: int) -> int:
+        return int(tags[tag][0]) if tag in tags else default
+
     if 256 not in tags or 257 not in tags:
         raise ImageError("TIFF data is corrupt: the first page has no ImageWidth/ImageLength")
+    width, height = first(256, 0), first(257, 0)
+    samples, bits = first(277, 1), int(tags[258].max()) if 258 in tags else 1
+    if bits > TIFF_MAX_BITS:
+        kind = "float" if first(339, 1) == 3 else "integer"
+        raise ImageError(
+            f"TIFF image has {kind} samples of {bits} bits ({kind}{bits} samples), which are not "
+            "accepted; send 8- or 16-bit integer images"
+        )
+    if samples > TIFF_MAX_SAMPLES:
+        raise ImageError(
+            f"TIFF image has {samples} samples per pixel; accepted: at most {TIFF_MAX_SAMPLES} "
+            "(grey, grey+alpha, RGB, RGBA or CMYK)"
+        )
+    tiled = 322 in tags or 323 in tags
+    if tiled:
+        block = first(322, 0) * first(323, 0)
+        offsets, counts = tags.get(324), tags.get(325)
+    else:  # libtiff clamps RowsPerStrip to the image
+        block = width * min(first(278, height), height)
+        offsets, counts = tags.get(273), tags.get(279)
+    if offsets is None or counts is None or len(offsets) != len(counts):
+        raise ImageError("TIFF data is corrupt: the first page's strip or tile table is missing")
+    ends = offsets + counts
+    if len(ends) and int(ends.max()) > n:
+        raise _truncated("tiff", f"{n} bytes, its image data runs to byte {int(ends.max())}")
     # libtiff's RGBA reader (used by OpenCV for 8-bit colour) premultiplies unassociated alpha,
     # and OpenCV drops the alpha of grey+alpha: such pages are read with Pillow instead.
-    alpha = tags.get(338) in (1, 2) and tags.get(258, 1) == 8
-    if tags.get(277, 1) == 2 and not alpha:
+    alpha = first(338, 0) in (1, 2) and bits == 8
+    if samples == 2 and not alpha:
         raise ImageError(
             "TIFF grey+alpha with 16-bit or unmarked alpha samples is not supported; send it as "
             "PNG or as an 8-bit TIFF"
         )
-    return _Header("tiff", tags[256], tags[257], tiff_cmyk=tags.get(262) == 5, tiff_alpha=alpha)
+    return _Header(
+        "tiff",
+        width,
+        height,
+        tiff_cmyk=first(262, 2) == 5,
+        tiff_alpha=alpha,
+        tiff_block_pixels=block,
+        tiff_compressed=first(259, 1) != 1,
+    )
 
 
 _HEADER_READERS = {
@@ -327,6 +380,12 @@ def read_header(data: bytes, max_pixels: int, max_bytes: int) -> _Header:
     except struct.error as e:  # a field read past the end
         raise _truncated(fmt, f"header cut short: {e}") from e
     _check_pixels(header.width, header.height, max_pixels, f"{fmt.upper()} image")
+    if header.tiff_block_pixels > max_pixels:
+        raise ImageTooLarge(
+            f"TIFF image is {header.width}x{header.height} but stored in tiles or strips of "
+            f"{header.tiff_block_pixels} pixels each, over the limit of {max_pixels} pixels "
+            "(the decoder allocates a whole tile); re-save it with smaller tiles or strips"
+        )
     if len(data) < header.min_bytes:
         raise _truncated(fmt, f"{len(data)} bytes, the pixel rows end at byte {header.min_bytes}")
     return header
@@ -383,10 +442,50 @@ def _check_decoded_size(pixels: np.ndarray, header: _Header) -> None:
         )
 
 
+def image_size(data: bytes, max_pixels: int, max_bytes: int) -> tuple[int, int]:
+    """(width, height) as the file header declares them, checked against the limits; no pixel
+    is decoded (the orientation tag may swap the two in the decoded image)."""
+    header = read_header(data, max_pixels, max_bytes)
+    return header.width, header.height
+
+
+def _check_jpeg_data(data: bytes, components: int) -> None:
+    """Decode the JPEG once with libjpeg-turbo in strict mode, at 1/8 scale (every Huffman code
+    is still read), so a corrupt or cut scan is an error instead of a grey fill."""
+    colorspace = {1: "GRAY", 4: "CMYK"}.get(components, "RGB")
+    try:
+        simplejpeg.decode_jpeg(data, colorspace=colorspace, min_height=1, min_width=1)
+    except ValueError as e:
+        raise ImageError(
+            f"JPEG data is corrupt or truncated ({e}); send the complete, undamaged file"
+        ) from e
+
+
+def _check_tiff_data(data: bytes) -> None:
+    """Decode a compressed TIFF page with Pillow too: its decoder fails on damaged compressed
+    data (a bad checksum, a short LZW stream) that libtiff behind OpenCV fills in silently.
+    A page Pillow cannot open at all is left to OpenCV."""
+    try:
+        image = Image.open(io.BytesIO(data), formats=["TIFF"])
+    except Exception:  # unsupported by Pillow (not by OpenCV): nothing to compare
+        return
+    try:
+        with image:
+            image.load()
+    except Exception as e:  # Pillow's decoders raise OSError, ValueError, SyntaxError ...
+        raise ImageError(
+            f"TIFF data is corrupt or truncated ({e}); send the complete, undamaged file"
+        ) from e
+
+
 def decode_image(data: bytes, max_pixels: int, max_bytes: int) -> DecodedImage:
     """Decode an encoded image file into RGB (+ alpha), refusing oversized ones before decoding."""
     header = read_header(data, max_pixels, max_bytes)
     fmt = header.format
+    if fmt == "jpeg":
+        _check_jpeg_data(data, header.jpeg_components)
+    elif header.tiff_compressed and not header.tiff_alpha:  # the alpha path decodes with Pillow
+        _check_tiff_data(data)
     if header.tiff_alpha:
         rgba = _decode_tiff_alpha(data)
         _check_decoded_size(rgba, header)
@@ -417,24 +516,31 @@ def decode_image(data: bytes, max_pixels: int, max_bytes: int) -> DecodedImage:
     )
 
 
-def decode_raw(
-    data: bytes, height: int, width: int, channels: int, max_pixels: int, max_bytes: int
-) -> DecodedImage:
-    """Read raw row-major uint8 H x W x C bytes (C in 1, 3, 4); 3 channels are used in place
-    (a read-only view of ``data``), 1 and 4 are split into RGB (+ alpha)."""
+def check_raw(
+    size: int, height: int, width: int, channels: int, max_pixels: int, max_bytes: int
+) -> None:
+    """Raise unless ``size`` bytes of raw H x W x C uint8 pixels are a valid, allowed image."""
     shape = f"{height}x{width}x{channels}"
     if height < 1 or width < 1:
         raise ImageError(f"raw image shape {shape}: height and width must be at least 1")
     if channels not in RAW_CHANNELS:
         raise ImageError(f"raw image shape {shape}: channels must be 1 (grey), 3 (RGB) or 4 (RGBA)")
     _check_pixels(width, height, max_pixels, "raw image")
-    _check_bytes(len(data), max_bytes, "raw image data")
+    _check_bytes(size, max_bytes, "raw image data")
     expected = height * width * channels
-    if len(data) != expected:
+    if size != expected:
         raise ImageError(
-            f"raw image data is {len(data)} bytes but shape {shape} needs exactly {expected} "
+            f"raw image data is {size} bytes but shape {shape} needs exactly {expected} "
             "bytes (uint8, row-major H x W x C)"
         )
+
+
+def decode_raw(
+    data: bytes, height: int, width: int, channels: int, max_pixels: int, max_bytes: int
+) -> DecodedImage:
+    """Read raw row-major uint8 H x W x C bytes (C in 1, 3, 4); 3 channels are used in place
+    (a read-only view of ``data``), 1 and 4 are split into RGB (+ alpha)."""
+    check_raw(len(data), height, width, channels, max_pixels, max_bytes)
     pixels = np.frombuffer(data, np.uint8).reshape(height, width, channels)
     if channels == 1:
         return DecodedImage(np.repeat(pixels, 3, axis=2), None, 1, "raw")

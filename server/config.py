@@ -45,6 +45,20 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class UploadConfig:
+    """What request bytes may be held at once, and for how long an upload may take.
+
+    Request bytes are reserved when a call announces them (a stream's header, a unary message
+    as it arrives) and freed when the call ends; memory grows only with bytes received.
+    """
+
+    idle_timeout_s: float = 30.0  # longest pause between two messages of one upload
+    deadline_s: float = 300.0  # longest whole upload, header to last byte
+    max_concurrent: int = 16  # UpscaleStream uploads in progress at once
+    max_buffered_bytes: int = 256 * 2**20  # request bytes held by all calls together
+
+
+@dataclass(frozen=True)
 class SecurityConfig:
     """Transport security and caller authentication; everything off by default (plaintext)."""
 
@@ -63,7 +77,7 @@ class MetricsConfig:
     """The Prometheus HTTP endpoint."""
 
     port: int | None = None  # None = off; 0 = any free port (tests read the bound one)
-    host: str | None = None  # None = the gRPC host
+    host: str = "127.0.0.1"  # scrapes come from this machine unless --metrics-host says so
 
 
 @dataclass(frozen=True)
@@ -78,6 +92,8 @@ class ServerConfig:
     tiling: TilingConfig = field(default_factory=TilingConfig)
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    uploads: UploadConfig = field(default_factory=UploadConfig)
+    decode_workers: int = 2  # threads that decode and encode images: bounds their memory
     log_level: str = "INFO"
     log_json: bool = False
     self_ensemble: bool = False

@@ -20,8 +20,9 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import time
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import numpy as np
@@ -30,6 +31,13 @@ from grpc_health.v1 import health_pb2
 from rdn.ensemble import N_TRANSFORMS
 from server.chunked import chunk_tiles, infer_chunked
 from server.config import ServerConfig
+from server.errors import (
+    NotFound,
+    NotServing,
+    RequestError,
+    RequestTooLarge,
+    check_name,
+)
 from server.pb.inference import grpc_service_pb2 as pb
 from server.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from server.service import (
@@ -37,15 +45,14 @@ from server.service import (
     AccessObserver,
     AccessRecord,
     ModelSource,
-    NotFound,
-    RequestError,
-    RequestTooLarge,
     TileSource,
     _unary,
     check_request_id,
 )
 from server.tiling import plan_tiles
+from server.uploads import UploadBudget
 
+T = TypeVar("T")
 SERVICE_NAME = "inference.GRPCInferenceService"
 SERVER_NAME = "rdn-sr"  # the distribution; ServerMetadata answers its installed version
 MODEL_VERSION = "1"
@@ -84,7 +91,10 @@ def model_name(scale: int) -> str:
 
 
 def check_model(name: str, version: str, served: str) -> None:
-    """Raise ``NotFound`` unless ``name`` / ``version`` ("" = latest) is the served model."""
+    """Raise ``NotFound`` unless ``name`` / ``version`` ("" = latest) is the served model;
+    ``RequestError`` (without echoing them) when either is longer than any name can be."""
+    check_name(name, "model name")
+    check_name(version, "model version")
     if name != served:
         raise NotFound(
             f"unknown model {name!r}; this server serves {served!r} (version {MODEL_VERSION})"
@@ -102,6 +112,7 @@ def _shape_text(shape: Sequence[int]) -> str:
 
 def _check_parameters(where: str, parameters: Any) -> None:
     for key in parameters:
+        check_name(key, f"a parameter name of {where}")
         if key in UNSUPPORTED_PARAMETERS:
             raise RequestError(
                 f"{where} sets parameter {key!r}, which this server does not support (no shared "
@@ -113,12 +124,14 @@ def _check_parameters(where: str, parameters: Any) -> None:
 def input_shape(request: pb.ModelInferRequest) -> tuple[int, int, int, int]:
     """The checked [N, 3, H, W] shape of the request's one input."""
     accepted = f"{INPUT_NAME!r} {DATATYPE} [N, 3, H, W] (RGB planes in [0, 1])"
-    names = [t.name for t in request.inputs]
-    if len(names) != 1:
+    if len(request.inputs) != 1:
+        names = [check_name(t.name, "input name") for t in request.inputs[:8]]
         raise RequestError(
-            f"request has {len(names)} inputs {names}; the model takes one: {accepted}"
+            f"request has {len(request.inputs)} inputs (first: {names}); the model takes one: "
+            f"{accepted}"
         )
     tensor = request.inputs[0]
+    check_name(tensor.name, "input name")
     if tensor.name != INPUT_NAME:
         raise RequestError(f"unknown input {tensor.name!r}; the model takes one input: {accepted}")
     if tensor.datatype != DATATYPE:
@@ -141,6 +154,7 @@ def check_outputs(request: pb.ModelInferRequest) -> None:
     """Requested outputs must name ``sr`` (once); none requested means ``sr``."""
     seen: set[str] = set()
     for output in request.outputs:
+        check_name(output.name, "output name")
         if output.name != OUTPUT_NAME:
             raise RequestError(
                 f"unknown output {output.name!r}; the model has one output {OUTPUT_NAME!r}"
@@ -162,8 +176,7 @@ def check_limits(shape: tuple[int, int, int, int], config: ServerConfig, scale: 
             f"limit of {limits.max_pixels} pixels per request (--max-pixels); send fewer or "
             "smaller images"
         )
-    views = N_TRANSFORMS if config.self_ensemble else 1
-    tiles = n * views * plan_tiles(h, w, tiling.tile, tiling.pad).count
+    tiles = tile_count(shape, config)
     if tiles > config.batcher.max_queue_tiles:
         raise RequestTooLarge(
             f"input {INPUT_NAME!r} needs {tiles} tiles of {tiling.tile}x{tiling.tile}"
@@ -178,6 +191,13 @@ def check_limits(shape: tuple[int, int, int, int], config: ServerConfig, scale: 
             f"{limits.max_message_bytes}); send fewer or smaller images per request, or raise "
             "the limit on both ends"
         )
+
+
+def tile_count(shape: tuple[int, int, int, int], config: ServerConfig) -> int:
+    """Tiles the request's images need (all 8 views each with self-ensemble)."""
+    n, _, h, w = shape
+    views = N_TRANSFORMS if config.self_ensemble else 1
+    return n * views * plan_tiles(h, w, config.tiling.tile, config.tiling.pad).count
 
 
 def check_data(request: pb.ModelInferRequest, shape: tuple[int, int, int, int]) -> None:
@@ -254,12 +274,19 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         batcher: TileSource,
         config: ServerConfig,
         health: HealthSource,
+        *,
+        uploads: UploadBudget,
+        codec_pool: Executor,
+        serving: Callable[[], bool],
         access_observer: AccessObserver | None = None,
     ) -> None:
         self._engine = engine
         self._batcher = batcher
         self._config = config
         self._health = health
+        self._uploads = uploads
+        self._pool = codec_pool
+        self._serving = serving
         self.access_observer = access_observer  # read by service._unary (metrics)
         self._name = model_name(engine.scale)
         self._server_metadata = pb.ServerMetadataResponse(
@@ -272,6 +299,9 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
             inputs=[tensor_metadata(INPUT_NAME)],
             outputs=[tensor_metadata(OUTPUT_NAME)],
         )
+
+    async def _in_pool(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> bool:
         """SERVING in the server's health state: warmed up and not draining."""
@@ -296,7 +326,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         readiness."""
         try:
             check_model(request.name, request.version, self._name)
-        except NotFound:
+        except (NotFound, RequestError):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=await self._ready(context))
 
@@ -317,8 +347,8 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         context: grpc.aio.ServicerContext,
         record: AccessRecord,
     ) -> pb.ModelMetadataResponse:
-        record.set(model=request.name, version=request.version)
         check_model(request.name, request.version, self._name)
+        record.set(model=request.name, version=request.version)
         return self._model_metadata
 
     @_unary
@@ -328,8 +358,11 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         context: grpc.aio.ServicerContext,
         record: AccessRecord,
     ) -> pb.ModelInferResponse:
-        record.set(request_id=check_request_id(request.id), model=request.model_name)
+        record.set(request_id=check_request_id(request.id))
         check_model(request.model_name, request.model_version, self._name)
+        record.set(model=request.model_name)
+        if not self._serving():
+            raise NotServing("the server is still warming up; retry shortly")
         shape = input_shape(request)
         check_outputs(request)
         n, _, height, width = shape
@@ -337,29 +370,35 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         scale = self._engine.scale
         check_limits(shape, self._config, scale)
         check_data(request, shape)
-        record.set(bytes_in=int(np.prod(shape)) * FLOAT32_LE.itemsize)
+        bytes_in = int(np.prod(shape)) * FLOAT32_LE.itemsize
+        record.set(bytes_in=bytes_in)
         tiling = self._config.tiling
-        images = await asyncio.to_thread(input_array, request, shape)
-        # Chunk by chunk into the float32 answer (server/chunked.py): bounded memory.
-        canvas = np.empty((n, 3, scale * height, scale * width), np.float32)
-        result = await infer_chunked(
-            self._batcher,
-            list(images),
-            list(canvas),
-            tile=tiling.tile,
-            pad=tiling.pad,
-            scale=scale,
-            ensemble=self._config.self_ensemble,
-            chunk_size=chunk_tiles(self._config.batcher.max_batch),
-            request_id=request.id,
-        )
+        with (
+            self._uploads.hold(bytes_in, upload=False),
+            self._batcher.reserve(tile_count(shape, self._config)) as reservation,
+        ):
+            images = await self._in_pool(input_array, request, shape)
+            # Chunk by chunk into the float32 answer (server/chunked.py): bounded memory.
+            canvas = np.empty((n, 3, scale * height, scale * width), np.float32)
+            result = await infer_chunked(
+                self._batcher,
+                list(images),
+                list(canvas),
+                tile=tiling.tile,
+                pad=tiling.pad,
+                scale=scale,
+                ensemble=self._config.self_ensemble,
+                chunk_size=chunk_tiles(self._config.batcher.max_batch),
+                request_id=request.id,
+                reservation=reservation,
+            )
         record.set(
             tiles=result.tiles,
             queue_ms=round(1e3 * result.queue_seconds, 2),
             compute_ms=round(1e3 * result.compute_seconds, 2),
         )
         started = time.perf_counter()
-        data = await asyncio.to_thread(_output_bytes, canvas)
+        data = await self._in_pool(_output_bytes, canvas)
         record.set(bytes_out=len(data), stitch_ms=round(1e3 * (time.perf_counter() - started), 2))
         return pb.ModelInferResponse(
             model_name=self._name,

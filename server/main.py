@@ -1,9 +1,11 @@
 """``rdn-serve``: the gRPC super-resolution server.
 
 Start-up order: logging; the model (a missing or corrupt file ends the process with one line
-before any port is bound); bind; health NOT_SERVING; warm-up of every batch size; health
-SERVING; one "listening on HOST:PORT" line. SIGTERM / SIGINT: health NOT_SERVING, new calls
-refused with UNAVAILABLE, in-flight calls given ``--grace`` seconds, batcher drained, exit 0.
+before any port is bound); bind; health NOT_SERVING (Upscale and ModelInfer answer
+UNAVAILABLE); warm-up of every batch size; health SERVING; one "listening on HOST:PORT" line.
+SIGTERM / SIGINT: health NOT_SERVING (Watch streams end), new calls refused with UNAVAILABLE,
+in-flight calls given ``--grace`` seconds, batcher drained, exit 0. A signal during start-up
+stops it and exits 0 as well.
 
 ``build_server`` runs the same server inside any event loop, for tests and benchmarks.
 """
@@ -23,13 +25,20 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from server.auth import auth_interceptors
 from server.batcher import TileBatcher
-from server.config import BatcherConfig, EngineConfig, LimitsConfig, ServerConfig, TilingConfig
+from server.config import (
+    BatcherConfig,
+    EngineConfig,
+    LimitsConfig,
+    ServerConfig,
+    TilingConfig,
+    UploadConfig,
+)
 from server.engine import Engine, ModelLoadError
+from server.health import NOT_SERVING, SERVING, Health
 from server.kserve import KServeService
 from server.logging_setup import LEVELS, configure_logging
 from server.memory import pin_mmap_threshold
@@ -37,6 +46,7 @@ from server.metrics import (
     MetricsEndpoint,
     ServerMetrics,
     add_metrics_flags,
+    is_loopback,
     metrics_config_from_args,
 )
 from server.models import SCALES, DefaultModelMissing, resolve_default_model
@@ -51,14 +61,13 @@ from server.security import (
     security_config_from_args,
 )
 from server.service import SERVICE_NAME, UpscalerService
+from server.uploads import UploadBudget
 
 log = logging.getLogger("rdn.serve")
 
 T = TypeVar("T")
 DEFAULT_SCALE = 2
 MIN_MESSAGE_BYTES = 64 * 2**10  # below this even a stream chunk barely fits
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class ServerStartError(RuntimeError):
@@ -72,10 +81,12 @@ class RunningServer:
         self,
         server: grpc.aio.Server,
         port: int,
-        health: health_aio.HealthServicer,
+        health: Health,
         engine: Engine,
         batcher: TileBatcher,
         config: ServerConfig,
+        codec_pool: concurrent.futures.ThreadPoolExecutor,
+        uploads: UploadBudget,
         metrics: ServerMetrics | None = None,
         metrics_endpoint: MetricsEndpoint | None = None,
     ) -> None:
@@ -85,6 +96,8 @@ class RunningServer:
         self.engine = engine
         self.batcher = batcher
         self.config = config
+        self.codec_pool = codec_pool
+        self.uploads = uploads
         self.metrics = metrics
         self.metrics_endpoint = metrics_endpoint  # its .port is the bound /metrics port
         self._stopping: asyncio.Task[None] | None = None
@@ -107,6 +120,7 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.batcher.stop()
+        self.codec_pool.shutdown(wait=False, cancel_futures=True)
         if self.metrics_endpoint is not None:  # last: the drain stays visible to scrapes
             await asyncio.to_thread(self.metrics_endpoint.close)
 
@@ -133,18 +147,25 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
     if engine is None:
         engine = await asyncio.to_thread(Engine, config.model, config.engine)
     batcher = TileBatcher(engine, config.batcher)
-    health = health_aio.HealthServicer()
+    health = Health()
     for service in ("", SERVICE_NAME):
         await health.set(service, NOT_SERVING)
     metrics = None if config.metrics.port is None else ServerMetrics(batcher, engine)
     # ParseGuard last: authentication decides before any request byte is parsed.
     interceptors = [*auth_interceptors(config.security.auth_token, metrics), ParseGuard(metrics)]
     server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
+    # Decoding and encoding run in a pool of their own: its size bounds their memory (and
+    # their competition with the engine's threads) whatever the machine's core count.
+    codec_pool = concurrent.futures.ThreadPoolExecutor(
+        config.decode_workers, thread_name_prefix="codec"
+    )
+    uploads = UploadBudget(config.uploads)
+    shared = {"uploads": uploads, "codec_pool": codec_pool, "serving": health.serving}
     upscale_pb2_grpc.add_UpscalerServicer_to_server(
-        UpscalerService(engine, batcher, config, metrics), server
+        UpscalerService(engine, batcher, config, access_observer=metrics, **shared), server
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeService(engine, batcher, config, health, metrics), server
+        KServeService(engine, batcher, config, health, access_observer=metrics, **shared), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -167,7 +188,15 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
         raise ServerStartError(f"cannot listen on {address} (port taken or bad address)")
     endpoint = None
     if metrics is not None and config.metrics.port is not None:
-        metrics_address = (config.metrics.host or config.host, config.metrics.port)
+        metrics_address = (config.metrics.host, config.metrics.port)
+        protected = config.security.tls or bool(config.security.auth_token)
+        if protected and not is_loopback(config.metrics.host):
+            log.warning(
+                "metrics on %s are plain HTTP without auth while gRPC uses TLS or a token; "
+                "anyone who reaches that address reads them (--metrics-host 127.0.0.1 keeps "
+                "them on this machine)",
+                config.metrics.host,
+            )
         try:
             endpoint = metrics.serve(*metrics_address)
         except OSError as e:
@@ -177,11 +206,16 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
             ) from e
     await batcher.start()
     await server.start()
-    running = RunningServer(server, port, health, engine, batcher, config, metrics, endpoint)
+    running = RunningServer(
+        server, port, health, engine, batcher, config, codec_pool, uploads, metrics, endpoint
+    )
     try:
         sizes = range(1, config.batcher.max_batch + 1)
         input_size = config.tiling.tile + 2 * config.tiling.pad
         await asyncio.to_thread(engine.warmup, input_size, sizes)
+    except asyncio.CancelledError:  # stopped during warm-up (SIGTERM): nothing may stay bound
+        await running.stop(0)
+        raise
     except Exception as e:
         await running.stop(0)
         raise ServerStartError(f"warm-up failed: {type(e).__name__}: {e}") from e
@@ -298,6 +332,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -374,6 +415,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="gRPC message limit, both directions (clients must use the same)",
     )
     p.add_argument(
+        "--max-uploads",
+        type=_int_at_least(1),
+        default=d.uploads.max_concurrent,
+        help="UpscaleStream uploads in progress at once; more are refused (RESOURCE_EXHAUSTED)",
+    )
+    p.add_argument(
+        "--max-buffered-bytes",
+        type=_int_at_least(1),
+        default=d.uploads.max_buffered_bytes,
+        help="request bytes all calls together may hold (at least --max-request-bytes)",
+    )
+    p.add_argument(
+        "--upload-idle-timeout",
+        type=_positive_float,
+        default=d.uploads.idle_timeout_s,
+        help="seconds an upload may pause between messages",
+    )
+    p.add_argument(
+        "--upload-deadline",
+        type=_positive_float,
+        default=d.uploads.deadline_s,
+        help="seconds a whole UpscaleStream upload may take",
+    )
+    p.add_argument(
+        "--decode-workers",
+        type=_int_at_least(1),
+        default=d.decode_workers,
+        help="threads that decode and encode images (each may hold one decode's memory)",
+    )
+    p.add_argument(
         "--grace", type=_non_negative_float, default=d.grace_s, help="seconds to drain on SIGTERM"
     )
     p.add_argument("--log-level", choices=LEVELS, default=d.log_level, help="log threshold")
@@ -392,6 +463,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
     if not providers:
         raise ValueError("--providers is empty; name at least one, e.g. CPUExecutionProvider")
+    if args.max_buffered_bytes < args.max_request_bytes:
+        raise ValueError(
+            f"--max-buffered-bytes {args.max_buffered_bytes} is below --max-request-bytes "
+            f"{args.max_request_bytes}: a request of the allowed size could never be held"
+        )
     return ServerConfig(
         model=model,
         host=args.host,
@@ -411,6 +487,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_request_bytes=args.max_request_bytes,
             max_message_bytes=args.max_message_bytes,
         ),
+        uploads=UploadConfig(
+            idle_timeout_s=args.upload_idle_timeout,
+            deadline_s=args.upload_deadline,
+            max_concurrent=args.max_uploads,
+            max_buffered_bytes=args.max_buffered_bytes,
+        ),
+        decode_workers=args.decode_workers,
         log_level=args.log_level,
         log_json=args.log_json,
         self_ensemble=args.self_ensemble,
@@ -419,13 +502,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-async def serve(config: ServerConfig, scale: int | None = None) -> int:
-    """Run until SIGTERM / SIGINT, then shut down gracefully; the process exit code."""
+async def _start(config: ServerConfig, scale: int | None) -> RunningServer | None:
+    """Load the model and start the server; None (after logging why) when it cannot start."""
     try:
-        engine = Engine(config.model, config.engine)
+        engine = await asyncio.to_thread(Engine, config.model, config.engine)
     except (ModelLoadError, RuntimeError, ValueError) as e:
         log.error("%s", e)
-        return 1
+        return None
     if scale is not None and engine.scale != scale:
         log.error(
             "--scale %d does not match the model: %s upscales x%d; drop --scale or pick "
@@ -435,31 +518,57 @@ async def serve(config: ServerConfig, scale: int | None = None) -> int:
             engine.scale,
             scale,
         )
-        return 1
+        return None
     try:
-        running = await build_server(config, engine)
+        return await build_server(config, engine)
     except ServerStartError as e:
         log.error("%s", e)
-        return 1
+        return None
+
+
+async def serve(config: ServerConfig, scale: int | None = None) -> int:
+    """Run until SIGTERM / SIGINT, then shut down gracefully; the process exit code.
+
+    A signal during start-up (model load, warm-up) stops it there and exits 0 too.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    stopped = asyncio.ensure_future(stop.wait())
+    starting = asyncio.ensure_future(_start(config, scale))
+    await asyncio.wait([starting, stopped], return_when="FIRST_COMPLETED")
+    if not starting.done():
+        log.info("stop requested during start-up; exiting")
+        starting.cancel()
+        await asyncio.wait([starting])
+        return 0
+    running = starting.result()
+    if running is None:
+        stopped.cancel()
+        return 1
     terminated = asyncio.ensure_future(running.wait_for_termination())
-    await asyncio.wait(
-        [terminated, asyncio.ensure_future(stop.wait())], return_when="FIRST_COMPLETED"
-    )
+    await asyncio.wait([terminated, stopped], return_when="FIRST_COMPLETED")
     log.info("shutting down: new calls refused, in-flight calls get up to %.1f s", config.grace_s)
     await running.stop(config.grace_s)
     terminated.cancel()
+    stopped.cancel()
     log.info("stopped")
     return 0
 
 
+def _exit_during_start_up(signum: int, frame: object) -> None:
+    """SIGTERM / SIGINT before the event loop takes the signals over: a clean exit."""
+    raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``rdn-serve``."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_during_start_up)
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_json)
+    log.debug("starting")  # the signals above are handled from here on
     pin_mmap_threshold()  # large request buffers go back to the system when freed
     # The embedded model is picked by scale; a given --model is checked only against --scale.
     scale = args.scale if args.model is not None else (args.scale or DEFAULT_SCALE)

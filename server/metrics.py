@@ -11,12 +11,15 @@ instrumented. Every server owns its ``CollectorRegistry``, so several servers in
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
+import socket
 import threading
-from collections.abc import Iterator, Mapping
-from typing import Protocol
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -24,7 +27,7 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import generate_latest
+from prometheus_client.exposition import ThreadingWSGIServer, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -42,6 +45,9 @@ LATENCY_BUCKETS_S = (
 )  # fmt: skip
 METHODS = tuple(m.name for m in upscale_pb2.DESCRIPTOR.services_by_name["Upscaler"].methods)
 STOP_TIMEOUT_S = 5.0  # longest wait for the HTTP thread to end
+IDLE_TIMEOUT_S = 10.0  # an HTTP connection silent this long is closed (it holds a thread)
+METRICS_PATH = "/metrics"
+log = logging.getLogger(__name__)
 
 
 class BatcherStats(Protocol):
@@ -225,12 +231,57 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
     def serve(self, host: str, port: int) -> MetricsEndpoint:
-        """Answer scrapes over HTTP on ``host:port`` (0 = any free port) in a daemon thread.
+        """Answer scrapes of ``/metrics`` over HTTP on ``host:port`` (0 = any free port), each
+        connection in a daemon thread that ends after IDLE_TIMEOUT_S of silence.
 
         Raises ``OSError`` when the address cannot be bound.
         """
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        server_class = type("_MetricsServer", (_MetricsServer,), {"address_family": family})
+        server = make_server(
+            host, port, only_metrics(make_wsgi_app(self.registry)), server_class, _QuietHandler
+        )
+        thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+        thread.start()
         return MetricsEndpoint(server, thread)
+
+
+_StartResponse = Callable[..., Any]
+_WsgiApp = Callable[[dict[str, Any], _StartResponse], Iterable[bytes]]
+
+
+def only_metrics(app: _WsgiApp) -> _WsgiApp:
+    """``app`` at METRICS_PATH; 404 for every other path."""
+
+    def wrapped(environ: dict[str, Any], start_response: _StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == METRICS_PATH:
+            return app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [f"not found; metrics are at {METRICS_PATH}\n".encode()]
+
+    return wrapped
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = IDLE_TIMEOUT_S  # socket timeout: a silent connection ends its thread
+
+    def log_message(self, format: str, *args: Any) -> None:  # no stderr line per scrape
+        pass
+
+
+class _MetricsServer(ThreadingWSGIServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("metrics connection from %s ended with an error", client_address)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or "localhost") reaches this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class MetricsEndpoint:
@@ -266,7 +317,12 @@ def add_metrics_flags(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="serve Prometheus metrics over HTTP at /metrics on this port; 0 = off",
     )
-    group.add_argument("--metrics-host", help="address for --metrics-port (default: --host)")
+    group.add_argument(
+        "--metrics-host",
+        default=MetricsConfig().host,
+        help="address for --metrics-port; metrics are plain HTTP without auth, so expose them "
+        "beyond this machine only on a trusted network",
+    )
 
 
 def metrics_config_from_args(args: argparse.Namespace) -> MetricsConfig:

@@ -15,6 +15,7 @@ later. Tokens and keys never appear in a ``repr`` or a log line.
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import ssl
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
 
 from server.config import SecurityConfig
 
@@ -86,6 +88,27 @@ def check_key_pair(cert: Path, key: Path, cert_flag: str, key_flag: str) -> None
         ) from None
 
 
+def check_validity(path: Path, flag: str, now: datetime.datetime | None = None) -> None:
+    """Raise ``SecurityError`` unless the first certificate in ``path`` is valid ``now``: TLS
+    clients refuse an expired or not-yet-valid certificate, so a server started with one
+    would fail every handshake."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    try:
+        cert = x509.load_pem_x509_certificate(read_pem(path, flag))
+    except ValueError as e:
+        raise SecurityError(f"{flag} {path}: not a PEM certificate ({e})") from None
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if now > end:
+        raise SecurityError(
+            f"{flag} {path}: the certificate expired on {end:%Y-%m-%d %H:%M} UTC; renew it"
+        )
+    if now < start:
+        raise SecurityError(
+            f"{flag} {path}: the certificate is not valid before {start:%Y-%m-%d %H:%M} UTC "
+            "(check the clock, or issue one valid now)"
+        )
+
+
 def check_ca(path: Path, flag: str) -> None:
     """Raise ``SecurityError`` unless ``path`` holds at least one PEM CA certificate."""
     read_pem(path, flag)
@@ -110,6 +133,7 @@ def check_server_security(security: SecurityConfig) -> None:
         read_pem(security.tls_cert, "--tls-cert")
         read_pem(security.tls_key, "--tls-key")
         check_key_pair(security.tls_cert, security.tls_key, "--tls-cert", "--tls-key")
+        check_validity(security.tls_cert, "--tls-cert")
     if security.tls_client_ca is not None:
         check_ca(security.tls_client_ca, "--tls-client-ca")
 

@@ -16,31 +16,48 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import numpy as np
 
 from export.metadata import KEY_CONFIG, KEY_PRECISION, KEY_STEP, KEY_WEIGHTS_SHA256
 from rdn.ensemble import N_TRANSFORMS, inverse_transform, transform
-from server.batcher import BatcherStopped, QueueFull, TileResult
+from server.batcher import BatcherStopped, QueueFull, Reservation, TileResult
 from server.chunked import chunk_tiles, infer_chunked, to_uint8, to_unit_float
 from server.codec import (
     INPUT_FORMATS,
+    JPEG_MAX_SIDE,
+    RAW_CHANNELS,
+    WEBP_MAX_SIDE,
     DecodedImage,
     ImageError,
     ImageTooLarge,
+    check_raw,
     decode_image,
     decode_raw,
     encode_image,
     finish_output,
+    image_size,
     to_planar,
 )
 from server.config import LimitsConfig, ServerConfig
+from server.errors import (
+    Busy,
+    NotFound,
+    NotServing,
+    RequestError,
+    RequestTooLarge,
+    StreamEnded,
+    UploadTimeout,
+)
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.tiling import TilePlan, merge_tiles, plan_tiles, split_tiles
+from server.uploads import Hold, UploadBudget, timed
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("rdn.access")
 
@@ -65,7 +82,11 @@ ACCEPTED_FORMATS = "0 UNSPECIFIED (= PNG), 1 PNG, 2 JPEG, 3 WEBP, 4 RAW"
 class TileSource(Protocol):
     """What the servicer needs from the batcher (``server.batcher.TileBatcher`` is one)."""
 
-    async def submit(self, tiles: np.ndarray, request_id: str = "") -> TileResult: ...
+    def reserve(self, tiles: int) -> Reservation: ...
+
+    async def submit(
+        self, tiles: np.ndarray, request_id: str = "", reservation: Reservation | None = None
+    ) -> TileResult: ...
 
 
 class ModelSource(Protocol):
@@ -75,22 +96,6 @@ class ModelSource(Protocol):
     active_provider: str
     providers: tuple[str, ...]
     metadata: dict[str, str]
-
-
-class RequestError(ValueError):
-    """A request is malformed (INVALID_ARGUMENT); the message says what is allowed."""
-
-
-class StreamEnded(RequestError):
-    """A request stream ended early (INVALID_ARGUMENT), unless a client's cancel follows it."""
-
-
-class RequestTooLarge(RequestError):
-    """A request or its answer exceeds a size limit (RESOURCE_EXHAUSTED)."""
-
-
-class NotFound(LookupError):
-    """A request names a model or version this server does not serve (NOT_FOUND)."""
 
 
 # ------------------------------------------------------------------------- pure helpers
@@ -188,9 +193,13 @@ def grpc_status(error: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple
     """
     if isinstance(error, ImageTooLarge | RequestTooLarge):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), ()
-    if isinstance(error, QueueFull):
+    if isinstance(error, QueueFull | Busy):
         retry = ((RETRY_AFTER_KEY, str(QUEUE_FULL_RETRY_AFTER_MS)),)
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), retry
+    if isinstance(error, UploadTimeout):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(error), ()
+    if isinstance(error, NotServing):
+        return grpc.StatusCode.UNAVAILABLE, str(error), ()
     if isinstance(error, ImageError | RequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error), ()
     if isinstance(error, NotFound):
@@ -328,21 +337,75 @@ class _Upscaled:
     image: bytes
 
 
+@dataclass(frozen=True)
+class _Source:
+    """A request's image bytes: an encoded file, or raw pixels of ``raw_shape`` (H, W, C)."""
+
+    data: bytes
+    raw_shape: tuple[int, int, int] | None = None
+
+
+def check_output(
+    width: int,
+    height: int,
+    channels: int,
+    scale: int,
+    spec: OutputSpec,
+    limits: LimitsConfig,
+    unary: bool,
+) -> None:
+    """Refuse, before any tile is computed, an answer that could not be given: a JPEG or WebP
+    larger than the format allows, or a unary raw answer larger than one message."""
+    out_w, out_h = scale * width, scale * height
+    side = {"jpeg": JPEG_MAX_SIDE, "webp": WEBP_MAX_SIDE}.get(spec.name)
+    if side is not None and max(out_w, out_h) > side:
+        raise RequestError(
+            f"{spec.name} output is limited to {side}x{side} pixels and the result would be "
+            f"{out_w}x{out_h}; choose png or raw"
+        )
+    size = out_w * out_h * channels
+    limit = limits.max_message_bytes - RESPONSE_OVERHEAD_BYTES
+    if unary and spec.name == "raw" and size > limit:
+        raise RequestTooLarge(
+            f"the raw answer would be {out_w}x{out_h}x{channels} = {size} bytes, more than fits "
+            f"in one message (--max-message-bytes {limits.max_message_bytes}); send it through "
+            "UpscaleStream (rdn-client does so by itself) or raise the limit on both ends"
+        )
+
+
 class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
-    """rdn.v1.Upscaler on one engine behind one tile batcher."""
+    """rdn.v1.Upscaler on one engine behind one tile batcher.
+
+    ``uploads`` bounds the request bytes held by all calls, ``codec_pool`` is the bounded pool
+    of threads that decode and encode images, and ``serving`` says whether warm-up is over.
+    """
 
     def __init__(
         self,
         engine: ModelSource,
         batcher: TileSource,
         config: ServerConfig,
+        *,
+        uploads: UploadBudget,
+        codec_pool: Executor,
+        serving: Callable[[], bool],
         access_observer: AccessObserver | None = None,
     ) -> None:
         self._engine = engine
         self._batcher = batcher
         self._config = config
+        self._uploads = uploads
+        self._pool = codec_pool
+        self._serving = serving
         self.access_observer = access_observer  # read by the _unary / _streaming wrappers
         self._info = model_info(engine, config)
+
+    def _check_serving(self) -> None:
+        if not self._serving():
+            raise NotServing("the server is still warming up; retry shortly")
+
+    async def _in_pool(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
 
     @_unary
     async def Upscale(
@@ -354,30 +417,21 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         received = time.perf_counter()
         request_id = check_request_id(request.request_id)
         record.set(request_id=request_id)
+        self._check_serving()
         log.debug("Upscale started (request_id=%r)", request_id)
         spec = output_spec(request.output_format, request.quality)
         limits = self._config.limits
         kind = request.WhichOneof("image")
         if kind == "encoded":
-            data = request.encoded
-            decode = functools.partial(
-                decode_image, data, limits.max_pixels, limits.max_request_bytes
-            )
+            source = _Source(request.encoded)
         elif kind == "raw":
-            shape, data = request.raw.shape, request.raw.data
-            decode = functools.partial(
-                decode_raw,
-                data,
-                shape.height,
-                shape.width,
-                shape.channels,
-                limits.max_pixels,
-                limits.max_request_bytes,
-            )
+            shape = request.raw.shape
+            source = _Source(request.raw.data, (shape.height, shape.width, shape.channels))
         else:
             raise RequestError("request carries no image: set `encoded` (an image file) or `raw`")
-        record.set(bytes_in=len(data))
-        done = await self._upscale(decode, spec, request_id, received, record)
+        record.set(bytes_in=len(source.data))
+        with self._uploads.hold(len(source.data), upload=False):
+            done = await self._upscale(source, spec, request_id, received, record, unary=True)
         limit = limits.max_message_bytes - RESPONSE_OVERHEAD_BYTES
         if len(done.image) > limit:
             raise RequestTooLarge(
@@ -396,25 +450,18 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         record: AccessRecord,
     ) -> AsyncIterator[upscale_pb2.UpscaleChunk]:
         received = time.perf_counter()
+        self._check_serving()
         limits = self._config.limits
-        header, data = await receive_stream(requests, limits, record)
-        spec = output_spec(header.output_format, header.quality)
-        if header.HasField("raw_shape"):
+        header, data, hold = await receive_stream(requests, limits, self._uploads, record)
+        with hold:
+            spec = output_spec(header.output_format, header.quality)
             shape = header.raw_shape
-            decode = functools.partial(
-                decode_raw,
-                data,
-                shape.height,
-                shape.width,
-                shape.channels,
-                limits.max_pixels,
-                limits.max_request_bytes,
+            raw = (shape.height, shape.width, shape.channels)
+            source = _Source(data, raw if header.HasField("raw_shape") else None)
+            del data
+            done = await self._upscale(
+                source, spec, header.request_id, received, record, unary=False
             )
-        else:
-            decode = functools.partial(
-                decode_image, data, limits.max_pixels, limits.max_request_bytes
-            )
-        done = await self._upscale(decode, spec, header.request_id, received, record)
         yield upscale_pb2.UpscaleChunk(result=done.response)
         step = min(MAX_OUT_CHUNK_BYTES, limits.max_message_bytes // 4)
         for offset in range(0, len(done.image), step):
@@ -432,43 +479,77 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
 
     async def _upscale(
         self,
-        decode: Callable[[], DecodedImage],
+        source: _Source,
         spec: OutputSpec,
         request_id: str,
         received: float,
         record: AccessRecord,
+        unary: bool,
     ) -> _Upscaled:
-        """Decode, tile, run through the batcher, stitch and encode one image."""
-        tiling, scale = self._config.tiling, self._engine.scale
-        decoded = await asyncio.to_thread(decode)
-        height, width = decoded.rgb.shape[:2]
-        record.set(
-            width=width, height=height, channels=decoded.channels, source=decoded.source_format
-        )
+        """Admit, decode, tile, run through the batcher, stitch and encode one image.
+
+        Admission comes first and costs no decoding: the size from the file header (or the raw
+        shape) must fit the tile queue, whose capacity for all the image's tiles is then
+        reserved at once, so no later chunk is refused.
+        """
+        tiling, scale, limits = self._config.tiling, self._engine.scale, self._config.limits
+        if source.raw_shape is None:
+            args = (source.data, limits.max_pixels, limits.max_request_bytes)
+            width, height = await self._in_pool(image_size, *args)
+            decode = functools.partial(decode_image, *args)
+        else:
+            height, width, channels = source.raw_shape
+            check_raw(
+                len(source.data),
+                height,
+                width,
+                channels,
+                limits.max_pixels,
+                limits.max_request_bytes,
+            )
+            decode = functools.partial(
+                decode_raw,
+                source.data,
+                height,
+                width,
+                channels,
+                limits.max_pixels,
+                limits.max_request_bytes,
+            )
         batching = self._config.batcher
         ensemble = self._config.self_ensemble
-        check_tile_count(height, width, tiling.tile, tiling.pad, ensemble, batching.max_queue_tiles)
-        # Chunk by chunk into the uint8 answer (server/chunked.py): bounded memory per request.
-        sr_rgb = np.empty((scale * height, scale * width, 3), np.uint8)
-        result = await infer_chunked(
-            self._batcher,
-            [decoded.rgb.transpose(2, 0, 1)],
-            [sr_rgb.transpose(2, 0, 1)],
-            tile=tiling.tile,
-            pad=tiling.pad,
-            scale=scale,
-            ensemble=ensemble,
-            chunk_size=chunk_tiles(batching.max_batch),
-            request_id=request_id,
-            to_model=to_unit_float,
-            from_model=to_uint8,
+        count = check_tile_count(
+            height, width, tiling.tile, tiling.pad, ensemble, batching.max_queue_tiles
         )
+        with self._batcher.reserve(count) as reservation:
+            decoded = await self._in_pool(decode)
+            height, width = decoded.rgb.shape[:2]
+            record.set(
+                width=width, height=height, channels=decoded.channels, source=decoded.source_format
+            )
+            check_output(width, height, decoded.channels, scale, spec, limits, unary)
+            # Chunk by chunk into the uint8 answer (server/chunked.py): bounded memory per request.
+            sr_rgb = np.empty((scale * height, scale * width, 3), np.uint8)
+            result = await infer_chunked(
+                self._batcher,
+                [decoded.rgb.transpose(2, 0, 1)],
+                [sr_rgb.transpose(2, 0, 1)],
+                tile=tiling.tile,
+                pad=tiling.pad,
+                scale=scale,
+                ensemble=ensemble,
+                chunk_size=chunk_tiles(batching.max_batch),
+                request_id=request_id,
+                reservation=reservation,
+                to_model=to_unit_float,
+                from_model=to_uint8,
+            )
         record.set(
             tiles=result.tiles,
             queue_ms=round(1e3 * result.queue_seconds, 2),
             compute_ms=round(1e3 * result.compute_seconds, 2),
         )
-        image = await asyncio.to_thread(_finish, sr_rgb, decoded, spec, scale)
+        image = await self._in_pool(_finish, sr_rgb, decoded, spec, scale)
         response = upscale_pb2.UpscaleResponse(
             width=width * scale,
             height=height * scale,
@@ -493,11 +574,41 @@ def _finish(sr_rgb: np.ndarray, decoded: DecodedImage, spec: OutputSpec, scale: 
     return encode_image(finish_output(sr_rgb, decoded, scale), spec.name, spec.quality)
 
 
+def check_raw_shape(shape: upscale_pb2.RawShape, total: int, limits: LimitsConfig) -> None:
+    """A stream header's raw shape must fit the pixel limit and match the announced bytes."""
+    text = f"{shape.height}x{shape.width}x{shape.channels}"
+    if shape.height < 1 or shape.width < 1 or shape.channels not in RAW_CHANNELS:
+        raise RequestError(
+            f"header.raw_shape {text}: height and width must be at least 1 and channels 1 "
+            "(grey), 3 (RGB) or 4 (RGBA)"
+        )
+    if shape.height * shape.width > limits.max_pixels:
+        raise RequestTooLarge(
+            f"header.raw_shape {shape.width}x{shape.height} = {shape.width * shape.height} "
+            f"pixels is over the limit of {limits.max_pixels} pixels; send a smaller image"
+        )
+    expected = shape.height * shape.width * shape.channels
+    if total != expected:
+        raise RequestError(
+            f"header.total_bytes is {total} but header.raw_shape {text} needs exactly "
+            f"{expected} bytes (uint8, row-major H x W x C)"
+        )
+
+
 async def receive_stream(
-    requests: AsyncIterator[upscale_pb2.UpscaleChunk], limits: LimitsConfig, record: AccessRecord
-) -> tuple[upscale_pb2.UpscaleStreamHeader, bytes]:
-    """The header and the reassembled bytes of an UpscaleStream upload, strictly checked."""
-    first = await anext(aiter(requests), None)
+    requests: AsyncIterator[upscale_pb2.UpscaleChunk],
+    limits: LimitsConfig,
+    uploads: UploadBudget,
+    record: AccessRecord,
+) -> tuple[upscale_pb2.UpscaleStreamHeader, bytes, Hold]:
+    """The header, the reassembled bytes and the budget hold of an UpscaleStream upload.
+
+    Everything the header says is checked before any data is read, and its bytes are reserved
+    from ``uploads`` (``Busy`` when they do not fit); the data is collected as it arrives, so
+    memory follows the bytes received. The caller releases the hold when the call ends.
+    """
+    messages = timed(requests, uploads.config)
+    first = await anext(messages, None)
     if first is None:
         raise StreamEnded("stream ended before its header; send an UpscaleChunk.header first")
     kind = first.WhichOneof("kind")
@@ -516,40 +627,44 @@ async def receive_stream(
             f"header.total_bytes {total} exceeds the request limit of {limits.max_request_bytes} "
             "bytes (--max-request-bytes)"
         )
-    shape = header.raw_shape
-    if shape.height * shape.width > limits.max_pixels:  # refuse before the upload, not after
-        raise RequestTooLarge(
-            f"header.raw_shape {shape.width}x{shape.height} = {shape.width * shape.height} "
-            f"pixels is over the limit of {limits.max_pixels} pixels; send a smaller image"
-        )
+    if header.HasField("raw_shape"):
+        check_raw_shape(header.raw_shape, total, limits)
     record.set(bytes_in=total)
-    buffer = bytearray(total)
-    filled = 0
-    async for message in requests:
-        kind = message.WhichOneof("kind")
-        if kind == "header":
-            raise RequestError(f"a second header arrived after {filled} bytes; send one header")
-        if kind != "data":
-            raise RequestError(f"unexpected {kind or 'empty'} message; after the header send data")
-        chunk = message.data
-        if chunk.offset != filled:
-            raise RequestError(
-                f"data chunk at offset {chunk.offset} is out of order: expected offset {filled} "
-                "(chunks must arrive in offset order, without gaps)"
+    hold = uploads.hold(total, upload=True)
+    try:
+        parts: list[bytes] = []
+        filled = 0
+        async for message in messages:
+            kind = message.WhichOneof("kind")
+            if kind == "header":
+                raise RequestError(f"a second header arrived after {filled} bytes; send one header")
+            if kind != "data":
+                raise RequestError(
+                    f"unexpected {kind or 'empty'} message; after the header send data"
+                )
+            chunk = message.data
+            if chunk.offset != filled:
+                raise RequestError(
+                    f"data chunk at offset {chunk.offset} is out of order: expected offset "
+                    f"{filled} (chunks must arrive in offset order, without gaps)"
+                )
+            end = filled + len(chunk.data)
+            if end > total:
+                raise RequestError(
+                    f"data chunks carry more than header.total_bytes={total} bytes (a chunk "
+                    f"ends at byte {end})"
+                )
+            parts.append(chunk.data)
+            filled = end
+        if filled < total:
+            raise StreamEnded(
+                f"stream ended after {filled} of header.total_bytes={total} bytes (truncated "
+                "upload)"
             )
-        end = filled + len(chunk.data)
-        if end > total:
-            raise RequestError(
-                f"data chunks carry more than header.total_bytes={total} bytes (a chunk ends at "
-                f"byte {end})"
-            )
-        buffer[filled:end] = chunk.data
-        filled = end
-    if filled < total:
-        raise StreamEnded(
-            f"stream ended after {filled} of header.total_bytes={total} bytes (truncated upload)"
-        )
-    return header, bytes(buffer)  # the codec takes bytes (one copy, after the upload)
+        return header, b"".join(parts), hold
+    except BaseException:
+        hold.release()
+        raise
 
 
 def model_info(engine: ModelSource, config: ServerConfig) -> upscale_pb2.ModelInfo:

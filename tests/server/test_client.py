@@ -98,7 +98,9 @@ def test_stream_messages_reassemble_to_the_payload() -> None:
 
 
 def test_stream_assembler_refuses_a_broken_answer() -> None:
-    head = upscale_pb2.UpscaleChunk(result=upscale_pb2.UpscaleResponse(total_bytes=4))
+    head = upscale_pb2.UpscaleChunk(
+        result=upscale_pb2.UpscaleResponse(width=2, height=2, channels=3, total_bytes=4)
+    )
     gap = upscale_pb2.UpscaleChunk(data=upscale_pb2.DataChunk(offset=2, data=b"ab"))
     assembler = StreamAssembler()
     with pytest.raises(ValueError, match="began with 'data'"):

@@ -212,6 +212,38 @@ def tiff_rational_offsets() -> bytes:
     return bytes(data)
 
 
+def tiff_tile_bomb() -> bytes:
+    """A 16x16 RGB TIFF stored as one 16384x16368 tile: libtiff sizes its buffer from the tile
+    (about 1 GiB decoded), not from the image (the review's case)."""
+    width = height = 16
+    body = zlib.compress(bytes(16))  # a token of tile data: the buffer comes first
+    entries = [
+        (256, 4, 1, width),
+        (257, 4, 1, height),
+        (258, 3, 1, 8),
+        (259, 3, 1, 8),  # Deflate
+        (262, 3, 1, 2),
+        (277, 3, 1, 3),
+        (322, 4, 1, 16384),  # TileWidth
+        (323, 4, 1, 16368),  # TileLength
+        (324, 4, 1, 8),  # TileOffsets
+        (325, 4, 1, len(body)),  # TileByteCounts
+    ]
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, count, value in entries:
+        packed = struct.pack("<I", value) if kind == 4 else struct.pack("<HH", value, 0)
+        ifd += struct.pack("<HHI", tag, kind, count) + packed
+    return b"II*\x00" + struct.pack("<I", 8 + len(body)) + body + ifd + b"\0\0\0\0"
+
+
+def jpeg_cut_scan() -> bytes:
+    """A baseline JPEG whose entropy-coded scan is cut after a few bytes, with the end-of-image
+    marker appended: libjpeg only warns and fills the rest grey."""
+    data = cv_encode(pixels(256, 256), ".jpg")
+    scan = data.index(b"\xff\xda")
+    return data[: scan + 64] + b"\xff\xd9"
+
+
 def big_tiff() -> bytes:
     return b"II+\x00\x08\x00\x00\x00" + bytes(32)
 
@@ -409,9 +441,13 @@ CORPUS: list[Case] = [
     Case("TIFF multi-page", lambda: encoded(multi_page_tiff()), OK, "48x40x3"),
     Case("TIFF float samples", lambda: encoded(float_tiff()), INVALID, "float32 samples"),
     Case("TIFF grey+alpha, StripOffsets typed RATIONAL", lambda: encoded(tiff_rational_offsets()),
-         INVALID, "TIFF data could not be decoded"),
+         INVALID, "strip or tile table is missing"),
     Case("TIFF 2**30 strips", lambda: encoded(tiff_huge_strip_count()), INVALID,
-         "TIFF data could not be decoded"),
+         "TIFF data is truncated"),
+    Case("TIFF 16x16 in one 16384x16368 tile", lambda: encoded(tiff_tile_bomb()), EXHAUSTED,
+         "stored in tiles or strips of 268173312 pixels"),
+    Case("JPEG whose scan is cut (EOI appended)", lambda: encoded(jpeg_cut_scan()), INVALID,
+         "JPEG data is corrupt or truncated"),
     Case("BigTIFF", lambda: encoded(big_tiff()), INVALID, "BigTIFF files are not accepted"),
     Case("BMP top-down (negative height)", lambda: encoded(bmp_top_down()), OK, "48x40x3"),
     Case("BMP negative width", lambda: encoded(bmp_with(-24, 20)), INVALID, "negative width -24"),
@@ -469,6 +505,9 @@ CORPUS: list[Case] = [
     Case("stream: raw shape 100000x100000", lambda: stream(
         header(30, raw_shape=upscale_pb2.ImageShape(height=100_000, width=100_000, channels=3))),
          EXHAUSTED, "100000x100000 = 10000000000 pixels"),
+    Case("stream: raw shape 1x1x3 announcing 300 bytes", lambda: stream(
+        header(300, raw_shape=upscale_pb2.ImageShape(height=1, width=1, channels=3))),
+         INVALID, "needs exactly 3 bytes"),
     Case("stream: a result message from the client", lambda: stream(
         header(10), upscale_pb2.UpscaleChunk(result=upscale_pb2.UpscaleResponse())), INVALID,
          "unexpected result message"),

@@ -388,7 +388,7 @@ def _zero_height(r: pb.ModelInferRequest) -> None:
         (_int_contents, "carries data in contents.int_contents"),
         (_short_typed, "fp32_contents holds 47 values; input 'lr' of shape [1, 3, 4, 4] needs 48"),
         (_two_raw, "raw_input_contents has 2 entries for 1 input"),
-        (_two_inputs, "request has 2 inputs ['lr', 'lr2']; the model takes one"),
+        (_two_inputs, "request has 2 inputs (first: ['lr', 'lr2']); the model takes one"),
         (_shared_memory, "sets parameter 'shared_memory_region'"),
         (_twice_sr, "output 'sr' is requested twice"),
         (_zero_height, "shape [1, 3, 0, 4]; expected [N, 3, H, W] with N, H, W >= 1"),

@@ -108,7 +108,7 @@ def test_flags_map_onto_metrics_config(
     parse = build_parser().parse_args
     assert config_from_args(parse(["--model", str(tiny_onnx_x2)])).metrics == MetricsConfig()
     on = parse(["--model", str(tiny_onnx_x2), "--metrics-port", "9100"])
-    assert config_from_args(on).metrics == MetricsConfig(port=9100, host=None)
+    assert config_from_args(on).metrics == MetricsConfig(port=9100, host="127.0.0.1")
     host = parse(["--model", str(tiny_onnx_x2), "--metrics-port", "1", "--metrics-host", "::1"])
     assert config_from_args(host).metrics == MetricsConfig(port=1, host="::1")
     with pytest.raises(SystemExit) as refused:

@@ -1,0 +1,75 @@
+"""``grpc.health.v1.Health`` whose Watch streams end when the server starts draining.
+
+grpc's own aio ``HealthServicer`` keeps every Watch stream open after
+``enter_graceful_shutdown``, so a server with watchers (load balancers, kubelets, grpc
+clients with health checking) always waited its whole ``--grace`` to stop. Here a Watch sends
+NOT_SERVING and then ends (OK) once the drain begins, and a client's slow reading never holds
+up a status change (no lock is held while writing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+
+class Health(health_pb2_grpc.HealthServicer):
+    """Check, Watch, ``set``, ``enter_graceful_shutdown``; ``serving()`` for the servicers."""
+
+    def __init__(self) -> None:
+        self._status: dict[str, int] = {"": SERVING}
+        self._changed = asyncio.Event()  # replaced by a fresh one after each change
+        self._draining = False
+
+    def serving(self, service: str = "") -> bool:
+        """Whether ``service`` ("" = the server) is SERVING: warmed up and not draining."""
+        return self._status.get(service) == SERVING
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        status = self._status.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        last: int | None = None
+        while True:
+            changed = self._changed
+            status = self._status.get(request.service, SERVICE_UNKNOWN)
+            if status != last:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                last = status
+            if self._draining:
+                return
+            await changed.wait()
+
+    async def set(self, service: str, status: int) -> None:
+        """Set ``service``'s status (ignored once draining: it stays NOT_SERVING)."""
+        if not self._draining:
+            self._update(service, status)
+
+    async def enter_graceful_shutdown(self) -> None:
+        """Every service NOT_SERVING for good; open Watch streams send it and end."""
+        if self._draining:
+            return
+        self._draining = True
+        for service in list(self._status):
+            self._status[service] = NOT_SERVING
+        self._notify()
+
+    def _update(self, service: str, status: int) -> None:
+        self._status[service] = status
+        self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
