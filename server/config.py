@@ -78,6 +78,7 @@ class MetricsConfig:
 
     port: int | None = None  # None = off; 0 = any free port (tests read the bound one)
     host: str = "127.0.0.1"  # scrapes come from this machine unless --metrics-host says so
+    idle_timeout_s: float = 10.0  # a silent HTTP connection is closed (it holds a thread)
 
 
 @dataclass(frozen=True)

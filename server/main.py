@@ -46,7 +46,7 @@ from server.metrics import (
     MetricsEndpoint,
     ServerMetrics,
     add_metrics_flags,
-    is_loopback,
+    exposure_warning,
     metrics_config_from_args,
 )
 from server.models import SCALES, DefaultModelMissing, resolve_default_model
@@ -190,15 +190,11 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
     if metrics is not None and config.metrics.port is not None:
         metrics_address = (config.metrics.host, config.metrics.port)
         protected = config.security.tls or bool(config.security.auth_token)
-        if protected and not is_loopback(config.metrics.host):
-            log.warning(
-                "metrics on %s are plain HTTP without auth while gRPC uses TLS or a token; "
-                "anyone who reaches that address reads them (--metrics-host 127.0.0.1 keeps "
-                "them on this machine)",
-                config.metrics.host,
-            )
+        warning = exposure_warning(config.metrics, protected)
+        if warning is not None:
+            log.warning("%s", warning)
         try:
-            endpoint = metrics.serve(*metrics_address)
+            endpoint = metrics.serve(*metrics_address, config.metrics.idle_timeout_s)
         except OSError as e:
             raise ServerStartError(
                 f"cannot serve metrics on {metrics_address[0]}:{metrics_address[1]}: "
@@ -212,6 +208,7 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
     try:
         sizes = range(1, config.batcher.max_batch + 1)
         input_size = config.tiling.tile + 2 * config.tiling.pad
+        log.debug("warming up: batches of 1 to %d tiles", config.batcher.max_batch)
         await asyncio.to_thread(engine.warmup, input_size, sizes)
     except asyncio.CancelledError:  # stopped during warm-up (SIGTERM): nothing may stay bound
         await running.stop(0)

@@ -45,7 +45,6 @@ LATENCY_BUCKETS_S = (
 )  # fmt: skip
 METHODS = tuple(m.name for m in upscale_pb2.DESCRIPTOR.services_by_name["Upscaler"].methods)
 STOP_TIMEOUT_S = 5.0  # longest wait for the HTTP thread to end
-IDLE_TIMEOUT_S = 10.0  # an HTTP connection silent this long is closed (it holds a thread)
 METRICS_PATH = "/metrics"
 log = logging.getLogger(__name__)
 
@@ -230,16 +229,17 @@ class ServerMetrics:
         """The text format Prometheus scrapes (what ``/metrics`` answers)."""
         return generate_latest(self.registry)
 
-    def serve(self, host: str, port: int) -> MetricsEndpoint:
+    def serve(self, host: str, port: int, idle_timeout_s: float = 10.0) -> MetricsEndpoint:
         """Answer scrapes of ``/metrics`` over HTTP on ``host:port`` (0 = any free port), each
-        connection in a daemon thread that ends after IDLE_TIMEOUT_S of silence.
+        connection in a daemon thread that ends after ``idle_timeout_s`` of silence.
 
         Raises ``OSError`` when the address cannot be bound.
         """
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         server_class = type("_MetricsServer", (_MetricsServer,), {"address_family": family})
+        handler = type("_Handler", (_QuietHandler,), {"timeout": idle_timeout_s})
         server = make_server(
-            host, port, only_metrics(make_wsgi_app(self.registry)), server_class, _QuietHandler
+            host, port, only_metrics(make_wsgi_app(self.registry)), server_class, handler
         )
         thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
         thread.start()
@@ -263,7 +263,7 @@ def only_metrics(app: _WsgiApp) -> _WsgiApp:
 
 
 class _QuietHandler(WSGIRequestHandler):
-    timeout = IDLE_TIMEOUT_S  # socket timeout: a silent connection ends its thread
+    """No stderr line per scrape; ``timeout`` (set per server) ends a silent connection."""
 
     def log_message(self, format: str, *args: Any) -> None:  # no stderr line per scrape
         pass
@@ -272,6 +272,18 @@ class _QuietHandler(WSGIRequestHandler):
 class _MetricsServer(ThreadingWSGIServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("metrics connection from %s ended with an error", client_address)
+
+
+def exposure_warning(metrics: MetricsConfig, protected: bool) -> str | None:
+    """The warning for metrics served beyond this machine while gRPC is protected (TLS or a
+    token): /metrics is plain HTTP without auth. None when there is nothing to warn about."""
+    if metrics.port is None or not protected or is_loopback(metrics.host):
+        return None
+    return (
+        f"metrics on {metrics.host} are plain HTTP without auth while gRPC uses TLS or a token; "
+        "anyone who reaches that address reads them (--metrics-host 127.0.0.1 keeps them on "
+        "this machine)"
+    )
 
 
 def is_loopback(host: str) -> bool:

@@ -8,9 +8,11 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import cv2
 import grpc
@@ -19,6 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from server.client import (
+    AnswerError,
     RetryPolicy,
     StreamAssembler,
     UpscaleClient,
@@ -34,7 +37,7 @@ from server.client import (
 from server.config import BatcherConfig, ServerConfig, TilingConfig
 from server.engine import Engine
 from server.main import BackgroundServer
-from server.pb.rdn.v1 import upscale_pb2
+from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from tests.server.gated import gated_server, until
 from tests.server.loopback import NO_RETRY, loopback_config
 
@@ -347,3 +350,52 @@ def test_cli_info_and_health(server: BackgroundServer) -> None:
     finally:
         server.call(server.running.health.set("", health_pb2.HealthCheckResponse.SERVING))
     assert (sick.returncode, sick.stdout.strip()) == (1, "NOT_SERVING")
+
+
+class LyingUpscaler(upscale_pb2_grpc.UpscalerServicer):
+    """A broken or hostile server: announces an answer of 2**62 bytes."""
+
+    def _head(self) -> upscale_pb2.UpscaleResponse:
+        return upscale_pb2.UpscaleResponse(
+            width=80, height=96, channels=3, scale=2, format=1, total_bytes=2**62
+        )
+
+    def Upscale(self, request: Any, context: Any) -> upscale_pb2.UpscaleResponse:
+        head = self._head()
+        head.image = b"\x89PNG"
+        return head
+
+    def UpscaleStream(self, requests: Any, context: Any) -> Iterator[upscale_pb2.UpscaleChunk]:
+        for _ in requests:
+            pass
+        yield upscale_pb2.UpscaleChunk(result=self._head())
+        yield upscale_pb2.UpscaleChunk(data=upscale_pb2.DataChunk(offset=0, data=b"\x89PNG"))
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "unary"])
+def test_sizes_the_server_announces_are_checked_before_anything_is_allocated(
+    set5_dir: Path, stream: bool
+) -> None:
+    """StreamAssembler allocated ``bytearray(total_bytes)`` from the server's word: 2**62 raised
+    MemoryError. Every failure of a call is an UpscaleError."""
+    server = grpc.server(ThreadPoolExecutor(2))
+    upscale_pb2_grpc.add_UpscalerServicer_to_server(LyingUpscaler(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        image = small_png(set5_dir, "bird.png", 48, 40)
+        with (
+            UpscaleClient(f"127.0.0.1:{port}", retry=NO_RETRY) as client,
+            pytest.raises(UpscaleError) as error,
+        ):
+            client.upscale(image, timeout=10, stream=stream)
+    finally:
+        server.stop(0)
+    assert error.value.code == grpc.StatusCode.DATA_LOSS
+    assert f"announces {2**62} bytes, more than this request can produce" in error.value.details
+
+
+def test_raw_answers_must_match_their_shape() -> None:
+    head = upscale_pb2.UpscaleResponse(width=4, height=4, channels=3, format=4, total_bytes=47)
+    with pytest.raises(AnswerError, match=r"announces 47 bytes for 4x4x3 \(= 48\)"):
+        StreamAssembler().add(upscale_pb2.UpscaleChunk(result=head))

@@ -572,3 +572,41 @@ def test_requests_that_could_never_run_are_refused_up_front(
     assert message in refused.value.details()
     assert RETRY_AFTER_KEY not in dict(refused.value.trailing_metadata() or ())
     assert len(engine.batches) == calls
+
+
+def test_names_of_megabytes_are_refused_without_being_echoed_or_logged(
+    stub: pb_grpc.GRPCInferenceServiceStub, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 1-7 MiB model name was logged whole and echoed in NOT_FOUND, whose metadata then
+    overflowed the client's limit ("received metadata size exceeds hard limit")."""
+    caplog.set_level(logging.INFO, logger="rdn.access")
+    huge = "m" * 2**20
+    calls = {
+        "ModelInfer model_name": lambda: stub.ModelInfer(
+            infer_request(np.zeros((1, 3, 4, 4), np.float32), model_name=huge, id="long-name"),
+            timeout=CALL_TIMEOUT,
+        ),
+        "ModelInfer model_version": lambda: stub.ModelInfer(
+            infer_request(np.zeros((1, 3, 4, 4), np.float32), model_version=huge, id="long-v"),
+            timeout=CALL_TIMEOUT,
+        ),
+        "ModelMetadata name": lambda: stub.ModelMetadata(
+            pb.ModelMetadataRequest(name=huge), timeout=CALL_TIMEOUT
+        ),
+        "input name": lambda: stub.ModelInfer(
+            _mutate(lambda r: setattr(r.inputs[0], "name", huge)), timeout=CALL_TIMEOUT
+        ),
+    }
+    for what, call in calls.items():
+        with pytest.raises(grpc.RpcError) as error:
+            call()
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, what
+        details = error.value.details()
+        assert f"is {2**20} bytes long; at most 256 are accepted" in details, what
+        assert len(details) < 200, what
+    ready = stub.ModelReady(pb.ModelReadyRequest(name=huge), timeout=CALL_TIMEOUT)
+    assert not ready.ready
+    _wait_until(lambda: "long-v" in _access(caplog))
+    assert (
+        max(len(r.getMessage()) + len(str(getattr(r, "fields", ""))) for r in caplog.records) < 2000
+    )

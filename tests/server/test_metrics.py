@@ -10,6 +10,7 @@ import asyncio
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -27,7 +28,7 @@ from server.client import AsyncUpscaleClient, UpscaleClient, UpscaleError
 from server.config import MetricsConfig, ServerConfig
 from server.engine import Engine
 from server.main import BackgroundServer, ServerStartError, build_parser, config_from_args
-from server.metrics import batch_size_bounds, cumulative_buckets
+from server.metrics import batch_size_bounds, cumulative_buckets, exposure_warning
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from tests.server.gated import gated_server, until
 from tests.server.loopback import MAX_BATCH, NO_RETRY, loopback_config
@@ -276,3 +277,32 @@ def test_metrics_off_by_default_and_a_taken_port_is_a_start_error(
                 unexpected.start()
         finally:
             unexpected.stop()  # a server that started after all must not outlive the test
+
+
+def test_only_metrics_answers_and_idle_connections_are_closed(
+    tiny_onnx_x2: Path, engine: Engine
+) -> None:
+    """Any path answered with the metrics, and an idle connection held a thread forever."""
+    quick = MetricsConfig(port=0, idle_timeout_s=0.5)
+    with BackgroundServer(server_config(tiny_onnx_x2, metrics=quick), engine) as bg:
+        port = metrics_port(bg)
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=SCRAPE_TIMEOUT)
+        assert missing.value.code == 404
+        assert b"metrics are at /metrics" in missing.value.read()
+        assert "rdn_engine_calls_total" in {name for name, _ in scrape(port)}
+        with socket.create_connection(("127.0.0.1", port), timeout=SCRAPE_TIMEOUT) as idle:
+            started = time.monotonic()
+            assert idle.recv(1) == b""  # the server closed the silent connection
+            assert time.monotonic() - started < 0.5 + 5.0
+
+
+def test_metrics_stay_on_loopback_unless_told_and_exposure_is_warned() -> None:
+    assert MetricsConfig().host == "127.0.0.1"
+    exposed = MetricsConfig(port=9100, host="0.0.0.0")
+    warning = exposure_warning(exposed, protected=True)
+    assert warning is not None and "plain HTTP without auth" in warning
+    assert exposure_warning(exposed, protected=False) is None
+    for local in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        assert exposure_warning(MetricsConfig(port=9100, host=local), protected=True) is None
+    assert exposure_warning(MetricsConfig(host="0.0.0.0"), protected=True) is None  # port off
