@@ -209,7 +209,8 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
         sizes = range(1, config.batcher.max_batch + 1)
         input_size = config.tiling.tile + 2 * config.tiling.pad
         log.debug("warming up: batches of 1 to %d tiles", config.batcher.max_batch)
-        await asyncio.to_thread(engine.warmup, input_size, sizes)
+        for size in sizes:  # one size per thread call: a stop waits for one batch at most
+            await asyncio.to_thread(engine.warmup, input_size, [size])
     except asyncio.CancelledError:  # stopped during warm-up (SIGTERM): nothing may stay bound
         await running.stop(0)
         raise
@@ -523,15 +524,35 @@ async def _start(config: ServerConfig, scale: int | None) -> RunningServer | Non
         return None
 
 
-async def serve(config: ServerConfig, scale: int | None = None) -> int:
+class EarlySignals:
+    """Records SIGTERM / SIGINT until the event loop takes them over, so a signal at any
+    moment of start-up stops the server cleanly (exit 0) instead of killing it (exit 143)."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._record)
+
+    def _record(self, signum: int, frame: object) -> None:
+        self.received = True
+
+
+async def serve(
+    config: ServerConfig, scale: int | None = None, early: EarlySignals | None = None
+) -> int:
     """Run until SIGTERM / SIGINT, then shut down gracefully; the process exit code.
 
-    A signal during start-up (model load, warm-up) stops it there and exits 0 too.
+    A signal during start-up (model load, warm-up), or one ``early`` saw before, stops it
+    there and exits 0 too.
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if early is not None and early.received:
+        stop.set()
     stopped = asyncio.ensure_future(stop.wait())
     starting = asyncio.ensure_future(_start(config, scale))
     await asyncio.wait([starting, stopped], return_when="FIRST_COMPLETED")
@@ -554,18 +575,13 @@ async def serve(config: ServerConfig, scale: int | None = None) -> int:
     return 0
 
 
-def _exit_during_start_up(signum: int, frame: object) -> None:
-    """SIGTERM / SIGINT before the event loop takes the signals over: a clean exit."""
-    raise SystemExit(0)
-
-
 def main(argv: list[str] | None = None) -> int:
     """``rdn-serve``."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _exit_during_start_up)
+    early = EarlySignals()
+    early.install()
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_json)
-    log.debug("starting")  # the signals above are handled from here on
+    log.debug("starting")  # from here on a signal is recorded, then stops the start-up
     pin_mmap_threshold()  # large request buffers go back to the system when freed
     # The embedded model is picked by scale; a given --model is checked only against --scale.
     scale = args.scale if args.model is not None else (args.scale or DEFAULT_SCALE)
@@ -574,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DefaultModelMissing, ValueError) as e:
         log.error("%s", e)
         return 1
-    return asyncio.run(serve(config, scale))
+    return asyncio.run(serve(config, scale, early))
 
 
 if __name__ == "__main__":

@@ -574,3 +574,65 @@ def test_format_lists() -> None:
     assert INPUT_FORMATS == ("png", "jpeg", "webp", "bmp", "tiff")
     assert OUTPUT_FORMATS == ("png", "jpeg", "webp", "raw")
     assert encode_image(np.zeros((2, 2, 3), np.uint8), "png", 0)  # quality unused for png
+
+
+# --- corrupt data is refused, not filled in ---------------------------------------------------
+
+
+def test_a_jpeg_whose_scan_is_cut_is_refused(photo: np.ndarray, save: Callable[..., bytes]) -> None:
+    """libjpeg (behind OpenCV) only warns on a cut scan and fills the rest with grey."""
+    for options in ({}, {"progressive": True}):
+        data = save(Image.fromarray(photo), "JPEG", quality=90, **options)
+        cut = data[: len(data) * 2 // 3] + b"\xff\xd9"
+        assert cv2.imdecode(np.frombuffer(cut, np.uint8), cv2.IMREAD_COLOR) is not None
+        with pytest.raises(ImageError, match="JPEG data is corrupt or truncated"):
+            decode(cut)
+
+
+def test_a_compressed_tiff_with_damaged_data_is_refused(
+    photo: np.ndarray, save: Callable[..., bytes]
+) -> None:
+    """libtiff (behind OpenCV) decodes a Deflate strip with a bad checksum without an error."""
+    data = bytearray(save(Image.fromarray(photo), "TIFF", compression="tiff_adobe_deflate"))
+    data[len(data) // 4] ^= 0x55  # inside the strip data (Pillow writes the IFD last)
+    assert cv2.imdecode(np.frombuffer(bytes(data), np.uint8), cv2.IMREAD_COLOR) is not None
+    with pytest.raises(ImageError, match="TIFF data is corrupt or truncated"):
+        decode(bytes(data))
+
+
+def test_a_tiff_whose_strips_run_past_the_end_is_refused(
+    photo: np.ndarray, save: Callable[..., bytes]
+) -> None:
+    data = save(Image.fromarray(photo), "TIFF")  # uncompressed, IFD first, strips after
+    with pytest.raises(ImageError, match=r"TIFF data is truncated .* its image data runs to"):
+        decode(data[: len(data) - 100])
+
+
+def one_tile_tiff(rgb: np.ndarray, tile: int) -> bytes:
+    """An uncompressed RGB TIFF stored in one ``tile`` x ``tile`` tile (Pillow writes strips)."""
+    height, width = rgb.shape[:2]
+    padded = np.zeros((tile, tile, 3), np.uint8)
+    padded[:height, :width] = rgb
+    body = padded.tobytes()
+    bits_at = 8 + len(body)
+    entries = [
+        (256, 4, 1, width), (257, 4, 1, height), (258, 3, 3, bits_at), (259, 3, 1, 1),
+        (262, 3, 1, 2), (277, 3, 1, 3), (322, 4, 1, tile), (323, 4, 1, tile),
+        (324, 4, 1, 8), (325, 4, 1, len(body)),
+    ]  # fmt: skip
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, n, value in entries:
+        packed = struct.pack("<I", value) if kind == 4 or n > 1 else struct.pack("<HH", value, 0)
+        ifd += struct.pack("<HHI", tag, kind, n) + packed
+    head = b"II*\x00" + struct.pack("<I", bits_at + 6)
+    return head + body + struct.pack("<3H", 8, 8, 8) + ifd + b"\0\0\0\0"
+
+
+def test_tiff_tiles_larger_than_the_pixel_limit_are_refused_before_decoding(
+    photo: np.ndarray,
+) -> None:
+    """libtiff sizes its buffer from the tile, not from the image."""
+    data = one_tile_tiff(photo, 64)  # a 56x40 image in one 64x64 tile
+    np.testing.assert_array_equal(decode(data, max_pixels=64 * 64).rgb, photo)
+    with pytest.raises(ImageTooLarge, match="tiles or strips of 4096 pixels each"):
+        decode(data, max_pixels=64 * 64 - 1)

@@ -331,3 +331,27 @@ def test_log_formatters_keep_client_text_on_one_line() -> None:
     entry = json.loads(JsonFormatter().format(record))
     assert entry["request_id"] == "evil\nstatus=OK" and entry["tiles"] == 4
     assert (entry["logger"], entry["level"], entry["message"]) == ("rdn.access", "INFO", "request")
+
+
+@pytest.mark.parametrize("moment", ["model load", "warm-up"])
+def test_sigterm_during_start_up_exits_0_promptly(tiny_onnx_x2: Path, moment: str) -> None:
+    """SIGTERM during warm-up ended rdn-serve with exit 143 and no log line."""
+    server = ServerProcess(
+        "--model", str(tiny_onnx_x2), *CPU_FLAGS, "--host", "127.0.0.1", "--port", "0",
+        "--max-batch", "48", "--log-json", "--log-level", "DEBUG",
+    )  # fmt: skip
+    try:
+        server.wait_for("starting" if moment == "model load" else "warming up")
+        server.process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = server.process.wait(30)
+        took = time.monotonic() - started
+        entry = server.wait_for("stop requested during start-up", timeout=10)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+    assert code == 0
+    assert entry["level"] == "INFO"
+    assert took < 10.0, f"exit took {took:.1f} s after SIGTERM"
+    assert not any("listening on" in str(e["message"]) for e in server.seen)

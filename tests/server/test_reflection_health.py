@@ -27,6 +27,8 @@ from server.client import RetryPolicy, UpscaleClient, UpscaleError
 from server.config import BatcherConfig, ServerConfig
 from server.engine import Engine
 from server.main import BackgroundServer
+from server.pb.inference import grpc_service_pb2 as pb
+from server.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.server.loopback import loopback_config
 
 SERVICES = {
@@ -186,3 +188,91 @@ def test_grpcurl_list_health_and_upscale(server: BackgroundServer, set5_dir: Pat
     assert (reply["width"], reply["height"], reply["request_id"]) == (60, 40, "grpcurl")
     image = np.frombuffer(base64.b64decode(reply["image"]), np.uint8)
     assert cv2.imdecode(image, cv2.IMREAD_UNCHANGED).shape == (40, 60, 3)
+
+
+def test_open_watch_streams_end_when_the_drain_begins(tiny_onnx_x2: Path, engine: Engine) -> None:
+    """An open Watch stream made every shutdown wait its whole grace."""
+    bg = BackgroundServer(config(tiny_onnx_x2, grace_s=30.0), engine).start()
+    statuses: list[int] = []
+    ended: list[grpc.StatusCode] = []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{bg.port}") as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=""), timeout=60
+            )
+
+            def follow() -> None:
+                for reply in watch:  # never cancelled by this client
+                    statuses.append(reply.status)
+                ended.append(watch.code())
+
+            follower = threading.Thread(target=follow)
+            follower.start()
+            deadline = time.monotonic() + 30
+            while not statuses:
+                assert time.monotonic() < deadline, "health Watch sent nothing"
+                time.sleep(0.002)
+            started = time.monotonic()
+            bg.call(bg.running.stop(30.0), timeout=60)
+            took = time.monotonic() - started
+            follower.join(30)
+    finally:
+        bg.stop()
+    assert statuses == [SERVING, NOT_SERVING]
+    assert ended == [grpc.StatusCode.OK]
+    assert took < 5.0, f"the drain waited {took:.1f} s for an open Watch"
+
+
+class SlowWarmup:
+    """The real engine, whose warm-up waits until the test releases it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._engine, name)
+
+    def warmup(self, *args: object) -> None:
+        self.started.set()
+        assert self.release.wait(60), "the test never released the warm-up"
+        self._engine.warmup(*args)  # type: ignore[arg-type]
+
+
+def test_calls_are_unavailable_until_warm_up_ends(
+    tiny_onnx_x2: Path, engine: Engine, set5_dir: Path
+) -> None:
+    """Upscale and ModelInfer were answered during warm-up while health said NOT_SERVING."""
+    with socket.socket() as probe:  # a free port, so the test can call before start() returns
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    slow = SlowWarmup(engine)
+    bg = BackgroundServer(config(tiny_onnx_x2, port=port), slow)  # type: ignore[arg-type]
+    starting = threading.Thread(target=bg.start)
+    starting.start()
+    image = cv2.imread(str(set5_dir / "baby.png"), cv2.IMREAD_COLOR)[:16, :16]
+    try:
+        assert slow.started.wait(60)
+        target = f"127.0.0.1:{port}"
+        with UpscaleClient(target, retry=RetryPolicy(max_attempts=1)) as client:
+            assert client.health() == "NOT_SERVING"
+            with pytest.raises(UpscaleError) as early:
+                client.upscale(image, "raw", timeout=10)
+            with grpc.insecure_channel(target) as channel:
+                request = pb.ModelInferRequest(model_name="rdn_x2")
+                request.inputs.add(name="lr", datatype="FP32", shape=[1, 3, 4, 4])
+                request.raw_input_contents.append(bytes(4 * 48))
+                with pytest.raises(grpc.RpcError) as infer:
+                    pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+            slow.release.set()
+            starting.join(60)
+            assert client.health() == "SERVING"
+            assert client.upscale(image, "raw", timeout=10).width == 32
+    finally:
+        slow.release.set()
+        starting.join(60)
+        bg.stop()
+    assert early.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "warming up" in early.value.details
+    assert infer.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -63,8 +63,15 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _builder(
-    subject: str, issuer: x509.Name, key: ec.EllipticCurvePrivateKey
+    subject: str,
+    issuer: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    valid: tuple[datetime.timedelta, datetime.timedelta] = (
+        datetime.timedelta(minutes=-5),
+        datetime.timedelta(days=1),
+    ),
 ) -> x509.CertificateBuilder:
+    """A certificate builder valid from now + valid[0] to now + valid[1]."""
     now = datetime.datetime.now(datetime.UTC)
     return (
         x509.CertificateBuilder()
@@ -72,8 +79,8 @@ def _builder(
         .issuer_name(issuer)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(now + valid[0])
+        .not_valid_after(now + valid[1])
     )
 
 
@@ -393,3 +400,28 @@ def test_build_server_reports_unusable_tls_files(
     wrong_key = SecurityConfig(tls_cert=pki.server_cert, tls_key=pki.client_key)
     with pytest.raises(ServerStartError, match="matching"):
         BackgroundServer(server_config(tiny_onnx_x2, wrong_key), engine).start()
+
+
+DAY = datetime.timedelta(days=1)
+
+
+@pytest.mark.parametrize(
+    "valid,message",
+    [((-3 * DAY, -DAY), "the certificate expired on"), ((DAY, 3 * DAY), "is not valid before")],
+    ids=["expired", "not yet valid"],
+)
+def test_rdn_serve_refuses_a_certificate_outside_its_dates_with_one_line(
+    tiny_onnx_x2: Path, tmp_path: Path, valid: tuple[datetime.timedelta, ...], message: str
+) -> None:
+    """rdn-serve started with an expired certificate without a word; every handshake failed."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _builder("localhost", _name("localhost"), key, valid).sign(key, hashes.SHA256())
+    cert_path, key_path = write_pem(tmp_path, "dated", key, cert)
+    done = run(
+        RDN_SERVE, "server.main", "--model", str(tiny_onnx_x2), "--port", "0",
+        "--host", "127.0.0.1", "--tls-cert", str(cert_path), "--tls-key", str(key_path),
+    )  # fmt: skip
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--tls-cert" in lines[0] and message in lines[0], lines
+    assert "listening on" not in done.stderr and "Traceback" not in done.stderr
