@@ -35,6 +35,7 @@ from server.security import (
     add_client_security_flags,
     client_security_from_args,
 )
+from server.wire import RETRY_AFTER_KEY, UPLOAD_ACCEPTED_KEY
 
 log = logging.getLogger("rdn.client")
 
@@ -42,7 +43,6 @@ DEFAULT_TARGET = "localhost:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 2**20  # the server's --max-message-bytes default
 MAX_CHUNK_BYTES = 1 * 2**20  # data per stream message: far below any sane message limit
 MAX_SCALE = 4  # largest upscaling factor, assumed until a response tells the real one
-RETRY_AFTER_KEY = "rdn-retry-after-ms"  # trailer server/service.py sets on transient overload
 LB_POLICIES = ("pick_first", "round_robin")
 MAX_CHANNELS = 4  # RGBA
 UNKNOWN_INPUT_ANSWER_BYTES = 2**32  # cap on an answer when the input's size could not be read
@@ -592,11 +592,21 @@ class AsyncUpscaleClient:
     async def _stream(
         self, payload: Payload, fmt: str, quality: int, request_id: str, timeout: float | None
     ) -> UpscaleResult:
+        """The header first; the data only once the server acknowledged it in its initial
+        metadata. A refusal at the header then ends the call before any data is sent, which
+        also sidesteps grpc.aio reporting such a refusal as INTERNAL when it meets a write in
+        progress (grpc/grpc#36066)."""
         messages = stream_messages(payload, fmt, quality, request_id, self._common.chunk_bytes)
-        call = self._stub.UpscaleStream(messages, timeout=timeout, metadata=self._metadata)
+        call = self._stub.UpscaleStream(timeout=timeout, metadata=self._metadata)
         assembler = StreamAssembler(max_answer_bytes(payload))
         try:
-            async for message in call:
+            await call.write(next(messages))
+            acknowledged = dict(await call.initial_metadata() or ())
+            if UPLOAD_ACCEPTED_KEY in acknowledged:
+                for message in messages:
+                    await call.write(message)
+                await call.done_writing()
+            async for message in call:  # a refused upload raises its status here
                 assembler.add(message)
         except (asyncio.CancelledError, AnswerError):
             call.cancel()

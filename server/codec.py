@@ -442,11 +442,20 @@ def _check_decoded_size(pixels: np.ndarray, header: _Header) -> None:
         )
 
 
-def image_size(data: bytes, max_pixels: int, max_bytes: int) -> tuple[int, int]:
-    """(width, height) as the file header declares them, checked against the limits; no pixel
-    is decoded (the orientation tag may swap the two in the decoded image)."""
+def verify_image(data: bytes, max_pixels: int, max_bytes: int) -> tuple[int, int]:
+    """(width, height) as the file header declares them, after the checks that need no pixels
+    kept: the limits, and the strict integrity decodes of JPEG and compressed TIFF (their
+    output is dropped). The orientation tag may swap width and height in the decoded image."""
     header = read_header(data, max_pixels, max_bytes)
+    _check_integrity(data, header)
     return header.width, header.height
+
+
+def _check_integrity(data: bytes, header: _Header) -> None:
+    if header.format == "jpeg":
+        _check_jpeg_data(data, header.jpeg_components)
+    elif header.tiff_compressed and not header.tiff_alpha:  # the alpha path decodes with Pillow
+        _check_tiff_data(data)
 
 
 def _check_jpeg_data(data: bytes, components: int) -> None:
@@ -478,14 +487,18 @@ def _check_tiff_data(data: bytes) -> None:
         ) from e
 
 
-def decode_image(data: bytes, max_pixels: int, max_bytes: int) -> DecodedImage:
-    """Decode an encoded image file into RGB (+ alpha), refusing oversized ones before decoding."""
+def decode_image(
+    data: bytes, max_pixels: int, max_bytes: int, *, verified: bool = False
+) -> DecodedImage:
+    """Decode an encoded image file into RGB (+ alpha), refusing oversized ones before decoding.
+
+    ``verified``: ``verify_image`` already passed on ``data``; its integrity decodes are not
+    repeated.
+    """
     header = read_header(data, max_pixels, max_bytes)
     fmt = header.format
-    if fmt == "jpeg":
-        _check_jpeg_data(data, header.jpeg_components)
-    elif header.tiff_compressed and not header.tiff_alpha:  # the alpha path decodes with Pillow
-        _check_tiff_data(data)
+    if not verified:
+        _check_integrity(data, header)
     if header.tiff_alpha:
         rgba = _decode_tiff_alpha(data)
         _check_decoded_size(rgba, header)

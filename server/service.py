@@ -40,8 +40,8 @@ from server.codec import (
     decode_raw,
     encode_image,
     finish_output,
-    image_size,
     to_planar,
+    verify_image,
 )
 from server.config import LimitsConfig, ServerConfig
 from server.errors import (
@@ -56,6 +56,7 @@ from server.errors import (
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.tiling import TilePlan, merge_tiles, plan_tiles, split_tiles
 from server.uploads import Hold, UploadBudget, timed
+from server.wire import RETRY_AFTER_KEY, UPLOAD_ACCEPTED_KEY
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -66,7 +67,6 @@ DEFAULT_QUALITY = 95  # the proto's meaning of quality 0 for JPEG / WebP
 MAX_REQUEST_ID_CHARS = 128  # the proto's limit
 MAX_OUT_CHUNK_BYTES = 1 * 2**20  # data per answer chunk of UpscaleStream
 RESPONSE_OVERHEAD_BYTES = 4096  # room for the response fields besides the image
-RETRY_AFTER_KEY = "rdn-retry-after-ms"  # trailer on transient overload; server/client.py reads it
 QUEUE_FULL_RETRY_AFTER_MS = 100  # a few batches' time on the tiny and small presets
 
 FORMATS: dict[int, str] = {
@@ -452,7 +452,9 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         received = time.perf_counter()
         self._check_serving()
         limits = self._config.limits
-        header, data, hold = await receive_stream(requests, limits, self._uploads, record)
+        header, data, hold = await receive_stream(
+            requests, limits, self._uploads, record, context.send_initial_metadata
+        )
         with hold:
             spec = output_spec(header.output_format, header.quality)
             shape = header.raw_shape
@@ -486,17 +488,17 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         record: AccessRecord,
         unary: bool,
     ) -> _Upscaled:
-        """Admit, decode, tile, run through the batcher, stitch and encode one image.
+        """Verify, admit, decode, tile, run through the batcher, stitch and encode one image.
 
-        Admission comes first and costs no decoding: the size from the file header (or the raw
-        shape) must fit the tile queue, whose capacity for all the image's tiles is then
-        reserved at once, so no later chunk is refused.
+        The file is verified first (limits, integrity), keeping no pixels; then admission: the
+        image's tiles must fit the tile queue, whose capacity for all of them is reserved at
+        once, so no later chunk is refused; only then are the pixels decoded and kept.
         """
         tiling, scale, limits = self._config.tiling, self._engine.scale, self._config.limits
         if source.raw_shape is None:
             args = (source.data, limits.max_pixels, limits.max_request_bytes)
-            width, height = await self._in_pool(image_size, *args)
-            decode = functools.partial(decode_image, *args)
+            width, height = await self._in_pool(verify_image, *args)
+            decode = functools.partial(decode_image, *args, verified=True)
         else:
             height, width, channels = source.raw_shape
             check_raw(
@@ -600,12 +602,15 @@ async def receive_stream(
     limits: LimitsConfig,
     uploads: UploadBudget,
     record: AccessRecord,
+    send_initial_metadata: Callable[[tuple[tuple[str, str], ...]], Awaitable[None]] | None = None,
 ) -> tuple[upscale_pb2.UpscaleStreamHeader, bytes, Hold]:
     """The header, the reassembled bytes and the budget hold of an UpscaleStream upload.
 
     Everything the header says is checked before any data is read, and its bytes are reserved
-    from ``uploads`` (``Busy`` when they do not fit); the data is collected as it arrives, so
-    memory follows the bytes received. The caller releases the hold when the call ends.
+    from ``uploads`` (``Busy`` when they do not fit); then ``send_initial_metadata`` tells the
+    client (UPLOAD_ACCEPTED_KEY) that its upload is accepted. The data is collected as it
+    arrives, so memory follows the bytes received. The caller releases the hold when the call
+    ends.
     """
     messages = timed(requests, uploads.config)
     first = await anext(messages, None)
@@ -632,6 +637,8 @@ async def receive_stream(
     record.set(bytes_in=total)
     hold = uploads.hold(total, upload=True)
     try:
+        if send_initial_metadata is not None:
+            await send_initial_metadata(((UPLOAD_ACCEPTED_KEY, "1"),))
         parts: list[bytes] = []
         filled = 0
         async for message in messages:

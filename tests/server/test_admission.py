@@ -7,6 +7,7 @@ worker at a gate (tests/server/gated.py).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -19,12 +20,12 @@ import grpc
 import numpy as np
 import pytest
 
-from server.client import UpscaleClient, UpscaleError
+from server.client import AsyncUpscaleClient, UpscaleClient, UpscaleError
 from server.config import BatcherConfig, LimitsConfig, ServerConfig, UploadConfig
 from server.engine import Engine
 from server.main import BackgroundServer
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
-from server.service import RETRY_AFTER_KEY
+from server.wire import RETRY_AFTER_KEY
 from tests.server.gated import WAIT, gated_server, until
 from tests.server.loopback import NO_RETRY, TILE, loopback_config
 
@@ -258,3 +259,39 @@ def test_decoding_and_encoding_run_on_the_bounded_codec_pool(
         codec = [t for t in threading.enumerate() if t.name.startswith("codec")]
     assert [(r.width, r.height) for r in results] == [(80, 96)] * 8
     assert len(codec) == 2
+
+
+def test_the_async_client_sees_a_refused_upload_as_the_servers_status(
+    tiny_onnx_x2: Path, engine: Engine
+) -> None:
+    """grpc.aio reports a refusal that meets a write in progress as INTERNAL (grpc/grpc#36066);
+    the client uploads only after the server acknowledged the header, so it never writes into
+    a refused call and sees RESOURCE_EXHAUSTED, which it can retry."""
+    release = threading.Event()
+    data = png(64, 64)
+
+    async def refused_uploads(target: str) -> list[UpscaleError]:
+        errors = []
+        async with AsyncUpscaleClient(target, retry=NO_RETRY) as client:
+            for _ in range(20):
+                with pytest.raises(UpscaleError) as error:
+                    await client.upscale(data, timeout=WAIT, stream=True)
+                errors.append(error.value)
+        return errors
+
+    with (
+        BackgroundServer(config(tiny_onnx_x2, max_concurrent=1), engine) as server,
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        stub = upscale_pb2_grpc.UpscalerStub(channel)
+        held = stub.UpscaleStream(silent_upload(MIB, "held", release), timeout=WAIT)
+        until(lambda: server.running.uploads.uploads == 1, "the one upload slot taken")
+        try:
+            errors = asyncio.run(refused_uploads(f"127.0.0.1:{server.port}"))
+        finally:
+            release.set()
+            stream_error(held)
+        assert [e.code for e in errors] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 20
+        assert all("--max-uploads" in e.details for e in errors)
+        with UpscaleClient(f"127.0.0.1:{server.port}", retry=NO_RETRY) as client:
+            assert client.upscale(data, timeout=WAIT, stream=True).streamed

@@ -29,7 +29,7 @@ from server.config import BatcherConfig, LimitsConfig, TilingConfig
 from server.engine import Engine
 from server.main import BackgroundServer
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
-from server.service import RETRY_AFTER_KEY
+from server.wire import RETRY_AFTER_KEY
 from tests.server.gated import gated_server, until
 from tests.server.loopback import loopback_config
 
