@@ -150,7 +150,8 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
     health = Health()
     for service in ("", SERVICE_NAME):
         await health.set(service, NOT_SERVING)
-    metrics = None if config.metrics.port is None else ServerMetrics(batcher, engine)
+    uploads = UploadBudget(config.uploads)
+    metrics = None if config.metrics.port is None else ServerMetrics(batcher, engine, uploads)
     # ParseGuard last: authentication decides before any request byte is parsed.
     interceptors = [*auth_interceptors(config.security.auth_token, metrics), ParseGuard(metrics)]
     server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
@@ -159,7 +160,6 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
     codec_pool = concurrent.futures.ThreadPoolExecutor(
         config.decode_workers, thread_name_prefix="codec"
     )
-    uploads = UploadBudget(config.uploads)
     shared = {"uploads": uploads, "codec_pool": codec_pool, "serving": health.serving}
     upscale_pb2_grpc.add_UpscalerServicer_to_server(
         UpscalerService(engine, batcher, config, access_observer=metrics, **shared), server

@@ -69,7 +69,18 @@ class BatcherStats(Protocol):
     @property
     def queued_tiles(self) -> int: ...
     @property
+    def reserved_tiles(self) -> int: ...
+    @property
     def pending_requests(self) -> int: ...
+
+
+class UploadStats(Protocol):
+    """The read-only counters of ``server.uploads.UploadBudget`` that are exported."""
+
+    @property
+    def held_bytes(self) -> int: ...
+    @property
+    def uploads(self) -> int: ...
 
 
 class ModelSource(Protocol):
@@ -152,6 +163,11 @@ class BatcherCollector(Collector):
             f"{NAMESPACE}_queue_tiles", "Tiles accepted but not yet in a batch.", b.queued_tiles
         )
         yield GaugeMetricFamily(
+            f"{NAMESPACE}_queue_reserved_tiles",
+            "Tiles admitted requests hold in reserve, not yet queued.",
+            b.reserved_tiles,
+        )
+        yield GaugeMetricFamily(
             f"{NAMESPACE}_queue_capacity_tiles",
             "Queued tiles beyond which requests are refused (--max-queue-tiles).",
             b.config.max_queue_tiles,
@@ -166,6 +182,25 @@ class BatcherCollector(Collector):
         yield info
 
 
+class UploadCollector(Collector):
+    """Request bytes held and uploads in progress (``--max-buffered-bytes``, ``--max-uploads``)."""
+
+    def __init__(self, uploads: UploadStats) -> None:
+        self._uploads = uploads
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_request_bytes_held",
+            "Request bytes reserved by calls in flight.",
+            self._uploads.held_bytes,
+        )
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_uploads_in_progress",
+            "UpscaleStream uploads being received.",
+            self._uploads.uploads,
+        )
+
+
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(f"{NAMESPACE}_{name}", documentation, value=value)
 
@@ -176,7 +211,9 @@ class ServerMetrics:
     ``started`` / ``finished`` make it a ``server.service.AccessObserver``.
     """
 
-    def __init__(self, batcher: BatcherStats, engine: ModelSource) -> None:
+    def __init__(
+        self, batcher: BatcherStats, engine: ModelSource, uploads: UploadStats | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         self._requests = Counter(
             f"{NAMESPACE}_requests_total",
@@ -200,6 +237,8 @@ class ServerMetrics:
             self._requests.labels(method, "OK")
             self._total.labels(method)
         self.registry.register(BatcherCollector(batcher, model_labels(engine)))
+        if uploads is not None:
+            self.registry.register(UploadCollector(uploads))
         ProcessCollector(registry=self.registry)  # CPU, memory, open fds of this process
 
     def _histogram(self, name: str, documentation: str) -> Histogram:

@@ -169,6 +169,7 @@ async def run(
     client_log = logging.getLogger("rdn.client")
     client_log.addHandler(retries)
     client_log.setLevel(logging.DEBUG)
+    client_log.propagate = False  # counted, not printed
     tiff, jpeg = tiff_tile_bomb(), jpeg_bomb()
     cancel_me = upscale_pb2.UpscaleRequest(encoded=encode_png(photo(256)))
     huge_name = kserve_pb.ModelInferRequest(model_name="m" * 2**20)

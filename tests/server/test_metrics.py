@@ -170,6 +170,8 @@ def test_requests_latencies_tiles_and_batches_are_counted(
     assert value(after, "rdn_pending_requests") == 0
     assert value(after, "rdn_inflight_requests") == 0
     assert value(after, "rdn_queue_capacity_tiles") == 4096
+    for gauge in ("rdn_queue_reserved_tiles", "rdn_request_bytes_held", "rdn_uploads_in_progress"):
+        assert after[(gauge, ())] == 0
     info = {
         "provider": "CPUExecutionProvider",
         "scale": "2",
@@ -306,3 +308,27 @@ def test_metrics_stay_on_loopback_unless_told_and_exposure_is_warned() -> None:
     for local in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
         assert exposure_warning(MetricsConfig(port=9100, host=local), protected=True) is None
     assert exposure_warning(MetricsConfig(host="0.0.0.0"), protected=True) is None  # port off
+
+
+def test_held_upload_bytes_are_visible_while_an_upload_waits(
+    server: BackgroundServer,
+) -> None:
+    release = threading.Event()
+
+    def stalled() -> Iterator[upscale_pb2.UpscaleChunk]:
+        header = upscale_pb2.UpscaleStreamHeader(total_bytes=123_456, request_id="stalled")
+        yield upscale_pb2.UpscaleChunk(header=header)
+        release.wait(CALL_TIMEOUT)
+
+    port = metrics_port(server)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = upscale_pb2_grpc.UpscalerStub(channel).UpscaleStream(stalled(), timeout=60)
+        try:
+            held = scrape_until(port, lambda s: value(s, "rdn_uploads_in_progress") == 1)
+            assert value(held, "rdn_request_bytes_held") == 123_456
+        finally:
+            release.set()
+        with pytest.raises(grpc.RpcError):
+            list(call)  # the stream ended before its data: INVALID_ARGUMENT
+    rest = scrape_until(port, lambda s: value(s, "rdn_uploads_in_progress") == 0)
+    assert value(rest, "rdn_request_bytes_held") == 0
