@@ -464,6 +464,7 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
             done = await self._upscale(
                 source, spec, header.request_id, received, record, unary=False
             )
+            del source  # the upload's bytes are not needed while the answer streams out
         yield upscale_pb2.UpscaleChunk(result=done.response)
         step = min(MAX_OUT_CHUNK_BYTES, limits.max_message_bytes // 4)
         for offset in range(0, len(done.image), step):
