@@ -10,6 +10,9 @@ Rules:
   batch ran (contention), wait at most ``max_delay_ms`` for more tiles to fill the next batch;
 - the engine runs in ONE worker thread, so the event loop keeps decoding, encoding and
   answering while it computes;
+- queue capacity is counted in units of ``unit_pixels`` (a tile of ``unit_pixels`` or fewer is
+  one unit; a larger one as many units as its pixels need), so tiles of any plan are bounded
+  by what they hold; with ``unit_pixels`` 0 every tile is one unit;
 - ``submit`` refuses at once (``QueueFull``) when accepting would exceed ``max_queue_tiles``;
 - ``reserve`` takes a whole request's queue capacity at admission: the chunks later submitted
   against that ``Reservation`` are never refused for queue space, so a request that began
@@ -100,6 +103,7 @@ class _Request:
     tiles: np.ndarray
     future: asyncio.Future[TileResult]
     submitted: float
+    unit: int  # queue units of each tile
     next_tile: int = 0  # tiles [0, next_tile) have been put into batches
     done_tiles: int = 0
     outputs: np.ndarray | None = None  # allocated when the first result arrives
@@ -122,7 +126,7 @@ class _Request:
 class TileBatcher:
     """Batches tiles from concurrent requests into engine calls of at most ``max_batch``."""
 
-    def __init__(self, engine: TileEngine, config: BatcherConfig) -> None:
+    def __init__(self, engine: TileEngine, config: BatcherConfig, unit_pixels: int = 0) -> None:
         if config.max_batch < 1 or config.max_queue_tiles < 1 or config.max_delay_ms < 0:
             raise ValueError(
                 "BatcherConfig needs max_batch >= 1, max_queue_tiles >= 1, max_delay_ms >= 0; "
@@ -130,9 +134,10 @@ class TileBatcher:
             )
         self._engine = engine
         self._config = config
+        self._unit_pixels = unit_pixels
         self._pending: collections.deque[_Request] = collections.deque()  # rotation order
-        self._queued = 0  # tiles submitted but not yet in a batch
-        self._held = 0  # tiles reserved by admitted requests and not yet submitted
+        self._queued = 0  # units of tiles submitted but not yet in a batch
+        self._held = 0  # units reserved by admitted requests and not yet submitted
         self._in_flight: list[_Request] = []  # requests with tiles in the running batch
         self._arrivals = 0  # submissions accepted so far; tells whether any came during a batch
         self._wakeup: asyncio.Event | None = None
@@ -155,13 +160,19 @@ class TileBatcher:
 
     @property
     def queued_tiles(self) -> int:
-        """Tiles accepted but not yet put into a batch."""
+        """Queue units of the tiles accepted but not yet put into a batch."""
         return self._queued
 
     @property
     def reserved_tiles(self) -> int:
-        """Tiles admitted requests hold in reserve (not yet submitted)."""
+        """Queue units admitted requests hold in reserve (not yet submitted)."""
         return self._held
+
+    def units(self, tile_shape: tuple[int, ...]) -> int:
+        """Queue units of one tile of ``tile_shape`` ([..., h, w])."""
+        if self._unit_pixels <= 0:
+            return 1
+        return -(-tile_shape[-2] * tile_shape[-1] // self._unit_pixels)
 
     @property
     def pending_requests(self) -> int:
@@ -243,7 +254,7 @@ class TileBatcher:
             )
 
     def reserve(self, tiles: int) -> Reservation:
-        """Hold queue capacity for a request's ``tiles`` now, or raise ``QueueFull`` at once.
+        """Hold ``tiles`` queue units for a request now, or raise ``QueueFull`` at once.
 
         Submit its chunks with ``reservation=``; release what is left when the request ends.
         """
@@ -266,14 +277,15 @@ class TileBatcher:
         if not isinstance(tiles, np.ndarray) or tiles.ndim != 4 or len(tiles) == 0:
             shape = getattr(tiles, "shape", type(tiles).__name__)
             raise ValueError(f"submit needs a non-empty [n, 3, h, w] tile array, got {shape}")
+        unit = self.units(tiles.shape)
         if reservation is None:
-            self._check_room(len(tiles))
+            self._check_room(unit * len(tiles))
         else:
-            reservation.take(len(tiles))
+            reservation.take(unit * len(tiles))
         loop = asyncio.get_running_loop()
-        request = _Request(request_id, tiles, loop.create_future(), time.perf_counter())
+        request = _Request(request_id, tiles, loop.create_future(), time.perf_counter(), unit)
         self._pending.append(request)
-        self._queued += request.count
+        self._queued += unit * request.count
         self._arrivals += 1
         assert self._wakeup is not None
         self._wakeup.set()
@@ -287,7 +299,7 @@ class TileBatcher:
         """Forget a request's undispatched tiles (cancelled or failed)."""
         with contextlib.suppress(ValueError):
             self._pending.remove(request)
-            self._queued -= request.undispatched
+            self._queued -= request.unit * request.undispatched
             self._tiles_dropped += request.undispatched
         request.next_tile = request.count
 
@@ -346,7 +358,7 @@ class TileBatcher:
                 continue
             batch.append((request, request.next_tile))
             request.next_tile += 1
-            self._queued -= 1
+            self._queued -= request.unit
             if request.undispatched:
                 self._pending.append(request)
         self._pending.extendleft(reversed(other_shape))

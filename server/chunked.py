@@ -28,7 +28,7 @@ import numpy as np
 
 from rdn.ensemble import N_TRANSFORMS, inverse_transform, transform
 from server.batcher import Reservation, TileResult
-from server.tiling import merge_tile_range_into, plan_tiles, split_tile_range
+from server.tiling import TilePlan, merge_tile_range_into, split_tile_range
 
 CHUNK_MIN_TILES = 64  # a chunk is at least this many tiles ...
 CHUNK_BATCHES = 8  # ... and at least this many full batches
@@ -48,6 +48,7 @@ class ChunkTimings:
     queue_seconds: float  # the first chunk's wait for its first batch
     compute_seconds: float  # engine time of the distinct batches that carried its tiles
     tiles: int  # tiles of every chunk
+    computed_pixels: int  # LR pixels of those tiles' inputs (the model's work)
 
 
 @dataclass(frozen=True)
@@ -61,19 +62,29 @@ class Chunk:
 
 
 def chunk_tiles(max_batch: int) -> int:
-    """Tiles per chunk for a batcher of ``max_batch``."""
+    """Grid tiles per chunk for a batcher of ``max_batch``."""
     return max(CHUNK_MIN_TILES, CHUNK_BATCHES * max_batch)
 
 
-def plan_chunks(counts: Sequence[Sequence[int]], size: int) -> list[Chunk]:
-    """Chunks of at most ``size`` tiles over ``counts[image][view]`` tiles; none spans views."""
-    if size < 1:
+def chunk_size(plan: TilePlan, chunk_pixels: int) -> int:
+    """Tiles of ``plan`` per chunk: as many as ``chunk_pixels`` hold, at least one."""
+    return max(1, chunk_pixels // plan.tile_pixels)
+
+
+def plan_chunks(
+    counts: Sequence[Sequence[int]], size: int | Sequence[Sequence[int]]
+) -> list[Chunk]:
+    """Chunks of at most ``size`` tiles (one for all, or ``size[image][view]``) over
+    ``counts[image][view]`` tiles; none spans views."""
+    sizes = [[size] * len(views) for views in counts] if isinstance(size, int) else size
+    if any(s < 1 for views in sizes for s in views):
         raise ValueError(f"chunk size {size}: must be at least 1 tile")
     return [
-        Chunk(image, view, start, min(start + size, count))
+        Chunk(image, view, start, min(start + step, count))
         for image, views in enumerate(counts)
         for view, count in enumerate(views)
-        for start in range(0, count, size)
+        for step in (sizes[image][view],)
+        for start in range(0, count, step)
     ]
 
 
@@ -102,8 +113,7 @@ class _Image:
         self,
         source: np.ndarray,
         canvas: np.ndarray,
-        tile: int,
-        pad: int,
+        plan: Callable[[int, int], TilePlan],
         scale: int,
         ensemble: bool,
         from_model: Callable[[np.ndarray], np.ndarray],
@@ -111,7 +121,7 @@ class _Image:
         self.views = (
             [transform(source[None], i)[0] for i in range(N_TRANSFORMS)] if ensemble else [source]
         )
-        self.plans = [plan_tiles(v.shape[1], v.shape[2], tile, pad) for v in self.views]
+        self.plans = [plan(v.shape[1], v.shape[2]) for v in self.views]
         self.canvas = canvas  # [3, sH, sW]
         self.scale = scale
         self.ensemble = ensemble
@@ -147,11 +157,10 @@ async def infer_chunked(
     sources: Sequence[np.ndarray],
     canvases: Sequence[np.ndarray],
     *,
-    tile: int,
-    pad: int,
+    plan: Callable[[int, int], TilePlan],
     scale: int,
     ensemble: bool,
-    chunk_size: int,
+    chunk_pixels: int,
     request_id: str,
     reservation: Reservation | None = None,
     to_model: Callable[[np.ndarray], np.ndarray] = _identity,
@@ -159,16 +168,22 @@ async def infer_chunked(
 ) -> ChunkTimings:
     """Super-resolve each ``sources[i]`` [3, H, W] into ``canvases[i]`` [3, sH, sW] in place.
 
+    ``plan(height, width)`` gives each view's tile plan; a chunk holds at most
+    ``chunk_pixels`` of tile input (at least one tile).
+
     ``to_model`` turns tiles cut from a source into the model's float32 input; ``from_model``
     turns float32 model output into the canvas's values. Both may be strided views (e.g. the
     ``transpose(2, 0, 1)`` of an H x W x 3 array). Raises what ``submit`` raises; on any error
     or cancellation the chunks in flight are cancelled.
     """
     images = [
-        _Image(s, c, tile, pad, scale, ensemble, from_model)
+        _Image(s, c, plan, scale, ensemble, from_model)
         for s, c in zip(sources, canvases, strict=True)
     ]
-    chunks = plan_chunks([[p.count for p in image.plans] for image in images], chunk_size)
+    chunks = plan_chunks(
+        [[p.count for p in image.plans] for image in images],
+        [[chunk_size(p, chunk_pixels) for p in image.plans] for image in images],
+    )
 
     def split(chunk: Chunk) -> np.ndarray:
         image = images[chunk.image]
@@ -207,6 +222,10 @@ async def infer_chunked(
             for _, task in flight:
                 if not task.cancelled():
                     task.exception()
+    computed = sum((c.stop - c.start) * images[c.image].plans[c.view].tile_pixels for c in chunks)
     return ChunkTimings(
-        queue_seconds or 0.0, sum(batches.values()), sum(c.stop - c.start for c in chunks)
+        queue_seconds or 0.0,
+        sum(batches.values()),
+        sum(c.stop - c.start for c in chunks),
+        computed,
     )

@@ -20,17 +20,19 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class TilingConfig:
-    """Fixed tile geometry, in LR pixels: every tile has shape [3, tile + 2*pad, tile + 2*pad]."""
+    """How images are cut into tiles (server/planner.py), in LR pixels."""
 
-    tile: int = 64  # LR core size
-    pad: int = 8  # LR context margin per side: tiled == whole-image within 1/255 (bench)
+    tile: int = 64  # grid plans: LR core size; also the queue unit, (tile + 2*pad)**2 pixels
+    pad: int = 8  # LR context at seams: tiled == whole-image within 1/255 (bench)
+    mode: str = "auto"  # "fit" (tiles fitted to the image), "grid" (fixed), "auto": fit on CPU
+    max_tile_pixels: int = 0  # fit plans: largest tile; 0 = the planner's default
 
 
 @dataclass(frozen=True)
 class BatcherConfig:
     """Cross-request tile batching."""
 
-    max_batch: int = 8
+    max_batch: int = 0  # tiles per engine call; 0 = by provider (1 on CPU, 8 on CUDA)
     max_delay_ms: float = 2.0
     max_queue_tiles: int = 4096
 

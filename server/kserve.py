@@ -40,6 +40,7 @@ from server.errors import (
 )
 from server.pb.inference import grpc_service_pb2 as pb
 from server.pb.inference import grpc_service_pb2_grpc as pb_grpc
+from server.planner import Planner
 from server.service import (
     RESPONSE_OVERHEAD_BYTES,
     AccessObserver,
@@ -49,7 +50,6 @@ from server.service import (
     _unary,
     check_request_id,
 )
-from server.tiling import plan_tiles
 from server.uploads import UploadBudget
 
 T = TypeVar("T")
@@ -165,10 +165,12 @@ def check_outputs(request: pb.ModelInferRequest) -> None:
         _check_parameters(f"output {OUTPUT_NAME!r}", output.parameters)
 
 
-def check_limits(shape: tuple[int, int, int, int], config: ServerConfig, scale: int) -> None:
+def check_limits(
+    shape: tuple[int, int, int, int], config: ServerConfig, scale: int, planner: Planner
+) -> None:
     """Refuse (RESOURCE_EXHAUSTED) a request that could never be answered, before any work."""
     n, _, h, w = shape
-    limits, tiling = config.limits, config.tiling
+    limits = config.limits
     pixels = n * h * w
     if pixels > limits.max_pixels:
         raise RequestTooLarge(
@@ -176,10 +178,10 @@ def check_limits(shape: tuple[int, int, int, int], config: ServerConfig, scale: 
             f"limit of {limits.max_pixels} pixels per request (--max-pixels); send fewer or "
             "smaller images"
         )
-    tiles = tile_count(shape, config)
+    tiles = tile_count(shape, config, planner)
     if tiles > config.batcher.max_queue_tiles:
         raise RequestTooLarge(
-            f"input {INPUT_NAME!r} needs {tiles} tiles of {tiling.tile}x{tiling.tile}"
+            f"input {INPUT_NAME!r} needs {tiles} tiles of {planner.tile}x{planner.tile}"
             f"{' (x8 self-ensemble)' if config.self_ensemble else ''}, more than the queue holds "
             f"({config.batcher.max_queue_tiles}, --max-queue-tiles); send fewer or smaller images"
         )
@@ -193,11 +195,13 @@ def check_limits(shape: tuple[int, int, int, int], config: ServerConfig, scale: 
         )
 
 
-def tile_count(shape: tuple[int, int, int, int], config: ServerConfig) -> int:
-    """Tiles the request's images need (all 8 views each with self-ensemble)."""
+def tile_count(shape: tuple[int, int, int, int], config: ServerConfig, planner: Planner) -> int:
+    """Queue units the request's images need (all 8 views each with self-ensemble)."""
     n, _, h, w = shape
-    views = N_TRANSFORMS if config.self_ensemble else 1
-    return n * views * plan_tiles(h, w, config.tiling.tile, config.tiling.pad).count
+    straight = planner.units(planner.plan(h, w))
+    if not config.self_ensemble:
+        return n * straight
+    return n * N_TRANSFORMS // 2 * (straight + planner.units(planner.plan(w, h)))
 
 
 def check_data(request: pb.ModelInferRequest, shape: tuple[int, int, int, int]) -> None:
@@ -278,11 +282,14 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         uploads: UploadBudget,
         codec_pool: Executor,
         serving: Callable[[], bool],
+        planner: Planner,
         access_observer: AccessObserver | None = None,
     ) -> None:
         self._engine = engine
         self._batcher = batcher
         self._config = config
+        self._planner = planner
+        self._chunk_pixels = chunk_tiles(config.batcher.max_batch) * planner.unit_pixels
         self._health = health
         self._uploads = uploads
         self._pool = codec_pool
@@ -368,14 +375,13 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         n, _, height, width = shape
         record.set(images=n, width=width, height=height)
         scale = self._engine.scale
-        check_limits(shape, self._config, scale)
+        check_limits(shape, self._config, scale, self._planner)
         check_data(request, shape)
         bytes_in = int(np.prod(shape)) * FLOAT32_LE.itemsize
         record.set(bytes_in=bytes_in)
-        tiling = self._config.tiling
         with (
             self._uploads.hold(bytes_in, upload=False),
-            self._batcher.reserve(tile_count(shape, self._config)) as reservation,
+            self._batcher.reserve(tile_count(shape, self._config, self._planner)) as reservation,
         ):
             images = await self._in_pool(input_array, request, shape)
             # Chunk by chunk into the float32 answer (server/chunked.py): bounded memory.
@@ -384,16 +390,18 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
                 self._batcher,
                 list(images),
                 list(canvas),
-                tile=tiling.tile,
-                pad=tiling.pad,
+                plan=self._planner.plan,
                 scale=scale,
                 ensemble=self._config.self_ensemble,
-                chunk_size=chunk_tiles(self._config.batcher.max_batch),
+                chunk_pixels=self._chunk_pixels,
                 request_id=request.id,
                 reservation=reservation,
             )
         record.set(
             tiles=result.tiles,
+            image_pixels=n * height * width,
+            computed_pixels=result.computed_pixels,
+            waste=round(result.computed_pixels / (n * height * width), 3),
             queue_ms=round(1e3 * result.queue_seconds, 2),
             compute_ms=round(1e3 * result.compute_seconds, 2),
         )

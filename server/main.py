@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 from collections.abc import Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,7 +38,7 @@ from server.config import (
     TilingConfig,
     UploadConfig,
 )
-from server.engine import Engine, ModelLoadError
+from server.engine import CUDA, Engine, ModelLoadError
 from server.health import NOT_SERVING, SERVING, Health
 from server.kserve import KServeService
 from server.logging_setup import LEVELS, configure_logging
@@ -53,6 +54,7 @@ from server.models import SCALES, DefaultModelMissing, resolve_default_model
 from server.parse_guard import ParseGuard
 from server.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
+from server.planner import MODES, make_planner
 from server.security import (
     SecurityError,
     add_port,
@@ -128,6 +130,19 @@ class RunningServer:
         await self.server.wait_for_termination()
 
 
+CPU_MAX_BATCH = 1  # batching gains nothing on CPU (tests/bench/batching_gain.py)
+GPU_MAX_BATCH = 8
+
+
+def with_provider_defaults(config: ServerConfig, provider: str) -> ServerConfig:
+    """``config`` with the choices left to the provider made: ``max_batch`` 0 becomes 1 on
+    CPU and 8 on CUDA."""
+    if config.batcher.max_batch != 0:
+        return config
+    batch = GPU_MAX_BATCH if provider == CUDA else CPU_MAX_BATCH
+    return replace(config, batcher=replace(config.batcher, max_batch=batch))
+
+
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     """One message limit for both directions; a taken port is an error, not a shared port."""
     limit = config.limits.max_message_bytes
@@ -146,7 +161,9 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
     """
     if engine is None:
         engine = await asyncio.to_thread(Engine, config.model, config.engine)
-    batcher = TileBatcher(engine, config.batcher)
+    config = with_provider_defaults(config, engine.active_provider)
+    planner = make_planner(config.tiling, engine.active_provider)
+    batcher = TileBatcher(engine, config.batcher, planner.unit_pixels)
     health = Health()
     for service in ("", SERVICE_NAME):
         await health.set(service, NOT_SERVING)
@@ -160,7 +177,12 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
     codec_pool = concurrent.futures.ThreadPoolExecutor(
         config.decode_workers, thread_name_prefix="codec"
     )
-    shared = {"uploads": uploads, "codec_pool": codec_pool, "serving": health.serving}
+    shared = {
+        "uploads": uploads,
+        "codec_pool": codec_pool,
+        "serving": health.serving,
+        "planner": planner,
+    }
     upscale_pb2_grpc.add_UpscalerServicer_to_server(
         UpscalerService(engine, batcher, config, access_observer=metrics, **shared), server
     )
@@ -220,11 +242,11 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
     for service in ("", SERVICE_NAME):
         await health.set(service, SERVING)
     log.info(
-        "listening on %s (provider %s, scale x%d, tile %d pad %d, max batch %d%s; %s%s)",
+        "listening on %s (provider %s, scale x%d, %s tiles, pad %d, max batch %d%s; %s%s)",
         running.address,
         engine.active_provider,
         engine.scale,
-        config.tiling.tile,
+        "fitted" if planner.mode == "fit" else f"{config.tiling.tile}x{config.tiling.tile} grid",
         config.tiling.pad,
         config.batcher.max_batch,
         ", self-ensemble" if config.self_ensemble else "",
@@ -370,7 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=d.host, help="address to bind")
     p.add_argument("--port", type=_port, default=d.port, help="port to bind; 0 = any free port")
     p.add_argument(
-        "--max-batch", type=_int_at_least(1), default=d.batcher.max_batch, help="tiles per call"
+        "--max-batch",
+        type=_int_at_least(0),
+        default=d.batcher.max_batch,
+        help=f"tiles per engine call; 0 = by provider ({CPU_MAX_BATCH} on CPU, "
+        f"{GPU_MAX_BATCH} on CUDA)",
     )
     p.add_argument(
         "--max-delay-ms",
@@ -384,7 +410,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.batcher.max_queue_tiles,
         help="queued tiles beyond this are refused (RESOURCE_EXHAUSTED)",
     )
-    p.add_argument("--tile", type=_int_at_least(1), default=d.tiling.tile, help="LR tile core")
+    p.add_argument(
+        "--tiling",
+        choices=MODES,
+        default=d.tiling.mode,
+        help="fit: tiles fitted to each image (whole image under --max-tile-pixels); grid: fixed "
+        "--tile cores; auto: fit on CPU, grid on CUDA",
+    )
+    p.add_argument(
+        "--max-tile-pixels",
+        type=_int_at_least(0),
+        default=d.tiling.max_tile_pixels,
+        help="fit tiling: largest tile, LR pixels; 0 = 512x512",
+    )
+    p.add_argument(
+        "--tile", type=_int_at_least(1), default=d.tiling.tile, help="grid tiling: LR tile core"
+    )
     p.add_argument(
         "--tile-pad", type=_int_at_least(0), default=d.tiling.pad, help="LR context per side"
     )
@@ -474,7 +515,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         engine=EngineConfig(
             providers=providers, require_gpu=args.require_gpu, intra_op_threads=args.threads
         ),
-        tiling=TilingConfig(tile=args.tile, pad=args.tile_pad),
+        tiling=TilingConfig(
+            tile=args.tile,
+            pad=args.tile_pad,
+            mode=args.tiling,
+            max_tile_pixels=args.max_tile_pixels,
+        ),
         batcher=BatcherConfig(
             max_batch=args.max_batch,
             max_delay_ms=args.max_delay_ms,

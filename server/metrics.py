@@ -233,6 +233,19 @@ class ServerMetrics:
         self._total = self._histogram(
             "request_duration_seconds", "Whole call, as the server saw it (any status)."
         )
+        self._image_pixels = Counter(
+            f"{NAMESPACE}_image_pixels",
+            "LR pixels of the images of computed requests.",
+            ["method"],
+            registry=self.registry,
+        )
+        self._computed_pixels = Counter(
+            f"{NAMESPACE}_computed_pixels",
+            "LR pixels the model computed for them (tiles with their context); the ratio of the "
+            "two is the tiling's waste.",
+            ["method"],
+            registry=self.registry,
+        )
         for method in METHODS:  # series exist from the start, so rate() works from zero
             self._requests.labels(method, "OK")
             self._total.labels(method)
@@ -262,6 +275,8 @@ class ServerMetrics:
         if "queue_ms" in fields:  # the request reached the batcher and got its tiles back
             self._queue.labels(record.method).observe(fields["queue_ms"] / 1e3)
             self._compute.labels(record.method).observe(fields["compute_ms"] / 1e3)
+            self._image_pixels.labels(record.method).inc(fields["image_pixels"])
+            self._computed_pixels.labels(record.method).inc(fields["computed_pixels"])
 
     # -- exposition -----------------------------------------------------------------------
     def exposition(self) -> bytes:

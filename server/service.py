@@ -54,6 +54,7 @@ from server.errors import (
     UploadTimeout,
 )
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
+from server.planner import Planner
 from server.tiling import TilePlan, merge_tiles, plan_tiles, split_tiles
 from server.uploads import Hold, UploadBudget, timed
 from server.wire import RETRY_AFTER_KEY, UPLOAD_ACCEPTED_KEY
@@ -158,6 +159,27 @@ def check_tile_count(
             f"({max_tiles}, --max-queue-tiles); send a smaller image"
         )
     return count
+
+
+def admission_units(planner: Planner, height: int, width: int, ensemble: bool) -> int:
+    """Queue units an image needs: all 8 views with ``ensemble``; else the larger of its two
+    orientations (the header's size may be turned by an orientation tag when decoded)."""
+    straight = planner.units(planner.plan(height, width))
+    turned = planner.units(planner.plan(width, height))
+    return N_TRANSFORMS // 2 * (straight + turned) if ensemble else max(straight, turned)
+
+
+def check_units(
+    units: int, width: int, height: int, ensemble: bool, max_units: int, tile: int
+) -> None:
+    """Refuse (not retryable) an image whose tiles could never enter the queue; ``units`` are
+    counted in tiles of the grid (``tile`` cores with their context)."""
+    if units > max_units:
+        raise RequestTooLarge(
+            f"a {width}x{height} image needs {units} tiles of {tile}x{tile}"
+            f"{' (x8 self-ensemble)' if ensemble else ''}, more than the queue holds "
+            f"({max_units}, --max-queue-tiles); send a smaller image"
+        )
 
 
 def tile_planar(
@@ -389,11 +411,13 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         uploads: UploadBudget,
         codec_pool: Executor,
         serving: Callable[[], bool],
+        planner: Planner,
         access_observer: AccessObserver | None = None,
     ) -> None:
         self._engine = engine
         self._batcher = batcher
         self._config = config
+        self._planner = planner
         self._uploads = uploads
         self._pool = codec_pool
         self._serving = serving
@@ -495,7 +519,7 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         image's tiles must fit the tile queue, whose capacity for all of them is reserved at
         once, so no later chunk is refused; only then are the pixels decoded and kept.
         """
-        tiling, scale, limits = self._config.tiling, self._engine.scale, self._config.limits
+        scale, limits = self._engine.scale, self._config.limits
         if source.raw_shape is None:
             args = (source.data, limits.max_pixels, limits.max_request_bytes)
             width, height = await self._in_pool(verify_image, *args)
@@ -521,10 +545,9 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
             )
         batching = self._config.batcher
         ensemble = self._config.self_ensemble
-        count = check_tile_count(
-            height, width, tiling.tile, tiling.pad, ensemble, batching.max_queue_tiles
-        )
-        with self._batcher.reserve(count) as reservation:
+        units = admission_units(self._planner, height, width, ensemble)
+        check_units(units, width, height, ensemble, batching.max_queue_tiles, self._planner.tile)
+        with self._batcher.reserve(units) as reservation:
             decoded = await self._in_pool(decode)
             height, width = decoded.rgb.shape[:2]
             record.set(
@@ -537,11 +560,10 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
                 self._batcher,
                 [decoded.rgb.transpose(2, 0, 1)],
                 [sr_rgb.transpose(2, 0, 1)],
-                tile=tiling.tile,
-                pad=tiling.pad,
+                plan=self._planner.plan,
                 scale=scale,
                 ensemble=ensemble,
-                chunk_size=chunk_tiles(batching.max_batch),
+                chunk_pixels=chunk_tiles(batching.max_batch) * self._planner.unit_pixels,
                 request_id=request_id,
                 reservation=reservation,
                 to_model=to_unit_float,
@@ -549,6 +571,9 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
             )
         record.set(
             tiles=result.tiles,
+            image_pixels=height * width,
+            computed_pixels=result.computed_pixels,
+            waste=round(result.computed_pixels / (height * width), 3),
             queue_ms=round(1e3 * result.queue_seconds, 2),
             compute_ms=round(1e3 * result.compute_seconds, 2),
         )

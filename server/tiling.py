@@ -1,59 +1,181 @@
-"""Fixed-shape tiling: cut an LR image into equal tiles with context, stitch the SR cores.
+"""Tile plans: cut an LR image into tiles with context, stitch the SR cores.
 
-Every tile has the same shape ``[3, tile + 2*pad, tile + 2*pad]`` so tiles from any number of
-requests can share one batch and one cuDNN algorithm / CUDA graph. The context margin (``pad``)
-comes from the neighbouring pixels inside the image and from reflection outside it: at image
-borders, past the last row/column of a size that is not a multiple of ``tile``, and all around an
-image smaller than one tile. After inference each tile is cropped to its core and the cores are
-laid side by side, so there is no blending and every output pixel comes from exactly one tile.
+A plan cuts each axis into near-equal *cores* that partition the image; each core is computed
+inside a *window* (the tile fed to the model) that adds context around it. All tiles of one
+plan have one input shape, so tiles of one request (and of requests with the same plan) share
+a batch. After inference each tile is cropped to its core and the cores are laid side by side:
+no blending, and every output pixel comes from exactly one tile.
+
+Two kinds of plan:
+
+- ``plan_fit`` (CPU): the fewest near-equal tiles under a pixel cap, each window inside the
+  image. Context is added only at internal seams; at the image's own borders the model sees the
+  image edge exactly as whole-image inference does. An image under the cap is one tile: the
+  whole image, nothing added, so the service computes what the whole-image loop computes.
+- ``plan_tiles`` (GPU): a grid of fixed ``tile``-sized cores with ``pad`` context on every side,
+  reflected in from inside the image where the window passes its border or its last full
+  tile. One input shape for every image lets any requests share a batch and keeps cuDNN's
+  algorithm choice and CUDA graphs to one shape.
 
 Tiling is exact for a pixel-wise model. RDN's receptive field is far larger than any practical
-margin, but the influence of distant pixels decays fast: with the default pad of 8 the tiled
-output is within 1/255 of whole-image inference (about 78 dB PSNR, small preset x2; measured by
-tests/bench/tiling_accuracy.py). At image borders, reflected context replaces the model's zero
-padding; against the ground truth that scores slightly higher than whole-image inference.
+margin, but the influence of distant pixels decays fast: with a pad of 8 the seams are within
+1/255 of whole-image inference (tests/bench/tiling_accuracy.py).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
 
+MAX_FIT_TILES = 256  # per axis: a plan search beyond this falls back to the grid
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One axis of a plan: where each tile's window starts and which core it contributes."""
+
+    length: int  # of the image
+    size: int  # window length, every tile
+    before: int  # reflected padding added before the image (windows index the padded axis)
+    after: int  # reflected padding added after it
+    starts: tuple[int, ...]  # window start of each tile, in padded coordinates
+    cores: tuple[tuple[int, int], ...]  # core [begin, end) of each tile, in image coordinates
+
+    @property
+    def count(self) -> int:
+        return len(self.starts)
+
+    def core_offset(self, index: int) -> int:
+        """Where tile ``index``'s core begins inside its window."""
+        return self.cores[index][0] + self.before - self.starts[index]
+
 
 @dataclass(frozen=True)
 class TilePlan:
-    """Where the tiles of one LR image lie (all sizes in LR pixels)."""
+    """Where the tiles of one LR image lie (all sizes in LR pixels), row-major."""
 
-    height: int  # LR image size
-    width: int
-    tile: int  # core size of every tile
-    pad: int  # context margin on every side of every tile
-    rows: int  # tiles down
-    cols: int  # tiles across
+    rows: Axis
+    cols: Axis
+
+    @property
+    def height(self) -> int:
+        return self.rows.length
+
+    @property
+    def width(self) -> int:
+        return self.cols.length
 
     @property
     def count(self) -> int:
         """Number of tiles, row-major order."""
-        return self.rows * self.cols
+        return self.rows.count * self.cols.count
 
     @property
-    def input_size(self) -> int:
-        """Side of every tile fed to the model: ``[3, input_size, input_size]``."""
-        return self.tile + 2 * self.pad
+    def input_shape(self) -> tuple[int, int]:
+        """(height, width) of every tile fed to the model."""
+        return self.rows.size, self.cols.size
+
+    @property
+    def tile_pixels(self) -> int:
+        return self.rows.size * self.cols.size
+
+    @property
+    def computed_pixels(self) -> int:
+        """LR pixels the model computes for this plan (its tiles' inputs)."""
+        return self.count * self.tile_pixels
+
+    @property
+    def waste(self) -> float:
+        """Computed pixels per image pixel: 1.0 for whole-image inference."""
+        return self.computed_pixels / (self.height * self.width)
+
+
+def _check_size(height: int, width: int) -> None:
+    if height < 1 or width < 1:
+        raise ValueError(f"image size {height}x{width}: both sides must be at least 1 pixel")
+
+
+def grid_axis(length: int, tile: int, pad: int) -> Axis:
+    """ceil(length/tile) cores of ``tile``; windows of ``tile + 2*pad``, reflected padding."""
+    count = -(-length // tile)
+    return Axis(
+        length=length,
+        size=tile + 2 * pad,
+        before=pad,
+        after=count * tile - length + pad,
+        starts=tuple(k * tile for k in range(count)),
+        cores=tuple((k * tile, min((k + 1) * tile, length)) for k in range(count)),
+    )
 
 
 def plan_tiles(height: int, width: int, tile: int, pad: int) -> TilePlan:
-    """Plan the tiles of an ``height`` x ``width`` LR image; ceil(H/tile) x ceil(W/tile) tiles."""
-    if height < 1 or width < 1:
-        raise ValueError(f"image size {height}x{width}: both sides must be at least 1 pixel")
+    """The fixed-shape grid plan: ceil(H/tile) x ceil(W/tile) tiles of ``tile + 2*pad``."""
+    _check_size(height, width)
     if tile < 1:
         raise ValueError(f"tile size {tile}: must be at least 1 pixel")
     if pad < 0:
         raise ValueError(f"tile pad {pad}: must be 0 or more pixels")
-    rows = -(-height // tile)
-    cols = -(-width // tile)
-    return TilePlan(height=height, width=width, tile=tile, pad=pad, rows=rows, cols=cols)
+    return TilePlan(grid_axis(height, tile, pad), grid_axis(width, tile, pad))
+
+
+def fit_axis(length: int, count: int, pad: int) -> Axis | None:
+    """``count`` near-equal cores, each window inside the image with ``pad`` of context at
+    every internal seam; None when such windows would not fit inside the image."""
+    bounds = [k * length // count for k in range(count + 1)]
+    longest = max(b - a for a, b in itertools.pairwise(bounds))
+    size = length if count == 1 else longest + 2 * pad
+    if size > length or longest < 1:
+        return None
+    starts = tuple(min(max(bounds[k] - pad, 0), length - size) for k in range(count))
+    cores = tuple((bounds[k], bounds[k + 1]) for k in range(count))
+    return Axis(length, size, 0, 0, starts, cores)
+
+
+def _fewest_fitting(length: int, pad: int, max_size: int) -> Axis | None:
+    """The fitted axis with the fewest tiles whose windows are at most ``max_size`` long."""
+    if length <= max_size:
+        return fit_axis(length, 1, pad)
+    if max_size <= 2 * pad:
+        return None
+    first = -(-length // (max_size - 2 * pad))  # cores of at most max_size - 2*pad
+    for count in range(max(2, first - 1), min(length, MAX_FIT_TILES) + 1):
+        axis = fit_axis(length, count, pad)
+        if axis is not None and axis.size <= max_size:
+            return axis
+    return None
+
+
+def plan_fit(height: int, width: int, pad: int, max_tile_pixels: int) -> TilePlan:
+    """The plan that computes the fewest pixels with tiles of at most ``max_tile_pixels``.
+
+    Windows lie inside the image; an image of at most ``max_tile_pixels`` is one tile, the
+    whole image. Falls back to the square grid that fits the cap when no fitted plan of at
+    most MAX_FIT_TILES tiles per axis does (a cap too small for the image).
+    """
+    _check_size(height, width)
+    if pad < 0:
+        raise ValueError(f"tile pad {pad}: must be 0 or more pixels")
+    if max_tile_pixels < 1:
+        raise ValueError(f"max_tile_pixels {max_tile_pixels}: must be at least 1")
+    best: TilePlan | None = None
+    for rows in range(1, min(height, MAX_FIT_TILES) + 1):
+        row_axis = fit_axis(height, rows, pad)
+        if row_axis is None:
+            continue
+        if best is not None and rows * row_axis.size * width > best.computed_pixels:
+            break  # more rows only add seams: nothing better follows
+        col_axis = _fewest_fitting(width, pad, max_tile_pixels // row_axis.size)
+        if col_axis is None:
+            continue
+        plan = TilePlan(row_axis, col_axis)
+        if best is None or plan.computed_pixels < best.computed_pixels:
+            best = plan
+    if best is not None:
+        return best
+    side = max(1, int(max_tile_pixels**0.5) - 2 * pad)
+    return plan_tiles(height, width, side, pad)
 
 
 def _reflect_pad(image: np.ndarray, axis: int, before: int, after: int) -> np.ndarray:
@@ -69,9 +191,9 @@ def _reflect_pad(image: np.ndarray, axis: int, before: int, after: int) -> np.nd
     return np.pad(image, widths, mode=mode)
 
 
-def _reflect_index(size: int, before: int, after: int) -> np.ndarray:
-    """Source index of every position of one axis padded as ``_reflect_pad`` pads it."""
-    return _reflect_pad(np.arange(size), 0, before, after)
+def _reflect_index(axis: Axis) -> np.ndarray:
+    """Source index of every position of the padded axis."""
+    return _reflect_pad(np.arange(axis.length), 0, axis.before, axis.after)
 
 
 def _check_image(image: np.ndarray, plan: TilePlan) -> None:
@@ -90,7 +212,7 @@ def _check_range(plan: TilePlan, start: int, stop: int) -> None:
 
 
 def split_tile_range(image: np.ndarray, plan: TilePlan, start: int, stop: int) -> np.ndarray:
-    """Tiles ``start .. stop`` (row-major) of ``image`` [3, H, W]: ``[stop-start, 3, in, in]``.
+    """Tiles ``start .. stop`` (row-major) of ``image`` [3, H, W]: ``[stop-start, 3, h, w]``.
 
     Same tiles as ``split_tiles(image, plan)[start:stop]``, in the image's own dtype, without
     padding or copying the whole image: only the rows of the tile rows in the range are read.
@@ -98,27 +220,23 @@ def split_tile_range(image: np.ndarray, plan: TilePlan, start: int, stop: int) -
     """
     _check_image(image, plan)
     _check_range(plan, start, stop)
-    tile, pad, size = plan.tile, plan.pad, plan.input_size
-    rows = _reflect_index(plan.height, pad, plan.rows * tile - plan.height + pad)
-    cols = _reflect_index(plan.width, pad, plan.cols * tile - plan.width + pad)
-    tiles = np.empty((stop - start, 3, size, size), image.dtype)
-    for row in range(start // plan.cols, -(-stop // plan.cols)):
-        first = max(start, row * plan.cols) - row * plan.cols  # columns of this row in range
-        last = min(stop, (row + 1) * plan.cols) - row * plan.cols
-        band_cols = cols[first * tile : (last - 1) * tile + size]
-        band = image[:, rows[row * tile : row * tile + size]][:, :, band_cols]
-        out = row * plan.cols + first - start
-        windows = np.lib.stride_tricks.sliding_window_view(band, size, axis=2)[:, :, ::tile]
-        tiles[out : out + last - first] = windows.transpose(2, 0, 1, 3)
+    rows, cols = plan.rows, plan.cols
+    row_index, col_index = _reflect_index(rows), _reflect_index(cols)
+    tiles = np.empty((stop - start, 3, rows.size, cols.size), image.dtype)
+    for row in range(start // cols.count, -(-stop // cols.count)):
+        first = max(start, row * cols.count) - row * cols.count  # columns of this row in range
+        last = min(stop, (row + 1) * cols.count) - row * cols.count
+        top = rows.starts[row]
+        left, right = cols.starts[first], cols.starts[last - 1] + cols.size
+        band = image[:, row_index[top : top + rows.size]][:, :, col_index[left:right]]
+        for col in range(first, last):
+            offset = cols.starts[col] - left
+            tiles[row * cols.count + col - start] = band[:, :, offset : offset + cols.size]
     return tiles
 
 
 def split_tiles(image: np.ndarray, plan: TilePlan) -> np.ndarray:
-    """Cut ``image`` [3, H, W] into ``[plan.count, 3, input_size, input_size]`` tiles, row-major.
-
-    Tile (r, c) covers LR rows ``r*tile - pad .. (r+1)*tile + pad`` (and the same for columns);
-    whatever falls outside the image is reflected in from inside it.
-    """
+    """Cut ``image`` [3, H, W] into ``[plan.count, 3, h, w]`` float32 tiles, row-major."""
     tiles = split_tile_range(image, plan, 0, plan.count)
     return tiles.astype(np.float32, copy=False)
 
@@ -133,40 +251,37 @@ def merge_tile_range_into(
 ) -> None:
     """Write the cores of SR tiles ``start .. stop`` into ``canvas`` [3, s*H, s*W] in place.
 
-    ``outputs`` is ``[stop-start, 3, s*in, s*in]``; each tile's ``s*pad`` margin is dropped
-    and the part of its core past the image's bottom/right edge is cut off. Values are cast
-    to the canvas's dtype as numpy assignment does; ``canvas`` may be a strided view (e.g.
+    ``outputs`` is ``[stop-start, 3, s*h, s*w]``; each tile is cropped to its core. Values are
+    cast to the canvas's dtype as numpy assignment does; ``canvas`` may be a strided view (e.g.
     ``sr.transpose(2, 0, 1)`` of an sH x sW x 3 array). Merging every range of a partition of
     ``[0, plan.count)`` gives ``merge_tiles``.
     """
     if scale < 1:
         raise ValueError(f"scale {scale}: must be at least 1")
     _check_range(plan, start, stop)
-    side = scale * plan.input_size
-    expected = (stop - start, 3, side, side)
+    rows, cols = plan.rows, plan.cols
+    expected = (stop - start, 3, scale * rows.size, scale * cols.size)
     if outputs.shape != expected:
         raise ValueError(
             f"tile outputs have shape {outputs.shape}; expected {expected} for tiles "
-            f"{start}..{stop} of {plan.input_size}x{plan.input_size} LR pixels at x{scale}"
+            f"{start}..{stop} of {rows.size}x{cols.size} LR pixels at x{scale}"
         )
-    height, width = scale * plan.height, scale * plan.width
-    if canvas.shape != (3, height, width):
-        raise ValueError(f"canvas shape {canvas.shape}: expected {(3, height, width)}")
-    margin, core = scale * plan.pad, scale * plan.tile
+    if canvas.shape != (3, scale * plan.height, scale * plan.width):
+        raise ValueError(
+            f"canvas shape {canvas.shape}: expected {(3, scale * plan.height, scale * plan.width)}"
+        )
     for index in range(start, stop):
-        row, col = divmod(index, plan.cols)
-        top, left = row * core, col * core
-        rows, cols = min(core, height - top), min(core, width - left)
-        piece = outputs[index - start, :, margin : margin + rows, margin : margin + cols]
-        canvas[:, top : top + rows, left : left + cols] = piece
+        row, col = divmod(index, cols.count)
+        (top, bottom), (left, right) = rows.cores[row], cols.cores[col]
+        y, x = scale * rows.core_offset(row), scale * cols.core_offset(col)
+        h, w = scale * (bottom - top), scale * (right - left)
+        piece = outputs[index - start, :, y : y + h, x : x + w]
+        canvas[:, scale * top : scale * bottom, scale * left : scale * right] = piece
 
 
 def merge_tiles(outputs: np.ndarray, plan: TilePlan, scale: int) -> np.ndarray:
-    """Stitch SR tiles ``[count, 3, s*input_size, s*input_size]`` into ``[3, s*H, s*W]``.
-
-    Each tile is cropped to its core (its ``s*pad`` margin dropped) and the cores are placed
-    side by side; the part past the image's bottom/right edge is cut off.
-    """
+    """Stitch SR tiles ``[count, 3, s*h, s*w]`` into ``[3, s*H, s*W]``: each tile cropped to
+    its core, the cores side by side."""
     if scale < 1:
         raise ValueError(f"scale {scale}: must be at least 1")
     canvas = np.empty((3, scale * plan.height, scale * plan.width), outputs.dtype)

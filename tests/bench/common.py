@@ -63,7 +63,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads")
     parser.add_argument("--tile", type=int, default=TilingConfig.tile, help="LR tile core size")
     parser.add_argument("--pad", type=int, default=TilingConfig.pad, help="LR tile context margin")
-    parser.add_argument("--max-batch", type=int, default=BatcherConfig.max_batch)
+    parser.add_argument("--max-batch", type=int, default=8, help="tiles per engine call")
     parser.add_argument("--max-delay-ms", type=float, default=BatcherConfig.max_delay_ms)
     return parser
 
@@ -139,7 +139,7 @@ def server_config(model: Path, args: argparse.Namespace) -> ServerConfig:
         port=0,
         grace_s=1.0,
         engine=EngineConfig(intra_op_threads=args.threads),
-        tiling=TilingConfig(tile=args.tile, pad=args.pad),
+        tiling=TilingConfig(tile=args.tile, pad=args.pad, mode="grid"),
         batcher=BatcherConfig(max_batch=args.max_batch, max_delay_ms=args.max_delay_ms),
         limits=LimitsConfig(),
     )

@@ -101,7 +101,7 @@ def measure(
     h, w = chw.shape[1:]
     plan = plan_tiles(h, w, tile, pad)
     outputs = run_tiles(session, split_tiles(chw, plan))
-    scale = outputs.shape[-1] // plan.input_size
+    scale = outputs.shape[-1] // plan.input_shape[1]
     tiled = to_u8(merge_tiles(outputs, plan, scale)).astype(np.int16)
 
     padded = np.pad(chw, [(0, 0), (pad, pad), (pad, pad)], mode="reflect")

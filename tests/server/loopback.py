@@ -27,7 +27,7 @@ def loopback_config(model: Path, **changes: Any) -> ServerConfig:
         port=0,
         grace_s=2.0,
         engine=CPU,
-        tiling=TilingConfig(tile=TILE, pad=PAD),
+        tiling=TilingConfig(mode="grid", tile=TILE, pad=PAD),
         batcher=BatcherConfig(max_batch=MAX_BATCH, max_delay_ms=2.0, max_queue_tiles=4096),
     )
     return replace(base, **changes)

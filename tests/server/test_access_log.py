@@ -81,18 +81,19 @@ def test_json_access_lines_for_a_good_and_a_bad_request(server: JsonLogServer) -
     started = server.next_where(message="listening on")
     assert str(started["message"]).startswith(LISTENING)
     port = int(str(started["message"])[len(LISTENING) :].split()[0])
-    image = np.full((40, 70, 3), 90, np.uint8)  # 2 x 3 tiles of 32
+    image = np.full((40, 70, 3), 90, np.uint8)  # one fitted tile on the CPU: the whole image
     ok_png = cv2.imencode(".png", image)[1].tobytes()
     with UpscaleClient(f"127.0.0.1:{port}", retry=RetryPolicy(max_attempts=1)) as client:
         result = client.upscale(ok_png, "png", request_id="log-ok", timeout=TIMEOUT)
         with pytest.raises(UpscaleError) as refused:
             client.upscale(b"GIF89a not supported", request_id="log-bad", timeout=TIMEOUT)
-    assert result.tiles == 6 and refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert result.tiles == 1 and refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
     ok = server.next_where(logger="rdn.access", request_id="log-ok")
     assert ok["level"] == "INFO" and ok["message"] == "request"
     assert (ok["method"], ok["status"]) == ("Upscale", "OK")
-    assert (ok["width"], ok["height"], ok["channels"], ok["tiles"]) == (70, 40, 3, 6)
+    assert (ok["width"], ok["height"], ok["channels"], ok["tiles"]) == (70, 40, 3, 1)
+    assert (ok["image_pixels"], ok["computed_pixels"], ok["waste"]) == (2800, 2800, 1.0)
     assert (ok["source"], ok["format"], ok["bytes_in"]) == ("png", "png", len(ok_png))
     assert ok["bytes_out"] == len(result.image)
     for key in ("queue_ms", "compute_ms", "total_ms"):

@@ -355,3 +355,25 @@ def test_stop_finishes_queued_work_then_refuses() -> None:
 def test_config_is_validated() -> None:
     with pytest.raises(ValueError, match="max_batch >= 1"):
         TileBatcher(GatedEngine(), BatcherConfig(max_batch=0))
+
+
+def test_large_tiles_count_as_many_queue_units_as_their_pixels_need() -> None:
+    """Fitted tiles vary in size: the queue bounds their pixels, in units of a grid tile."""
+    engine = GatedEngine()
+
+    async def main() -> None:
+        batcher = TileBatcher(engine, BatcherConfig(max_batch=1, max_queue_tiles=10), 40 * 40)
+        await batcher.start()
+        try:
+            assert batcher.units((3, 40, 40)) == 1 and batcher.units((3, 41, 40)) == 2
+            assert batcher.units((3, 80, 100)) == 5
+            held = batcher.reserve(6)
+            with pytest.raises(QueueFull, match=r"6 reserved \+ 5 requested > limit 10"):
+                await batcher.submit(np.zeros((1, 3, 80, 100), np.float32))
+            held.release()
+            result = await batcher.submit(np.zeros((2, 3, 80, 100), np.float32))
+            assert result.outputs.shape[0] == 2 and batcher.queued_tiles == 0
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())

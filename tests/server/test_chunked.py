@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Coroutine
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,12 @@ from server.codec import from_planar
 from server.config import BatcherConfig, EngineConfig
 from server.engine import Engine
 from server.service import stitch, tile_image
+from server.tiling import plan_tiles
 
 WAIT = 10.0  # seconds: bound on every await that must finish
 TILE, PAD = 8, 2
+GRID = partial(plan_tiles, tile=TILE, pad=PAD)  # the fixed-shape plans these tests count
+GRID_TILE_PIXELS = (TILE + 2 * PAD) ** 2
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +72,10 @@ async def whole_then_chunked(
                 batcher,
                 [rgb.transpose(2, 0, 1)],
                 [canvas.transpose(2, 0, 1)],
-                tile=TILE,
-                pad=PAD,
+                plan=GRID,
                 scale=s,
                 ensemble=ensemble,
-                chunk_size=chunk_size,
+                chunk_pixels=chunk_size * GRID_TILE_PIXELS,
                 request_id="chunked",
                 to_model=to_unit_float,
                 from_model=to_uint8,
@@ -131,11 +134,10 @@ def doubled(
         batcher,
         [rgb.transpose(2, 0, 1)],
         [canvas.transpose(2, 0, 1)],
-        tile=TILE,
-        pad=PAD,
+        plan=GRID,
         scale=2,
         ensemble=False,
-        chunk_size=chunk_size,
+        chunk_pixels=chunk_size * GRID_TILE_PIXELS,
         request_id=request_id,
         to_model=to_unit_float,
         from_model=to_uint8,

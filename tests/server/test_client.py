@@ -213,7 +213,7 @@ def test_full_queue_is_retried_until_it_has_room(
     # of 64) is refused until the gate opens and the queue drains.
     tight = config(
         tiny_onnx_x2,
-        tiling=TilingConfig(tile=16, pad=2),
+        tiling=TilingConfig(mode="grid", tile=16, pad=2),
         batcher=BatcherConfig(max_batch=1, max_delay_ms=0, max_queue_tiles=100),
     )
     # Retried until the 60 s deadline rather than a count of attempts: the drain takes as

@@ -69,7 +69,7 @@ def gated_config(model: Path) -> ServerConfig:
         port=0,
         grace_s=1.0,
         engine=CPU,
-        tiling=TilingConfig(tile=32, pad=4),
+        tiling=TilingConfig(mode="grid", tile=32, pad=4),
         batcher=BatcherConfig(max_batch=MAX_BATCH, max_delay_ms=0.0, max_queue_tiles=64),
     )
 

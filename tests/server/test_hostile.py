@@ -572,7 +572,7 @@ def server(tiny_onnx_x2: Path) -> Iterator[BackgroundServer]:
         port=0,
         grace_s=1.0,
         engine=EngineConfig(providers=("CPUExecutionProvider",)),
-        tiling=TilingConfig(tile=TILE, pad=PAD),
+        tiling=TilingConfig(mode="grid", tile=TILE, pad=PAD),
         batcher=BatcherConfig(max_batch=8, max_delay_ms=1.0, max_queue_tiles=MAX_QUEUE_TILES),
         limits=LimitsConfig(
             max_pixels=MAX_PIXELS,
@@ -634,7 +634,7 @@ def serve_process(
             [
                 *command, "--model", str(tiny_onnx_x2), "--host", "127.0.0.1", "--port", "0",
                 "--providers", "CPUExecutionProvider", "--tile", str(TILE), "--tile-pad", str(PAD),
-                "--max-batch", "8", "--max-queue-tiles", str(MAX_QUEUE_TILES),
+                "--max-batch", "8", "--tiling", "grid", "--max-queue-tiles", str(MAX_QUEUE_TILES),
                 "--max-pixels", str(MAX_PIXELS), "--max-request-bytes", str(MAX_REQUEST_BYTES),
                 "--max-message-bytes", str(MAX_MESSAGE_BYTES), "--grace", "1",
             ],

@@ -27,7 +27,14 @@ from server.client import (
     make_payload,
     stream_messages,
 )
-from server.config import BatcherConfig, EngineConfig, LimitsConfig, ServerConfig, TilingConfig
+from server.config import (
+    BatcherConfig,
+    EngineConfig,
+    LimitsConfig,
+    ServerConfig,
+    TilingConfig,
+    UploadConfig,
+)
 from server.engine import Engine
 from server.logging_setup import JsonFormatter, TextFormatter
 from server.main import BackgroundServer, ServerStartError, build_parser, config_from_args
@@ -141,7 +148,9 @@ def test_flags_build_the_server_config(
             "--providers", "CUDAExecutionProvider, CPUExecutionProvider", "--require-gpu",
             "--threads", "2", "--max-pixels", "1000", "--max-request-bytes", "2000",
             "--max-message-bytes", "3000000", "--grace", "4", "--log-level", "DEBUG",
-            "--log-json", "--self-ensemble",
+            "--log-json", "--self-ensemble", "--tiling", "grid", "--max-tile-pixels", "9000",
+            "--max-uploads", "3", "--max-buffered-bytes", "5000", "--upload-idle-timeout", "2.5",
+            "--upload-deadline", "60", "--decode-workers", "4",
         ]
     )  # fmt: skip
     assert config_from_args(args) == ServerConfig(
@@ -154,9 +163,13 @@ def test_flags_build_the_server_config(
             require_gpu=True,
             intra_op_threads=2,
         ),
-        tiling=TilingConfig(tile=48, pad=6),
+        tiling=TilingConfig(mode="grid", tile=48, pad=6, max_tile_pixels=9000),
         batcher=BatcherConfig(max_batch=3, max_delay_ms=1.5, max_queue_tiles=99),
         limits=LimitsConfig(max_pixels=1000, max_request_bytes=2000, max_message_bytes=3000000),
+        uploads=UploadConfig(
+            idle_timeout_s=2.5, deadline_s=60.0, max_concurrent=3, max_buffered_bytes=5000
+        ),
+        decode_workers=4,
         log_level="DEBUG",
         log_json=True,
         self_ensemble=True,
@@ -309,7 +322,7 @@ def test_in_process_server_answers_on_its_port(tiny_onnx_x2: Path) -> None:
         host="127.0.0.1",
         port=0,
         engine=EngineConfig(providers=("CPUExecutionProvider",)),
-        tiling=TilingConfig(tile=32, pad=4),
+        tiling=TilingConfig(mode="grid", tile=32, pad=4),
         batcher=BatcherConfig(max_batch=2),
     )
     bg = BackgroundServer(config, Engine(tiny_onnx_x2, config.engine)).start()

@@ -168,7 +168,7 @@ def test_full_queue_refuses_at_admission_and_admitted_requests_succeed(
     tile, limit = 32, 16
     cfg = config(
         tiny_onnx_x2,
-        tiling=TilingConfig(tile=tile, pad=4),
+        tiling=TilingConfig(mode="grid", tile=tile, pad=4),
         batcher=BatcherConfig(max_batch=1, max_delay_ms=0.0, max_queue_tiles=limit),
     )
     image = pixels(2 * tile, 2 * tile)  # 4 tiles

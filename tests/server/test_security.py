@@ -151,7 +151,7 @@ def server_config(model: Path, security: SecurityConfig) -> ServerConfig:
         port=0,
         grace_s=1.0,
         engine=CPU,
-        tiling=TilingConfig(tile=32, pad=4),
+        tiling=TilingConfig(mode="grid", tile=32, pad=4),
         security=security,
     )
 

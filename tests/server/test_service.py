@@ -228,7 +228,9 @@ def test_large_answer_comes_back_in_chunks(
     limit = 512 * 2**10  # a small limit keeps the image small on CPU
     rgb = photo(set5_dir, 224, 224, name="baby.png", y=0)
     config = loopback_config(
-        tiny_onnx_x2, tiling=TilingConfig(56, PAD), limits=LimitsConfig(max_message_bytes=limit)
+        tiny_onnx_x2,
+        tiling=TilingConfig(56, PAD, "grid"),
+        limits=LimitsConfig(max_message_bytes=limit),
     )
     with (
         BackgroundServer(config, engine) as bg,

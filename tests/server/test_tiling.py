@@ -17,6 +17,7 @@ from server.tiling import (
     TilePlan,
     merge_tile_range_into,
     merge_tiles,
+    plan_fit,
     plan_tiles,
     split_tile_range,
     split_tiles,
@@ -88,8 +89,8 @@ def test_split_merge_identity_property(
 )  # fmt: skip
 def test_plan_counts(height: int, width: int, tile: int, rows: int, cols: int) -> None:
     plan = plan_tiles(height, width, tile, 10)
-    assert (plan.rows, plan.cols, plan.count) == (rows, cols, rows * cols)
-    assert plan.input_size == tile + 20
+    assert (plan.rows.count, plan.cols.count, plan.count) == (rows, cols, rows * cols)
+    assert plan.input_shape == (tile + 20, tile + 20)
 
 
 @pytest.mark.parametrize(("height", "width"), [(1, 1), (2, 2), (1, 300), (300, 1), (150, 97)])
@@ -106,7 +107,7 @@ def test_tile_core_and_context_come_from_the_right_pixels() -> None:
     plan = plan_tiles(100, 70, 32, 4)
     tiles = split_tiles(image, plan)
     # Tile (1, 1) is interior: its input window is rows 28..68, cols 28..68 of the image.
-    np.testing.assert_array_equal(tiles[1 * plan.cols + 1], image[:, 28:68, 28:68])
+    np.testing.assert_array_equal(tiles[1 * plan.cols.count + 1], image[:, 28:68, 28:68])
     # Tile (0, 0): the top/left margin is the mirror image of rows/cols 1..4 (edge not repeated).
     first = tiles[0]
     np.testing.assert_array_equal(first[:, 4:, 4:], image[:, :36, :36])
@@ -175,7 +176,7 @@ def tiled_vs_whole(model: Path, image: np.ndarray, tile: int, pad: int) -> tuple
     outputs = np.concatenate(
         [session.run(None, {name: tiles[i : i + 8]})[0] for i in range(0, len(tiles), 8)]
     )
-    scale = outputs.shape[-1] // plan.input_size
+    scale = outputs.shape[-1] // plan.input_shape[1]
     tiled = merge_tiles(outputs, plan, scale)
     padded = np.pad(image, [(0, 0), (pad, pad), (pad, pad)], mode="reflect")
     whole = session.run(None, {name: padded[None]})[0][0]
@@ -257,3 +258,89 @@ def test_tile_ranges_outside_the_plan_are_refused() -> None:
         merge_tile_range_into(canvas, outputs, plan, 2, 5, 3)
     with pytest.raises(ValueError, match=r"canvas shape \(3, 20, 21\)"):
         merge_tile_range_into(np.zeros((3, 20, 21), np.float32), outputs, plan, 2, 0, 2)
+
+
+# --- fitted plans (the CPU's) --------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    height=st.integers(1, 700),
+    width=st.integers(1, 700),
+    pad=st.integers(0, 12),
+    cap=st.integers(1, 200_000),
+)
+def test_fitted_plans_cover_the_image_once_with_windows_inside_it(
+    height: int, width: int, pad: int, cap: int
+) -> None:
+    plan = plan_fit(height, width, pad, cap)
+    if plan.rows.before or plan.cols.before:  # the cap was too small: the grid fallback
+        assert plan.tile_pixels > cap or min(height, width) <= 2 * pad
+        return
+    assert plan.tile_pixels <= cap
+    for axis in (plan.rows, plan.cols):
+        assert (axis.before, axis.after) == (0, 0)
+        assert [c for core in axis.cores for c in core][1:-1:2] == [
+            c for core in axis.cores for c in core
+        ][2::2]  # cores touch: each begins where the last ended
+        assert axis.cores[0][0] == 0 and axis.cores[-1][1] == axis.length
+        for start, (begin, end) in zip(axis.starts, axis.cores, strict=True):
+            assert start >= 0 and start + axis.size <= axis.length  # window inside the image
+            assert start <= begin and end <= start + axis.size  # the core inside its window
+            # pad of context before and after each core, or the image's own edge there (where
+            # the window sees what whole-image inference sees)
+            assert start == 0 or begin - start >= pad
+            assert start + axis.size == axis.length or start + axis.size - end >= pad
+    if height * width <= cap:
+        assert plan.count == 1 and plan.waste == 1.0  # the whole image, nothing added
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "count", "waste"),
+    [(160, 240, 1, 1.0), (384, 512, 1, 1.0), (768, 1024, 4, 1.06), (4096, 4096, 72, 1.07)],
+)
+def test_fitted_plans_of_photo_sizes_waste_little(
+    height: int, width: int, count: int, waste: float
+) -> None:
+    """A 240x160 photo cost 2.0x its pixels in 64x64 grid tiles with 8 px of context."""
+    plan = plan_fit(height, width, 8, 512 * 512)
+    assert plan.count == count and plan.waste == pytest.approx(waste, abs=0.01)
+    grid = plan_tiles(height, width, 64, 8)
+    assert plan.waste < grid.waste
+
+
+@pytest.mark.parametrize(("height", "width", "cap"), [(37, 53, 10**6), (70, 90, 30 * 30)])
+def test_fitted_split_and_merge_return_the_image(height: int, width: int, cap: int) -> None:
+    image = random_image(height, width, seed=4)
+    plan = plan_fit(height, width, 3, cap)
+    for scale in (1, 3):
+        merged = merge_tiles(nearest_upscale(split_tiles(image, plan), scale), plan, scale)
+        np.testing.assert_array_equal(merged, nearest_upscale(image, scale))
+
+
+def test_fitted_context_makes_local_models_exact_against_the_plain_whole_image() -> None:
+    """At image borders a fitted tile sees the image edge itself (the model's zero padding),
+    so with pad >= the receptive field tiling equals plain whole-image inference."""
+    image = random_image(70, 90, seed=3)
+    for pad, exact in ((3, True), (2, False)):
+        plan = plan_fit(70, 90, pad, 40 * 40)
+        assert plan.count > 1
+        tiled = merge_tiles(box_blur(split_tiles(image, plan), 3), plan, 1)
+        assert np.allclose(tiled, box_blur(image, 3), atol=1e-6) == exact, f"pad {pad}"
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason=f"{DEFAULT_MODEL} not trained yet")
+def test_default_model_fitted_tiles_match_the_whole_image() -> None:
+    """The shipped model, fitted tiles forced by a small cap, against plain whole-image
+    inference: within 1/255 (measured 88.0 dB, max 1 level, 10 tiles at pad 8)."""
+    session = ort.InferenceSession(str(DEFAULT_MODEL), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    image = astronaut_lr()
+    plan = plan_fit(256, 256, 8, 100 * 100)
+    assert plan.count == 10
+    outputs = np.concatenate(
+        [session.run(None, {name: t[None]})[0] for t in split_tiles(image, plan)]
+    )
+    tiled = to_u8(merge_tiles(outputs, plan, 2))
+    whole = to_u8(session.run(None, {name: image[None]})[0][0])
+    assert int(np.abs(tiled.astype(int) - whole.astype(int)).max()) <= 1
