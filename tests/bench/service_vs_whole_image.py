@@ -1,0 +1,203 @@
+"""The service against what a user would write instead: the whole-image onnxruntime loop.
+
+The loop is the ten lines anyone would write: one onnxruntime session (default options, CPU),
+and for each photo: OpenCV decode of the PNG, the whole LR image at batch 1, rounding, OpenCV
+PNG encode. The service is a real ``rdn-serve`` process with its defaults (fitted tiles and max
+batch by provider), called by ``AsyncUpscaleClient`` with the same PNG bytes at 1 and at 8
+clients. Throughput is LR megapixels per second over the same photos; the loop is timed before
+and after the service runs and their mean is the baseline, so the drift of a shared machine
+cancels. Targets: ratio >= 0.9 at 1 and at 8 clients, and the client's p50 latency at 1 client
+<= 1.15x the loop's median time per photo.
+
+Photos: the five of Set5 (tests/data) and six photographs scikit-image ships (astronaut,
+chelsea, coffee, rocket, both stereo motorcycle views), each downscaled by the scale
+(Pillow bicubic, the benchmark protocol) so that the answer has the photo's own size.
+
+    python -m tests.bench.service_vs_whole_image [--scales 2 4] [--rounds N] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from server.client import AsyncUpscaleClient, RetryPolicy
+from server.codec import from_planar, to_planar
+from server.models import default_model_path
+from tests.bench.common import (
+    SET5,
+    add_common_arguments,
+    emit_checked,
+    encode_png,
+    percentile_ms,
+    serve_process,
+    setup_logging,
+    stop_server,
+)
+
+BENCH = "service_vs_whole_image"
+TARGET_RATIO = 0.9
+TARGET_LATENCY_RATIO = 1.15
+CLIENTS = (1, 8)
+MESSAGE_BYTES = 64 * 2**20
+CALL_TIMEOUT_S = 600.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"python -m tests.bench.{BENCH}", description=__doc__)
+    add_common_arguments(parser)
+    parser.add_argument("--scales", type=int, nargs="+", default=[2, 4], help="shipped models")
+    parser.add_argument("--rounds", type=int, default=None, help="passes over the photos (2)")
+    args = parser.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 2
+    args.max_batch = 0  # the service's own default: by provider
+    return args
+
+
+def photos() -> list[np.ndarray]:
+    """The photos as RGB uint8 (HR)."""
+    from skimage import data
+
+    found = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(SET5.glob("*"))]
+    found += [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
+    found += list(data.stereo_motorcycle()[:2])
+    return [np.ascontiguousarray(p[:, :, :3]) for p in found]
+
+
+def lr_pngs(scale: int) -> list[bytes]:
+    """Each photo modcropped and bicubic-downscaled by ``scale``, as PNG bytes."""
+    out = []
+    for rgb in photos():
+        h, w = (rgb.shape[0] // scale) * scale, (rgb.shape[1] // scale) * scale
+        lr = Image.fromarray(rgb[:h, :w]).resize((w // scale, h // scale), Image.BICUBIC)
+        out.append(encode_png(np.asarray(lr)))
+    return out
+
+
+def lr_pixels(pngs: list[bytes]) -> int:
+    return sum(int(np.prod(cv2.imdecode(np.frombuffer(p, np.uint8), 1).shape[:2])) for p in pngs)
+
+
+def whole_image_loop(model: Path, threads: int) -> Callable[[bytes], bytes]:
+    """What a user writes instead of the service: decode, whole image, encode."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def upscale(png: bytes) -> bytes:
+        bgr = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+        planar = to_planar(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        sr = from_planar(session.run(None, {name: planar[None]})[0][0])
+        return cv2.imencode(".png", cv2.cvtColor(sr, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+    return upscale
+
+
+def run_loop(upscale: Callable[[bytes], bytes], pngs: list[bytes], rounds: int) -> list[float]:
+    """Seconds per photo, every photo ``rounds`` times."""
+    times = []
+    for _ in range(rounds):
+        for png in pngs:
+            start = time.perf_counter()
+            upscale(png)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+async def run_service(port: int, pngs: list[bytes], rounds: int, clients: int) -> list[float]:
+    """Client latencies; ``clients`` calls in flight until every photo ran ``rounds`` times."""
+    jobs = [png for _ in range(rounds) for png in pngs]
+    latencies: list[float] = []
+    async with AsyncUpscaleClient(
+        f"127.0.0.1:{port}", max_message_bytes=MESSAGE_BYTES, retry=RetryPolicy(max_attempts=1)
+    ) as client:
+
+        async def worker() -> None:
+            while jobs:
+                png = jobs.pop()
+                start = time.perf_counter()
+                await client.upscale(png, "png", timeout=CALL_TIMEOUT_S)
+                latencies.append(time.perf_counter() - start)
+
+        await client.upscale(pngs[0], "png", timeout=CALL_TIMEOUT_S)  # connect, warm
+        await asyncio.gather(*(worker() for _ in range(clients)))
+    return latencies
+
+
+def measure(args: argparse.Namespace, scale: int) -> list[dict[str, object]]:
+    model = args.model if args.model is not None and len(args.scales) == 1 else None
+    model = model or default_model_path(scale)
+    pngs = lr_pngs(scale)
+    pixels = lr_pixels(pngs) * args.rounds
+    loop = whole_image_loop(model, args.threads)
+    run_loop(loop, pngs[:1], 1)  # warm
+    before = run_loop(loop, pngs, args.rounds)
+    service: dict[int, tuple[float, list[float]]] = {}
+    flags = ["--max-message-bytes", str(MESSAGE_BYTES)]
+    with serve_process(model, args, flags) as (process, port):
+        for clients in CLIENTS:
+            start = time.perf_counter()
+            latencies = asyncio.run(run_service(port, pngs, args.rounds, clients))
+            service[clients] = (time.perf_counter() - start, latencies)
+        exit_code = stop_server(process)
+    after = run_loop(loop, pngs, args.rounds)
+    loop_rate = pixels / ((sum(before) + sum(after)) / 2) / 1e6
+    loop_p50 = float(np.median(before + after))
+    records = []
+    for clients, (seconds, latencies) in service.items():
+        rate = pixels / seconds / 1e6
+        ratio = rate / loop_rate
+        record: dict[str, object] = {
+            "bench": BENCH,
+            "scale": scale,
+            "clients": clients,
+            "photos": len(pngs),
+            "rounds": args.rounds,
+            "lr_mpix": round(pixels / 1e6, 3),
+            "service_mpix_s": round(rate, 4),
+            "loop_mpix_s": round(loop_rate, 4),
+            "loop_mpix_s_before_after": [
+                round(pixels / sum(before) / 1e6, 4),
+                round(pixels / sum(after) / 1e6, 4),
+            ],
+            "ratio": round(ratio, 3),
+            "target_ratio": TARGET_RATIO,
+            "p50_ms": percentile_ms(latencies, 50),
+            "loop_p50_ms": round(1e3 * loop_p50, 1),
+            "sigterm_exit_code": exit_code,
+        }
+        met = ratio >= TARGET_RATIO and exit_code == 0
+        if clients == 1:
+            latency_ratio = float(np.median(latencies)) / loop_p50
+            record["latency_ratio"] = round(latency_ratio, 3)
+            record["target_latency_ratio"] = TARGET_LATENCY_RATIO
+            met = met and latency_ratio <= TARGET_LATENCY_RATIO
+        record["met"] = met
+        records.append(record)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    code = 0
+    for scale in args.scales:
+        for record in measure(args, scale):
+            met = bool(record.pop("met"))
+            code |= emit_checked(record, met)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
