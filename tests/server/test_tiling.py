@@ -274,8 +274,9 @@ def test_fitted_plans_cover_the_image_once_with_windows_inside_it(
     height: int, width: int, pad: int, cap: int
 ) -> None:
     plan = plan_fit(height, width, pad, cap)
-    if plan.rows.before or plan.cols.before:  # the cap was too small: the grid fallback
-        assert plan.tile_pixels > cap or min(height, width) <= 2 * pad
+    padded = (plan.rows.before, plan.rows.after, plan.cols.before, plan.cols.after)
+    if any(padded):  # no fitted plan under the cap: the documented grid fallback
+        assert plan == plan_tiles(height, width, max(1, int(cap**0.5) - 2 * pad), pad)
         return
     assert plan.tile_pixels <= cap
     for axis in (plan.rows, plan.cols):
