@@ -422,7 +422,7 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         self._pool = codec_pool
         self._serving = serving
         self.access_observer = access_observer  # read by the _unary / _streaming wrappers
-        self._info = model_info(engine, config)
+        self._info = model_info(engine, config, planner)
 
     def _check_serving(self) -> None:
         if not self._serving():
@@ -700,8 +700,11 @@ async def receive_stream(
         raise
 
 
-def model_info(engine: ModelSource, config: ServerConfig) -> upscale_pb2.ModelInfo:
-    """ModelInfo from the engine's ONNX metadata and the serving configuration."""
+def model_info(
+    engine: ModelSource, config: ServerConfig, planner: Planner
+) -> upscale_pb2.ModelInfo:
+    """ModelInfo from the engine's ONNX metadata and the serving configuration (with the
+    choices made for the active provider)."""
     meta = engine.metadata
     info = upscale_pb2.ModelInfo(
         name=f"rdn_x{engine.scale}",
@@ -726,6 +729,12 @@ def model_info(engine: ModelSource, config: ServerConfig) -> upscale_pb2.ModelIn
             upscale_pb2.OUTPUT_FORMAT_RAW,
         ],
         self_ensemble=config.self_ensemble,
+        tiling=planner.mode,
+        max_tile_pixels=planner.max_tile_pixels,
+        intra_op_threads=config.engine.intra_op_threads,
+        decode_workers=config.decode_workers,
+        max_uploads=config.uploads.max_concurrent,
+        max_buffered_bytes=config.uploads.max_buffered_bytes,
     )
     try:
         info.training_step = int(meta.get(KEY_STEP, "0"))

@@ -9,6 +9,9 @@ runs for that long instead of ``--requests`` and prints an RSS sample line every
 
     python -m tests.bench.load [--model M] [--requests 5000] [--concurrency 32]
     python -m tests.bench.load --soak 600          # 10 minutes; RSS should stay flat
+    python -m tests.bench.load --random-sizes --requests 1000 --concurrency 1
+        # raw images of random sizes (16..200 px a side): each is its own fitted tile shape,
+        # so onnxruntime's memory arena meets a new input shape almost every call
 
 Exit status 1 if any call failed or the server did not exit 0 on SIGTERM.
 """
@@ -58,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--soak", type=float, default=0.0, help="run this many seconds instead")
     parser.add_argument("--sample-every", type=float, default=10.0, help="soak RSS sampling, s")
     parser.add_argument("--max-queue-tiles", type=int, default=4096)
+    parser.add_argument(
+        "--random-sizes", action="store_true", help="raw images of random sizes instead of the mix"
+    )
     args = parser.parse_args(argv)
     if args.requests is None:
         args.requests = 500 if args.quick else 5000
@@ -114,6 +120,21 @@ def job_mix(size: int) -> list[Job]:
         Job(png(encoded=_encode(grey, ".png")), False, (2 * size, 2 * size, 1)),
         Job(png(encoded=_encode(bgr, ".png")), True, big),
     ]
+
+
+def random_size_mix(count: int, seed: int = 0) -> list[Job]:
+    """Raw RGB images of random sizes, 16..200 LR pixels a side."""
+    rng = np.random.default_rng(seed)
+    jobs = []
+    for _ in range(count):
+        height, width = (int(v) for v in rng.integers(16, 201, 2))
+        data = rng.integers(0, 256, (height, width, 3), np.uint8).tobytes()
+        shape = upscale_pb2.ImageShape(height=height, width=width, channels=3)
+        request = upscale_pb2.UpscaleRequest(
+            raw=upscale_pb2.RawImage(shape=shape, data=data), output_format=4
+        )
+        jobs.append(Job(request, False, (2 * width, 2 * height, 3)))
+    return jobs
 
 
 def stream_of(request: upscale_pb2.UpscaleRequest) -> Iterator[upscale_pb2.UpscaleChunk]:
@@ -201,7 +222,7 @@ def slope_mib_per_min(samples: list[tuple[float, float]]) -> float | None:
 async def run(
     args: argparse.Namespace, process: subprocess.Popen[bytes], port: int, model: Path
 ) -> dict[str, object]:
-    jobs = job_mix(args.size)
+    jobs = random_size_mix(args.requests) if args.random_sizes else job_mix(args.size)
     options = [("grpc.max_receive_message_length", MESSAGE_BYTES)]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
         stub = upscale_pb2_grpc.UpscalerStub(channel)
