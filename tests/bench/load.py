@@ -252,7 +252,7 @@ async def run(
         "model": str(model),
         "requests": done,
         "concurrency": args.concurrency,
-        "image": f"{args.size}x{args.size}",
+        "image": "random 16..200 px a side" if args.random_sizes else f"{args.size}x{args.size}",
         "ok": tally.codes["OK"],
         "errors": {code: n for code, n in tally.codes.items() if code != "OK"},
         "unexpected_errors": done - tally.codes["OK"] + warm.started - warm.codes["OK"],
