@@ -343,15 +343,18 @@ class TileBatcher:
                 return
 
     def _take_batch(self) -> list[tuple[_Request, int]]:
-        """Up to max_batch (request, tile index) pairs, one tile per request in rotation.
+        """(request, tile index) pairs, one tile per request in rotation: at most ``max_batch``
+        queue units of tiles (so a batch of large fitted tiles holds no more pixels than
+        ``max_batch`` grid tiles), and at least one tile.
 
         Only tiles of the first pending request's shape go into the batch; requests with
         another shape keep their place at the front for the next batch.
         """
         shape = self._pending[0].tile_shape
+        limit = max(1, self._config.max_batch // self._pending[0].unit)
         other_shape: list[_Request] = []
         batch: list[tuple[_Request, int]] = []
-        while self._pending and len(batch) < self._config.max_batch:
+        while self._pending and len(batch) < limit:
             request = self._pending.popleft()
             if request.tile_shape != shape:
                 other_shape.append(request)

@@ -22,11 +22,12 @@ from server.tiling import TilePlan, plan_fit, plan_tiles
 
 CUDA = "CUDAExecutionProvider"
 MODES = ("auto", "fit", "grid")
-# LR pixels of one CPU tile, 512x512: onnxruntime's CPU rate per pixel was flat within this
-# VM's noise from 80x80 to 768x768 inputs (0.25-0.35 Mpix/s, shipped x2 model, interleaved
-# runs), so a tile only needs to be large enough to make the seams rare, and small enough to
-# keep its activations (and the float32 tiles of a chunk) to tens of MiB.
-CPU_MAX_TILE_PIXELS = 512 * 512
+# LR pixels of one CPU tile, 256x256. onnxruntime's CPU rate per pixel was flat within this VM's
+# noise from 80x80 to 768x768 inputs (0.25-0.35 Mpix/s, shipped x2 model, interleaved runs), so
+# a tile need only be large enough to make seams rare. Its activations are what bound it: about
+# 3 KiB per LR pixel for the small preset, kept by onnxruntime's arena. tests/bench/large_image
+# (4096x4096 at x2): 512x512 tiles peaked at 1578 MiB RSS, 256x256 at 894 MiB.
+CPU_MAX_TILE_PIXELS = 256 * 256
 
 
 @dataclass(frozen=True)

@@ -377,3 +377,21 @@ def test_large_tiles_count_as_many_queue_units_as_their_pixels_need() -> None:
             await batcher.stop()
 
     asyncio.run(main())
+
+
+def test_a_batch_holds_at_most_max_batch_units_of_pixels() -> None:
+    """Eight 80x80 tiles are 32 units of 40x40: with max_batch 8 they go two per engine call,
+    so a batch of large fitted tiles never holds more pixels than 8 grid tiles."""
+    engine = GatedEngine()
+
+    async def main() -> None:
+        batcher = TileBatcher(engine, BatcherConfig(max_batch=8), 40 * 40)
+        await batcher.start()
+        try:
+            await batcher.submit(tagged(*range(8), size=80))
+            await batcher.submit(tagged(*range(3), size=200))  # 25 units each: one per call
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())
+    assert [shape[0] for shape in engine.shapes] == [2, 2, 2, 2, 1, 1, 1]
