@@ -24,7 +24,7 @@ class NotFound(LookupError):
 
 
 class NotServing(RuntimeError):
-    """The server is still starting (warm-up) and serves no calls yet (UNAVAILABLE)."""
+    """The server is not SERVING (warming up, or draining) and takes no new work (UNAVAILABLE)."""
 
 
 class UploadTimeout(RuntimeError):

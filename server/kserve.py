@@ -369,7 +369,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         check_model(request.model_name, request.model_version, self._name)
         record.set(model=request.model_name)
         if not self._serving():
-            raise NotServing("the server is still warming up; retry shortly")
+            raise NotServing("the server is warming up or shutting down; retry shortly")
         shape = input_shape(request)
         check_outputs(request)
         n, _, height, width = shape

@@ -426,7 +426,7 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
 
     def _check_serving(self) -> None:
         if not self._serving():
-            raise NotServing("the server is still warming up; retry shortly")
+            raise NotServing("the server is warming up or shutting down; retry shortly")
 
     async def _in_pool(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
