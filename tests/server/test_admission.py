@@ -157,12 +157,12 @@ def test_a_trickling_upload_meets_the_upload_deadline(tiny_onnx_x2: Path, engine
 
     def trickle() -> Iterator[upscale_pb2.UpscaleChunk]:
         yield header(len(data), "trickle")
-        for offset in range(0, len(data), 64):  # a chunk every 0.2 s: never idle for 1 s
+        for offset in range(0, len(data), 64):  # a chunk every 0.2 s, for longer than 1.5 s
             time.sleep(0.2)
             piece = upscale_pb2.DataChunk(offset=offset, data=data[offset : offset + 64])
             yield upscale_pb2.UpscaleChunk(data=piece)
 
-    cfg = config(tiny_onnx_x2, idle_timeout_s=1.0, deadline_s=1.5)
+    cfg = config(tiny_onnx_x2, idle_timeout_s=10.0, deadline_s=1.5)  # only the deadline can end it
     with (
         BackgroundServer(cfg, engine) as server,
         grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
