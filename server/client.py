@@ -524,6 +524,29 @@ class UpscaleClient:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
+ACK_WAIT_S = 10.0  # longest wait for UPLOAD_ACCEPTED_KEY before uploading anyway
+STATUS_WAIT_S = 0.5  # metadata without the key: how long a refusal's status may take to land
+
+
+async def _upload_accepted(call: Any) -> bool:
+    """Whether to send the upload's data: the server acknowledged the header, or it sent no
+    acknowledgement at all (a server that predates it, or a proxy that drops the key) and has
+    not ended the call."""
+    try:
+        async with asyncio.timeout(ACK_WAIT_S):
+            metadata = dict(await call.initial_metadata() or ())
+    except TimeoutError:
+        return not call.done()
+    if UPLOAD_ACCEPTED_KEY in metadata:
+        return True
+    try:  # metadata without the key: most likely the status of a refusal, arriving with it
+        async with asyncio.timeout(STATUS_WAIT_S):
+            await call.code()
+    except TimeoutError:
+        return True  # still live: a server that does not acknowledge
+    return False
+
+
 class AsyncUpscaleClient:
     """asyncio client (grpc.aio); create and use it inside one running event loop."""
 
@@ -592,24 +615,40 @@ class AsyncUpscaleClient:
     async def _stream(
         self, payload: Payload, fmt: str, quality: int, request_id: str, timeout: float | None
     ) -> UpscaleResult:
-        """The header first; the data only once the server acknowledged it in its initial
-        metadata. A refusal at the header then ends the call before any data is sent, which
-        also sidesteps grpc.aio reporting such a refusal as INTERNAL when it meets a write in
-        progress (grpc/grpc#36066)."""
+        """The header first; the data once the server acknowledged it in its initial metadata
+        (UPLOAD_ACCEPTED_KEY). A refusal at the header then ends the call before any data is
+        sent. grpc.aio reports a call the server ended while a write was in progress as
+        INTERNAL (grpc/grpc#36066): a refusal at the header never meets a write, and a call
+        ended mid-upload (a draining server, an upload timeout) is answered UNAVAILABLE, which
+        is retried. A server that does not acknowledge within ACK_WAIT_S gets the data anyway.
+        """
         messages = stream_messages(payload, fmt, quality, request_id, self._common.chunk_bytes)
         call = self._stub.UpscaleStream(timeout=timeout, metadata=self._metadata)
         assembler = StreamAssembler(max_answer_bytes(payload))
+        write_failed = False
         try:
             await call.write(next(messages))
-            acknowledged = dict(await call.initial_metadata() or ())
-            if UPLOAD_ACCEPTED_KEY in acknowledged:
-                for message in messages:
-                    await call.write(message)
-                await call.done_writing()
+            if await _upload_accepted(call):
+                try:
+                    for message in messages:
+                        await call.write(message)
+                    await call.done_writing()
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    write_failed = True  # the call ended; its status is read below
             async for message in call:  # a refused upload raises its status here
                 assembler.add(message)
         except (asyncio.CancelledError, AnswerError):
             call.cancel()
+            raise
+        except grpc.aio.AioRpcError as e:
+            if write_failed and e.code() == grpc.StatusCode.INTERNAL:
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.aio.Metadata(),
+                    grpc.aio.Metadata(),
+                    "the server ended the call during the upload (grpc.aio reported it as "
+                    f"INTERNAL: {e.details()}); retry",
+                ) from e
             raise
         return assembler.result()
 

@@ -694,6 +694,7 @@ async def receive_stream(
                 f"stream ended after {filled} of header.total_bytes={total} bytes (truncated "
                 "upload)"
             )
+        hold.end_upload()  # its bytes stay held until the call ends; its upload slot is free
         return header, b"".join(parts), hold
     except BaseException:
         hold.release()

@@ -34,6 +34,12 @@ class Hold:
             self._released = True
             self._budget._give_back(self)
 
+    def end_upload(self) -> None:
+        """The upload is received: free its upload slot, keep its bytes until ``release``."""
+        if self.upload and not self._released:
+            self.upload = False
+            self._budget._uploads -= 1
+
     def __enter__(self) -> Hold:
         return self
 

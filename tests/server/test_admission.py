@@ -295,3 +295,26 @@ def test_the_async_client_sees_a_refused_upload_as_the_servers_status(
         assert all("--max-uploads" in e.details for e in errors)
         with UpscaleClient(f"127.0.0.1:{server.port}", retry=NO_RETRY) as client:
             assert client.upscale(data, timeout=WAIT, stream=True).streamed
+
+
+def test_an_upload_slot_is_freed_once_the_upload_is_received(
+    tiny_onnx_x2: Path, engine: Engine
+) -> None:
+    """--max-uploads caps uploads being received, not calls computing: a received upload keeps
+    its bytes held until its call ends, but gives its slot back."""
+    data = png(64, 64)
+    cfg = config(tiny_onnx_x2, max_concurrent=1)
+    with (
+        gated_server(cfg, engine) as (server, gated),
+        UpscaleClient(f"127.0.0.1:{server.port}", retry=NO_RETRY) as client,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        uploads = server.running.uploads
+        first = pool.submit(client.upscale, data, timeout=WAIT, stream=True)
+        until(lambda: gated.calls != [], "the first upload's compute at the gate")
+        assert (uploads.uploads, uploads.held_bytes) == (0, len(data))
+        second = pool.submit(client.upscale, data, timeout=WAIT, stream=True)
+        until(lambda: uploads.held_bytes == 2 * len(data), "the second upload received")
+        gated.gate.set()
+        assert first.result(WAIT).streamed and second.result(WAIT).streamed
+    until(lambda: uploads.held_bytes == 0, "every byte given back")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
@@ -22,6 +23,7 @@ from grpc_health.v1 import health_pb2
 
 from server.client import (
     AnswerError,
+    AsyncUpscaleClient,
     RetryPolicy,
     StreamAssembler,
     UpscaleClient,
@@ -38,6 +40,7 @@ from server.config import BatcherConfig, ServerConfig, TilingConfig
 from server.engine import Engine
 from server.main import BackgroundServer
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
+from server.wire import UPLOAD_ACCEPTED_KEY
 from tests.server.gated import gated_server, until
 from tests.server.loopback import NO_RETRY, loopback_config
 
@@ -399,3 +402,42 @@ def test_raw_answers_must_match_their_shape() -> None:
     head = upscale_pb2.UpscaleResponse(width=4, height=4, channels=3, format=4, total_bytes=47)
     with pytest.raises(AnswerError, match=r"announces 47 bytes for 4x4x3 \(= 48\)"):
         StreamAssembler().add(upscale_pb2.UpscaleChunk(result=head))
+
+
+class AbortingUpscaler(upscale_pb2_grpc.UpscalerServicer):
+    """Accepts an upload's header, reads one chunk, then ends the call as a draining server
+    would."""
+
+    def UpscaleStream(self, requests: Any, context: Any) -> Iterator[upscale_pb2.UpscaleChunk]:
+        next(requests)  # the header
+        context.send_initial_metadata(((UPLOAD_ACCEPTED_KEY, "1"),))
+        next(requests)  # one data chunk
+        context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry the call")
+        yield upscale_pb2.UpscaleChunk()  # not reached
+
+
+def test_a_call_ended_mid_upload_is_retryable_for_the_async_client() -> None:
+    """grpc.aio reports a call the server ended while a write was in progress as INTERNAL
+    (grpc/grpc#36066), which is not retried; the client answers it UNAVAILABLE."""
+    server = grpc.server(ThreadPoolExecutor(2))
+    upscale_pb2_grpc.add_UpscalerServicer_to_server(AbortingUpscaler(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    image = np.zeros((1000, 1000, 3), np.uint8)  # 3 MB: many chunks still to send
+
+    async def uploads() -> list[UpscaleError]:
+        errors = []
+        async with AsyncUpscaleClient(
+            f"127.0.0.1:{port}", retry=NO_RETRY, chunk_bytes=64 * 2**10
+        ) as client:
+            for _ in range(8):
+                with pytest.raises(UpscaleError) as error:
+                    await client.upscale(image, "raw", timeout=20, stream=True)
+                errors.append(error.value)
+        return errors
+
+    try:
+        errors = asyncio.run(uploads())
+    finally:
+        server.stop(0)
+    assert {e.code for e in errors} == {grpc.StatusCode.UNAVAILABLE}
