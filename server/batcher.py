@@ -1,7 +1,8 @@
 """Cross-request tile batching in front of one engine.
 
-Every request is cut into tiles of one fixed shape, so tiles from different images can share
-an engine call. The batcher keeps one pending queue per request and fills each batch by taking
+Tiles of one shape from different requests can share an engine call (on a GPU every request
+is cut into one fixed shape; on a CPU each request's tiles share a shape fitted to its image,
+and batching gains nothing there). The batcher keeps one pending queue per request and fills each batch by taking
 one tile from each request in turn (round-robin), so a huge image cannot starve a small one.
 
 Rules:
