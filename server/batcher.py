@@ -2,8 +2,9 @@
 
 Tiles of one shape from different requests can share an engine call (on a GPU every request
 is cut into one fixed shape; on a CPU each request's tiles share a shape fitted to its image,
-and batching gains nothing there). The batcher keeps one pending queue per request and fills each batch by taking
-one tile from each request in turn (round-robin), so a huge image cannot starve a small one.
+and batching gains nothing there). The batcher keeps one pending queue per request and fills
+each batch by taking one tile from each request in turn (round-robin), so a huge image cannot
+starve a small one.
 
 Rules:
 - an idle engine never waits: the first tile to arrive is dispatched at once;
