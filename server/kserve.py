@@ -17,12 +17,11 @@ answer could not be what they ask for.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.metadata
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -49,10 +48,10 @@ from server.service import (
     TileSource,
     _unary,
     check_request_id,
+    in_pool,
 )
 from server.uploads import UploadBudget
 
-T = TypeVar("T")
 SERVICE_NAME = "inference.GRPCInferenceService"
 SERVER_NAME = "rdn-sr"  # the distribution; ServerMetadata answers its installed version
 MODEL_VERSION = "1"
@@ -307,9 +306,6 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor_metadata(OUTPUT_NAME)],
         )
 
-    async def _in_pool(self, function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
-
     async def _ready(self, context: grpc.aio.ServicerContext) -> bool:
         """SERVING in the server's health state: warmed up and not draining."""
         answer = await self._health.Check(health_pb2.HealthCheckRequest(service=""), context)
@@ -383,7 +379,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
             self._uploads.hold(bytes_in, upload=False),
             self._batcher.reserve(tile_count(shape, self._config, self._planner)) as reservation,
         ):
-            images = await self._in_pool(input_array, request, shape)
+            images = await in_pool(self._pool, input_array, request, shape)
             # Chunk by chunk into the float32 answer (server/chunked.py): bounded memory.
             canvas = np.empty((n, 3, scale * height, scale * width), np.float32)
             result = await infer_chunked(
@@ -406,7 +402,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
             compute_ms=round(1e3 * result.compute_seconds, 2),
         )
         started = time.perf_counter()
-        data = await self._in_pool(_output_bytes, canvas)
+        data = await in_pool(self._pool, _output_bytes, canvas)
         record.set(bytes_out=len(data), stitch_ms=round(1e3 * (time.perf_counter() - started), 2))
         return pb.ModelInferResponse(
             model_name=self._name,

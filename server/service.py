@@ -359,6 +359,11 @@ class _Upscaled:
     image: bytes
 
 
+async def in_pool(pool: Executor, function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` on ``pool`` (the servicers' bounded codec pool), awaited."""
+    return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
+
+
 @dataclass(frozen=True)
 class _Source:
     """A request's image bytes: an encoded file, or raw pixels of ``raw_shape`` (H, W, C)."""
@@ -427,9 +432,6 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
     def _check_serving(self) -> None:
         if not self._serving():
             raise NotServing("the server is warming up or shutting down; retry shortly")
-
-    async def _in_pool(self, function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
 
     @_unary
     async def Upscale(
@@ -522,7 +524,7 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         scale, limits = self._engine.scale, self._config.limits
         if source.raw_shape is None:
             args = (source.data, limits.max_pixels, limits.max_request_bytes)
-            width, height = await self._in_pool(verify_image, *args)
+            width, height = await in_pool(self._pool, verify_image, *args)
             decode = functools.partial(decode_image, *args, verified=True)
         else:
             height, width, channels = source.raw_shape
@@ -548,7 +550,7 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         units = admission_units(self._planner, height, width, ensemble)
         check_units(units, width, height, ensemble, batching.max_queue_tiles, self._planner.tile)
         with self._batcher.reserve(units) as reservation:
-            decoded = await self._in_pool(decode)
+            decoded = await in_pool(self._pool, decode)
             height, width = decoded.rgb.shape[:2]
             record.set(
                 width=width, height=height, channels=decoded.channels, source=decoded.source_format
@@ -577,7 +579,7 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
             queue_ms=round(1e3 * result.queue_seconds, 2),
             compute_ms=round(1e3 * result.compute_seconds, 2),
         )
-        image = await self._in_pool(_finish, sr_rgb, decoded, spec, scale)
+        image = await in_pool(self._pool, _finish, sr_rgb, decoded, spec, scale)
         response = upscale_pb2.UpscaleResponse(
             width=width * scale,
             height=height * scale,
