@@ -72,3 +72,24 @@ def fold_rgb_before_shuffle(model: RDN) -> RDN:
     upsampler.body = nn.Sequential(*stages[:-1])
     upsampler.to_rgb = nn.Sequential(lr_conv, nn.PixelShuffle(r))
     return folded
+
+
+def hr_conv_weights(
+    weight: torch.Tensor, bias: torch.Tensor, r: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``subpixel_conv_weights``: the HR conv's [Co, Ci, 3, 3] weight and [Co] bias.
+
+    Every HR tap sits at exactly one (LR tap, sub-pixel) pair of output sub-pixel (0, 0), so
+    reading those back recovers the HR conv exactly.
+    """
+    if weight.dim() != 4 or weight.shape[0] % (r * r) or weight.shape[1] % (r * r):
+        raise ValueError(f"not an LR conv of a x{r} shuffle: weight {list(weight.shape)}")
+    co, ci = weight.shape[0] // (r * r), weight.shape[1] // (r * r)
+    lr = weight.reshape(co, r, r, ci, r, r, KERNEL, KERNEL)
+    hr = weight.new_zeros(co, ci, KERNEL, KERNEL)
+    for dy in (-1, 0, 1):
+        ky, i = divmod(dy, r)
+        for dx in (-1, 0, 1):
+            kx, j = divmod(dx, r)
+            hr[:, :, dy + 1, dx + 1] = lr[:, 0, 0, :, i, j, ky + 1, kx + 1]
+    return hr, bias.reshape(co, r * r)[:, 0].clone()

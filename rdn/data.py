@@ -8,7 +8,8 @@ a byte budget, and the rest are decoded again for every sample.
 
 Each sample is a pure function of the key ``(seed, step, rank, index in batch)``: the key
 seeds a numpy generator that picks the image, the patch position, one of the 8 flip/rotate
-transforms and (with ``channel_shuffle``) one of the 6 RGB channel orders. Resuming at step
+transforms and (with ``channel_shuffle``) one of the 6 RGB channel orders, and a second generator
+(the key plus a salt) that draws a non-bicubic degradation (``rdn.degradations``). Resuming at step
 k therefore only needs k, and every DDP rank draws different patches because its rank is
 part of the key.
 """
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from rdn.degradations import Degradation, degrade
 from rdn.imaging import ImageReadError, downscale, list_images, modcrop, read_rgb
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,10 @@ BUILTIN_NAMES = (
 )
 
 SampleKey = tuple[int, int, int, int]  # (seed, step, rank, index in batch)
+# LR pixels of context degraded around a patch, so blur and resampling see real neighbours
+# instead of the patch border (a 21x21 HR blur at x2 reaches 5 LR pixels, bicubic 2 more).
+DEGRADE_MARGIN = 8
+DEGRADE_SALT = 0x44454752  # keeps the degradation's random stream apart from the patch plan's
 
 
 class DataError(ValueError):
@@ -119,6 +125,41 @@ def cut_patches(
     return augment(lr_patch, plan.transform), augment(hr_patch, plan.transform)
 
 
+def degradation_rng(key: SampleKey) -> np.random.Generator:
+    """The generator of ``key``'s degradation draws (pure in the key)."""
+    return np.random.default_rng([*key, DEGRADE_SALT])
+
+
+def cut_degraded_patches(
+    hr: np.ndarray,
+    plan: PatchPlan,
+    scale: int,
+    patch_size: int,
+    spec: Degradation,
+    rng: np.random.Generator,
+    channel_shuffle: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(LR, HR) patches of ``plan`` whose LR is ``spec`` applied to the HR around the patch.
+
+    The HR region is the patch plus ``DEGRADE_MARGIN`` LR pixels on each side (where the image
+    has them); its channels are permuted before degrading, so JPEG's colour handling sees the
+    colours the LR will hold.
+    """
+    h, w = hr.shape[0] // scale, hr.shape[1] // scale
+    p, m = patch_size, DEGRADE_MARGIN
+    y0, x0 = max(0, plan.y - m), max(0, plan.x - m)
+    y1, x1 = min(h, plan.y + p + m), min(w, plan.x + p + m)
+    region = hr[y0 * scale : y1 * scale, x0 * scale : x1 * scale]
+    if channel_shuffle:
+        region = region[..., list(CHANNEL_ORDERS[plan.channels])]
+    region = np.ascontiguousarray(region)
+    lr_region = degrade(region, scale, spec, rng)
+    dy, dx = plan.y - y0, plan.x - x0
+    lr_patch = lr_region[dy : dy + p, dx : dx + p]
+    hr_patch = region[dy * scale : (dy + p) * scale, dx * scale : (dx + p) * scale]
+    return augment(lr_patch, plan.transform), augment(hr_patch, plan.transform)
+
+
 def to_chw_float(image: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 -> 3xHxW float32 in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
@@ -153,6 +194,7 @@ class PatchDataset(Dataset):
         patch_size: int,
         skipped: list[str] | None = None,
         channel_shuffle: bool = False,
+        degradation: Degradation | None = None,
     ) -> None:
         if not entries:
             raise DataError("no usable training images")
@@ -164,6 +206,7 @@ class PatchDataset(Dataset):
         self.patch_size = patch_size
         self.skipped = skipped or []
         self.channel_shuffle = channel_shuffle
+        self.degradation = degradation if degradation and not degradation.is_bicubic else None
         self.lr_sizes = [(e.lr_height, e.lr_width) for e in entries]
 
     @property
@@ -189,7 +232,17 @@ class PatchDataset(Dataset):
         """The (LR, HR) uint8 patches of ``key``."""
         plan = plan_patch(key, self.lr_sizes, self.patch_size)
         hr, lr = self.pair(plan.image)
-        return cut_patches(hr, lr, plan, self.scale, self.patch_size, self.channel_shuffle)
+        if self.degradation is None:  # the cached benchmark LR
+            return cut_patches(hr, lr, plan, self.scale, self.patch_size, self.channel_shuffle)
+        return cut_degraded_patches(
+            hr,
+            plan,
+            self.scale,
+            self.patch_size,
+            self.degradation,
+            degradation_rng(key),
+            self.channel_shuffle,
+        )
 
     def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, torch.Tensor]:
         lr, hr = self.sample(key)
@@ -234,13 +287,15 @@ def build_dataset(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     skip_bad: bool = False,
     channel_shuffle: bool = False,
+    degradation: Degradation | None = None,
 ) -> PatchDataset:
     """Validate and decode every HR image of ``folder`` (built-ins when None) up front.
 
     Unreadable or too-small images raise ``DataError`` naming the file, or with ``skip_bad``
     are skipped with a warning and listed in ``dataset.skipped``. Pairs are cached in order
     until ``cache_bytes`` is used up; later images are decoded per sample. ``channel_shuffle``
-    also permutes the RGB channels of each sample (one of 6 orders, drawn from its key).
+    also permutes the RGB channels of each sample (one of 6 orders, drawn from its key);
+    ``degradation`` (other than bicubic) makes each LR patch from its HR patch per sample.
     """
     entries: list[ImageEntry] = []
     cache: list[tuple[np.ndarray, np.ndarray] | None] = []
@@ -289,7 +344,7 @@ def build_dataset(
             entries.append(ImageEntry(str(path), path, h, w))
         if not entries:
             raise DataError(f"data folder {folder}: none of its {len(paths)} images is usable")
-    dataset = PatchDataset(entries, cache, scale, patch_size, skipped, channel_shuffle)
+    dataset = PatchDataset(entries, cache, scale, patch_size, skipped, channel_shuffle, degradation)
     log.info(
         "training images: %d (%d cached in memory, %.1f MiB; %d skipped)",
         len(entries),

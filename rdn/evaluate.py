@@ -28,6 +28,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from rdn.degradations import Degradation, DegradationError, degrade, parse_degradation
 from rdn.ensemble import self_ensemble
 from rdn.imaging import (
     IMAGE_EXTENSIONS,
@@ -294,19 +295,27 @@ def evaluate(
     scale: int,
     *,
     on_image: Callable[[ImageSample], None] | None = None,
+    degradation: Degradation | None = None,
+    seed: int = 0,
 ) -> EvalResult:
     """Score ``upscale`` (uint8 LR -> uint8 SR) and bicubic on every image of ``folder``.
+
+    The LR is the benchmark's bicubic downscale, or ``degradation`` applied to the HR with a
+    generator seeded by ``(seed, image index)``; bicubic upscales the same LR.
 
     Models always see RGB; for a greyscale file the outputs are reduced to grey
     (``rgb_to_grey``) and scored against the file's grey values, as the benchmarks do.
     """
     results = []
-    for path in find_images(folder):
+    for index, path in enumerate(find_images(folder)):
         hr = modcrop(read_rgb(path), scale)
         greyscale = is_greyscale_file(path)
         if min(hr.shape[:2]) < 2 * scale:
             raise EvalError(f"image {path}: {hr.shape[1]}x{hr.shape[0]} is too small for x{scale}")
-        lr = downscale(hr, scale)
+        if degradation is None or degradation.is_bicubic:
+            lr = downscale(hr, scale)
+        else:
+            lr = degrade(hr, scale, degradation, np.random.default_rng([seed, index]))
         sr = upscale(lr)
         if sr.shape != hr.shape or sr.dtype != np.uint8:
             raise EvalError(
@@ -341,6 +350,7 @@ def evaluate_model(
     *,
     device: torch.device | str | None = None,
     self_ensemble: bool = False,
+    degradation: Degradation | None = None,
 ) -> EvalResult:
     """Validation for training: score an in-memory model where it lives, mode left unchanged.
 
@@ -356,7 +366,7 @@ def evaluate_model(
         raise ValueError(
             f"model is on {upscaler.device}, not {device}; move it first (model.to(device))"
         )
-    return evaluate(upscaler, folder, upscaler.scale)
+    return evaluate(upscaler, folder, upscaler.scale, degradation=degradation)
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:
@@ -451,6 +461,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--scale", type=int, choices=SCALES, help="upscaling factor (default: the model's)"
     )
+    parser.add_argument(
+        "--degradation",
+        default="bicubic",
+        metavar="SPEC",
+        help="LR made from HR by: bicubic (default, the benchmark), bd, dn, jpeg:Q, noise:S or "
+        "photo; bicubic upscales the same LR",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the degradation's random draws (default 0)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument(
         "--self-ensemble", action="store_true", help="x8 flip/rotate self-ensemble (RDN+)"
@@ -490,6 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_usage(args: argparse.Namespace) -> None:
+    try:
+        args.degradation = parse_degradation(args.degradation)
+    except DegradationError as e:
+        raise _UsageError(f"--degradation: {e}") from e
     if args.checkpoint is not None and args.providers is not None:
         raise _UsageError("--providers applies to --onnx; use --device with --checkpoint")
     if args.onnx is not None and args.device is not None:
@@ -557,6 +581,8 @@ def _json_report(result: EvalResult, args: argparse.Namespace, runs_on: str) -> 
         "model": str(args.checkpoint or args.onnx),
         "backend": runs_on,
         "data": str(args.data),
+        "degradation": args.degradation.spec,
+        "seed": args.seed,
     }
     for key in ("model_psnr_y", "model_ssim_y", "bicubic_psnr_y", "bicubic_ssim_y"):
         report[key] = _json_number(report[key])
@@ -601,7 +627,14 @@ def _run(args: argparse.Namespace, upscaler: Upscaler, runs_on: str) -> EvalResu
     log.info("evaluating %s (x%d, %s) on %s", model, upscaler.scale, runs_on, args.data)
     if not args.json:
         print(TABLE_ROW.format("image", "model PSNR", "model SSIM", "bicubic PSNR", "bicubic SSIM"))
-    return evaluate(upscaler, args.data, upscaler.scale, on_image=on_image)
+    return evaluate(
+        upscaler,
+        args.data,
+        upscaler.scale,
+        on_image=on_image,
+        degradation=args.degradation,
+        seed=args.seed,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -643,7 +676,8 @@ def main(argv: list[str] | None = None) -> int:
         means = (result.model_psnr_y, result.model_ssim_y)
         bicubic = (result.bicubic_psnr_y, result.bicubic_ssim_y)
         print(_row(f"mean ({len(result.images)})", *means, *bicubic))
-        print(f"x{result.scale}, {'self-ensemble x8, ' if args.self_ensemble else ''}{runs_on}")
+        ensemble = "self-ensemble x8, " if args.self_ensemble else ""
+        print(f"x{result.scale}, LR {args.degradation.spec}, {ensemble}{runs_on}")
     return 0
 
 

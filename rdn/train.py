@@ -57,6 +57,7 @@ from rdn.checkpoint import (
     save_checkpoint,
 )
 from rdn.data import DEFAULT_CACHE_BYTES, DataError, PatchDataset, StepBatchSampler, build_dataset
+from rdn.degradations import Degradation, DegradationError, PhotoRanges, parse_degradation
 from rdn.imaging import ImageReadError, list_images
 from rdn.model import (
     NORMS,
@@ -94,6 +95,8 @@ RESUME_MUST_MATCH = (
     "bn_freeze_after",
     "seed",
     "channel_shuffle",
+    "degradation",
+    "photo_ranges",
 )
 
 
@@ -125,7 +128,9 @@ class TrainConfig:
     cache_mb: int = DEFAULT_CACHE_BYTES // 2**20
     skip_bad_images: bool = False
     channel_shuffle: bool = True  # permute RGB channels per sample (module docstring: why)
-    init: str | None = None  # checkpoint whose matching tensors initialise the model
+    init: str | None = None  # checkpoint (or rdn-export ONNX file) initialising the model
+    degradation: str = "bicubic"  # LR made from HR by this spec (rdn.degradations)
+    photo_ranges: dict[str, Any] | None = None  # the photo chain's ranges; None: PhotoRanges()
     out: str = "runs/rdn"
 
     def __post_init__(self) -> None:
@@ -152,6 +157,18 @@ class TrainConfig:
         )
         for name in ("skip_bad_images", "channel_shuffle"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false")
+        need(isinstance(self.degradation, str), f"degradation must be a spec: {self.degradation!r}")
+        need(
+            self.photo_ranges is None or isinstance(self.photo_ranges, dict),
+            f"photo_ranges must be a table, got {self.photo_ranges!r}",
+        )
+        try:
+            self.degradation_spec()
+        except DegradationError as e:
+            raise UsageError(str(e)) from e
+
+    def degradation_spec(self) -> Degradation:
+        return parse_degradation(self.degradation, PhotoRanges.from_dict(self.photo_ranges or {}))
 
     def model_config(self) -> RDNConfig:
         return RDNConfig.from_preset(self.preset, scale=self.scale, norm=self.norm)
@@ -180,6 +197,16 @@ def make_train_config(options: dict[str, Any]) -> TrainConfig:
             if not isinstance(options[name], str | Path):
                 raise UsageError(f"{name} must be a path, got {options[name]!r}")
             options[name] = str(Path(options[name]).expanduser().resolve())
+    if isinstance(options.get("photo_ranges"), dict):  # one canonical form, compared on resume
+        try:
+            options["photo_ranges"] = PhotoRanges.from_dict(options["photo_ranges"]).to_dict()
+        except DegradationError as e:
+            raise UsageError(str(e)) from e
+    if isinstance(options.get("degradation"), str):
+        try:
+            options["degradation"] = parse_degradation(options["degradation"]).spec
+        except DegradationError as e:
+            raise UsageError(str(e)) from e
     preset = options.get("preset", TrainConfig.preset)
     if "lr" not in options and preset in DEFAULT_LR:
         options["lr"] = DEFAULT_LR[preset]
@@ -292,7 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="permute the RGB channels of each patch, one of 6 orders (default on; "
         "--no-channel-shuffle follows the paper)",
     )
-    p.add_argument("--init", help="checkpoint whose tensors of matching name and shape are loaded")
+    p.add_argument(
+        "--init",
+        help="checkpoint whose tensors of matching name and shape are loaded, or an ONNX file "
+        "written by rdn-export (e.g. server/models/default_x2.onnx)",
+    )
+    p.add_argument(
+        "--degradation",
+        help="how LR patches are made from HR: bicubic (default), bd, dn, jpeg:Q[-Q2], "
+        "noise:S[-S2] or photo (ranges in the config's [photo_ranges] table)",
+    )
     p.add_argument("--out", help=f"run directory (default {d.out})")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     return p
@@ -405,7 +441,11 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[lis
 
 
 # Options added after runs were already stored, with the value that reproduces those runs.
-LEGACY_DEFAULTS: dict[str, Any] = {"channel_shuffle": False}
+LEGACY_DEFAULTS: dict[str, Any] = {
+    "channel_shuffle": False,
+    "degradation": "bicubic",
+    "photo_ranges": None,
+}
 
 
 def stored_train_config(stored: dict[str, Any]) -> dict[str, Any]:
@@ -470,13 +510,22 @@ def append_metrics(path: Path, row: dict[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def validate(model: nn.Module, folder: Path, scale: int, device: torch.device) -> dict[str, float]:
-    """Mean PSNR/SSIM (Y channel) on ``folder``: rdn-eval's protocol, so the numbers compare."""
+def validate(
+    model: nn.Module,
+    folder: Path,
+    scale: int,
+    device: torch.device,
+    degradation: Degradation | None = None,
+) -> dict[str, float]:
+    """Mean PSNR/SSIM (Y channel) on ``folder``: rdn-eval's protocol (and its seed 0 for a
+    degradation), so the numbers compare with ``rdn-eval --degradation``."""
     # Imported here: onnxruntime and scipy cost ~0.7 s of start-up, wasted without --val.
     from rdn.evaluate import EvalError, evaluate_model
 
     try:
-        result = evaluate_model(model, folder, scale, device=device).summary()
+        result = evaluate_model(
+            model, folder, scale, device=device, degradation=degradation
+        ).summary()
     except EvalError as e:
         raise DataError(f"validation: {e}") from e
     return {
@@ -609,7 +658,9 @@ def train_loop(
             if not ctx.is_main:
                 continue
             if cfg.val is not None and (done % cfg.val_every == 0 or done == cfg.steps):
-                result = validate(raw_model, Path(cfg.val), cfg.scale, device)
+                result = validate(
+                    raw_model, Path(cfg.val), cfg.scale, device, cfg.degradation_spec()
+                )
                 progress.write({"step": done, **result})
                 log.info(
                     "step %d: validation PSNR %.3f dB SSIM %.4f (best before: %.3f at step %d)",
@@ -626,6 +677,18 @@ def train_loop(
                 save_checkpoint(out / LAST, payload())
     progress.close()
     return state
+
+
+def load_init(path: Path) -> dict[str, Any]:
+    """The ``--init`` payload: a checkpoint, or a model rebuilt from an rdn-export ONNX file."""
+    if path.suffix.lower() != ".onnx":
+        return load_checkpoint(path)
+    from export.from_onnx import OnnxImportError, checkpoint_from_onnx  # onnx only when needed
+
+    try:
+        return checkpoint_from_onnx(path)
+    except OnnxImportError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def _build_loader(
@@ -684,7 +747,7 @@ def run(cfg: TrainConfig, resume: bool, ctx: Dist) -> int:
         model = RDN(cfg.model_config())
         state = RunState()
         if cfg.init is not None:
-            init = load_checkpoint(Path(cfg.init))
+            init = load_init(Path(cfg.init))
             loaded, skipped = load_matching(model, init["model"])
             if not loaded:
                 raise CheckpointError(
@@ -709,6 +772,7 @@ def run(cfg: TrainConfig, resume: bool, ctx: Dist) -> int:
         cache_bytes=cfg.cache_mb * 2**20,
         skip_bad=cfg.skip_bad_images,
         channel_shuffle=cfg.channel_shuffle,
+        degradation=cfg.degradation_spec(),
     )
     names = [e.name for e in dataset.entries]
     if resume and ckpt.get("data_images") not in (None, names):
@@ -728,7 +792,7 @@ def run(cfg: TrainConfig, resume: bool, ctx: Dist) -> int:
         set_rng_state(ckpt["rng"])
     log.info(
         "model %s: %d parameters; %d steps, batch %d x %d process(es), patch %d, lr %.2e "
-        "halved every %d, BN frozen after %d, device %s",
+        "halved every %d, BN frozen after %d, degradation %s, device %s",
         model.config,
         sum(p.numel() for p in model.parameters()),
         cfg.steps,
@@ -738,6 +802,7 @@ def run(cfg: TrainConfig, resume: bool, ctx: Dist) -> int:
         cfg.lr,
         cfg.lr_half_every,
         cfg.bn_freeze_after,
+        cfg.degradation,
         device,
     )
     if batchnorm_layers(model) and cfg.bn_freeze_after >= cfg.steps:

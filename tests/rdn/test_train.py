@@ -372,3 +372,63 @@ def test_resume_of_a_run_stored_before_channel_shuffle_keeps_it_off(tmp_path: Pa
     save_checkpoint(run / "last.pt", old)
     assert main(["--resume", "--out", str(run), "--steps", "2"]) == 0
     assert load_checkpoint(run / "last.pt")["train_config"]["channel_shuffle"] is False
+
+
+def test_photo_degradation_resumes_bit_exact(tmp_path: Path) -> None:
+    """Degradation draws depend only on the sample key: 3 + 3 resumed steps equal 6 steps."""
+    args = [*TINY, "--degradation", "photo", "--bn-freeze-after", "2", "--lr-half-every", "2"]
+    args += ["--seed", "4"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main([*args, "--steps", "6", "--out", str(full)]) == 0
+    assert main([*args, "--steps", "3", "--out", str(split)]) == 0
+    assert main(["--resume", "--steps", "6", "--out", str(split)]) == 0
+    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(split / "last.pt")
+    assert a["train_config"]["degradation"] == "photo"
+    assert max_abs_diff(a["model"], b["model"]) == 0.0
+    clean = tmp_path / "clean"  # and the degradation does change what is learned
+    clean_args = [*TINY, "--bn-freeze-after", "2", "--lr-half-every", "2", "--seed", "4"]
+    assert main([*clean_args, "--steps", "6", "--out", str(clean)]) == 0
+    assert max_abs_diff(load_checkpoint(clean / "last.pt")["model"], a["model"]) > 0
+
+
+def test_resume_refuses_another_degradation(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main([*TINY, "--steps", "1", "--degradation", "jpeg:50", "--out", str(run)]) == 0
+    result = run_cli("--resume", "--out", run, "--steps", "2", "--degradation", "noise:5")
+    assert result.returncode == 1
+    assert "degradation='jpeg:50', now 'noise:5'" in result.stderr
+
+
+def test_photo_ranges_come_from_the_config_table_and_bad_ones_exit_2(tmp_path: Path) -> None:
+    config = tmp_path / "photo.toml"
+    config.write_text(
+        'degradation = "photo"\nsteps = 1\n'
+        "[photo_ranges]\njpeg_prob = 1.0\njpeg_quality = [40, 60]\n"
+    )
+    run = tmp_path / "run"
+    assert main(["--config", str(config), *TINY, "--out", str(run)]) == 0
+    stored = load_checkpoint(run / "last.pt")["train_config"]["photo_ranges"]
+    assert stored["jpeg_prob"] == 1.0 and tuple(stored["jpeg_quality"]) == (40, 60)
+    config.write_text('degradation = "photo"\n[photo_ranges]\njpeg_quality = [60, 40]\n')
+    result = run_cli("--config", config, *TINY, "--out", tmp_path / "bad")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "rdn-train: error: photo range jpeg_quality must be 0 <= low <= high: (60.0, 40.0)"
+    ]
+
+
+def test_init_from_a_shipped_onnx_model_starts_from_its_weights(tmp_path: Path) -> None:
+    onnx_model = Path(__file__).resolve().parents[2] / "server" / "models" / "default_x2.onnx"
+    run = tmp_path / "run"
+    args = ["--preset", "small", "--batch-size", "2", "--patch-size", "16", "--lr", "1e-9"]
+    assert main([*args, "--steps", "1", "--init", str(onnx_model), "--out", str(run)]) == 0
+    from export.from_onnx import model_from_onnx
+
+    want = model_from_onnx(onnx_model)[0].state_dict()
+    got = load_checkpoint(run / "last.pt")["model"]
+    assert max_abs_diff(params_of(got), params_of(want)) < 1e-6  # one step at lr 1e-9
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00" * 64)
+    result = run_cli(*args, "--steps", "1", "--init", bad, "--out", tmp_path / "r2")
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and "bad.onnx" in result.stderr
