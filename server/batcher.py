@@ -404,9 +404,13 @@ class TileBatcher:
         for k, (request, index) in enumerate(batch):
             if request.future.done():  # cancelled or failed: the result is discarded
                 continue
-            if request.outputs is None:
-                request.outputs = np.empty((request.count, *outputs.shape[1:]), outputs.dtype)
-            request.outputs[index] = outputs[k]
+            if request.count == 1:  # a view: the engine returns a fresh array per call
+                request.outputs = outputs[k : k + 1]
+            else:
+                if request.outputs is None:
+                    shape = (request.count, *outputs.shape[1:])
+                    request.outputs = np.empty(shape, outputs.dtype)
+                request.outputs[index] = outputs[k]
             request.done_tiles += 1
             request.batches[call] = seconds
             if request.done_tiles == request.count:

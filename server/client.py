@@ -35,7 +35,7 @@ from server.security import (
     add_client_security_flags,
     client_security_from_args,
 )
-from server.wire import RETRY_AFTER_KEY, UPLOAD_ACCEPTED_KEY
+from server.wire import HTTP2_MAX_FRAME_BYTES, RETRY_AFTER_KEY, UPLOAD_ACCEPTED_KEY
 
 log = logging.getLogger("rdn.client")
 
@@ -329,6 +329,7 @@ def channel_options(max_message_bytes: int, lb: str | None = None) -> list[tuple
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.http2.max_frame_size", HTTP2_MAX_FRAME_BYTES),
     ]
     if lb is not None:
         if lb not in LB_POLICIES:

@@ -13,6 +13,8 @@ class EngineConfig:
     providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
     require_gpu: bool = False
     intra_op_threads: int = 0  # 0 = onnxruntime default
+    spinning: str = "auto"  # intra-op threads spin between ops: on/off; auto: by provider
+    cpu_arena: str = "auto"  # onnxruntime's CPU memory arena: on/off; auto: by provider
     cudnn_conv_algo_search: str = "EXHAUSTIVE"  # fixed tile shapes make the search a one-time cost
     gpu_mem_limit_bytes: int = 0  # 0 = no limit
     io_binding: bool = True  # used only when CUDA is active

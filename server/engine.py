@@ -77,7 +77,23 @@ def select_providers(
     return chosen
 
 
-def session_options(config: EngineConfig) -> ort.SessionOptions:
+SWITCHES = ("auto", "on", "off")
+# Chosen per provider, each measured (README "Engine: providers"): on CPU, spinning keeps the
+# intra-op threads ready between the model's ~50 ops; on a GPU the host threads only feed the
+# device, and spinning would take cores from decoding and encoding.
+AUTO_SPINNING = {"cpu": True, "cuda": False}
+AUTO_CPU_ARENA = {"cpu": True, "cuda": True}
+
+
+def resolve_switch(value: str, name: str, auto: Mapping[str, bool], device: str) -> bool:
+    """``value`` ("auto", "on" or "off") as a bool; auto takes ``auto[device]``."""
+    if value not in SWITCHES:
+        raise ValueError(f"{name} must be one of {SWITCHES}, got {value!r}")
+    return auto[device] if value == "auto" else value == "on"
+
+
+def session_options(config: EngineConfig, device: str = "cpu") -> ort.SessionOptions:
+    """Session options for ``config``; "auto" switches resolve for ``device`` (cpu or cuda)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -86,6 +102,11 @@ def session_options(config: EngineConfig) -> ort.SessionOptions:
             f"intra_op_threads must be >= 0 (0 = default), got {config.intra_op_threads}"
         )
     options.intra_op_num_threads = config.intra_op_threads
+    spinning = resolve_switch(config.spinning, "spinning", AUTO_SPINNING, device)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.enable_cpu_mem_arena = resolve_switch(
+        config.cpu_arena, "cpu_arena", AUTO_CPU_ARENA, device
+    )
     return options
 
 
@@ -141,8 +162,11 @@ class Engine:
         self.config = config
         self.model_path = path = Path(model_path)
         _check_file(path)
-        options = session_options(config)
         providers = select_providers(config.providers, ort.get_available_providers(), config)
+        first = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        options = session_options(config, "cuda" if first == CUDA else "cpu")
+        self.spinning = options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+        self.cpu_arena: bool = options.enable_cpu_mem_arena
         try:
             self._session = ort.InferenceSession(
                 str(path), sess_options=options, providers=providers

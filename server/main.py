@@ -38,7 +38,7 @@ from server.config import (
     TilingConfig,
     UploadConfig,
 )
-from server.engine import CUDA, Engine, ModelLoadError
+from server.engine import CUDA, SWITCHES, Engine, ModelLoadError
 from server.health import NOT_SERVING, SERVING, Health
 from server.kserve import KServeService
 from server.logging_setup import LEVELS, configure_logging
@@ -64,6 +64,7 @@ from server.security import (
 )
 from server.service import SERVICE_NAME, UpscalerService
 from server.uploads import UploadBudget
+from server.wire import HTTP2_MAX_FRAME_BYTES
 
 log = logging.getLogger("rdn.serve")
 
@@ -150,6 +151,7 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
         ("grpc.so_reuseport", 0),
+        ("grpc.http2.max_frame_size", HTTP2_MAX_FRAME_BYTES),
     ]
 
 
@@ -439,6 +441,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=_int_at_least(0), default=0, help="onnxruntime intra-op threads; 0 = auto"
     )
     p.add_argument(
+        "--ort-spinning",
+        choices=SWITCHES,
+        default=d.engine.spinning,
+        help="onnxruntime intra-op threads spin between ops (auto: on for CPU, off for CUDA)",
+    )
+    p.add_argument(
+        "--ort-cpu-arena",
+        choices=SWITCHES,
+        default=d.engine.cpu_arena,
+        help="onnxruntime CPU memory arena (auto: on)",
+    )
+    p.add_argument(
         "--max-pixels", type=_int_at_least(1), default=d.limits.max_pixels, help="input W*H limit"
     )
     p.add_argument(
@@ -513,7 +527,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         port=args.port,
         grace_s=args.grace,
         engine=EngineConfig(
-            providers=providers, require_gpu=args.require_gpu, intra_op_threads=args.threads
+            providers=providers,
+            require_gpu=args.require_gpu,
+            intra_op_threads=args.threads,
+            spinning=args.ort_spinning,
+            cpu_arena=args.ort_cpu_arena,
         ),
         tiling=TilingConfig(
             tile=args.tile,

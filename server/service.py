@@ -40,6 +40,7 @@ from server.codec import (
     decode_raw,
     encode_image,
     finish_output,
+    quick_to_verify,
     to_planar,
     verify_image,
 )
@@ -97,6 +98,8 @@ class ModelSource(Protocol):
     active_provider: str
     providers: tuple[str, ...]
     metadata: dict[str, str]
+    spinning: bool  # onnxruntime's intra-op threads spin between ops
+    cpu_arena: bool  # onnxruntime's CPU memory arena is on
 
 
 # ------------------------------------------------------------------------- pure helpers
@@ -524,7 +527,10 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         scale, limits = self._engine.scale, self._config.limits
         if source.raw_shape is None:
             args = (source.data, limits.max_pixels, limits.max_request_bytes)
-            width, height = await in_pool(self._pool, verify_image, *args)
+            if quick_to_verify(source.data):  # a header read: no thread hop
+                width, height = verify_image(*args)
+            else:
+                width, height = await in_pool(self._pool, verify_image, *args)
             decode = functools.partial(decode_image, *args, verified=True)
         else:
             height, width, channels = source.raw_shape
@@ -738,6 +744,8 @@ def model_info(
         decode_workers=config.decode_workers,
         max_uploads=config.uploads.max_concurrent,
         max_buffered_bytes=config.uploads.max_buffered_bytes,
+        ort_spinning=engine.spinning,
+        ort_cpu_arena=engine.cpu_arena,
     )
     try:
         info.training_step = int(meta.get(KEY_STEP, "0"))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 MAX_FIT_TILES = 256  # per axis: a plan search beyond this falls back to the grid
@@ -270,13 +271,21 @@ def merge_tile_range_into(
         raise ValueError(
             f"canvas shape {canvas.shape}: expected {(3, scale * plan.height, scale * plan.width)}"
         )
+    # A canvas that is the channel-first view of a C-contiguous H x W x 3 uint8 image gets each
+    # piece interleaved by OpenCV (cv2.merge), about 20x faster than numpy's strided writes.
+    hwc = canvas.transpose(1, 2, 0)
+    interleave = hwc.flags.c_contiguous and canvas.dtype == outputs.dtype == np.uint8
     for index in range(start, stop):
         row, col = divmod(index, cols.count)
         (top, bottom), (left, right) = rows.cores[row], cols.cores[col]
         y, x = scale * rows.core_offset(row), scale * cols.core_offset(col)
         h, w = scale * (bottom - top), scale * (right - left)
         piece = outputs[index - start, :, y : y + h, x : x + w]
-        canvas[:, scale * top : scale * bottom, scale * left : scale * right] = piece
+        region = (slice(scale * top, scale * bottom), slice(scale * left, scale * right))
+        if interleave:
+            hwc[region] = cv2.merge(tuple(piece))
+        else:
+            canvas[:, region[0], region[1]] = piece
 
 
 def merge_tiles(outputs: np.ndarray, plan: TilePlan, scale: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -58,11 +59,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_common_arguments(parser)
     parser.add_argument("--scales", type=int, nargs="+", default=[2, 4], help="shipped models")
     parser.add_argument(
-        "--rounds", type=int, default=None, help="service passes per client count (2)"
+        "--rounds", type=int, default=None, help="service passes per client count (6)"
+    )
+    parser.add_argument(
+        "--serve-args",
+        default="",
+        help="extra rdn-serve flags, e.g. '--ort-spinning off' (to measure a choice)",
     )
     args = parser.parse_args(argv)
     if args.rounds is None:
-        args.rounds = 1 if args.quick else 2
+        args.rounds = 1 if args.quick else 6
     args.max_batch = 0  # the service's own default: by provider
     return args
 
@@ -152,7 +158,7 @@ def measure(args: argparse.Namespace, scale: int) -> list[dict[str, object]]:
     run_loop(loop, pngs[:1], 1)  # warm
     loop_passes: list[list[float]] = []  # seconds per photo, one list per pass
     service_passes: dict[int, list[tuple[float, list[float]]]] = {c: [] for c in CLIENTS}
-    flags = ["--max-message-bytes", str(MESSAGE_BYTES)]
+    flags = ["--max-message-bytes", str(MESSAGE_BYTES), *shlex.split(args.serve_args)]
     with serve_process(model, args, flags) as (process, port):
         # Passes alternate (loop, service at 1 client, loop, service at 8 clients, ...), so a
         # slow spell of a shared machine falls on both sides alike.
@@ -185,6 +191,7 @@ def measure(args: argparse.Namespace, scale: int) -> list[dict[str, object]]:
             "p50_ms": percentile_ms(latencies, 50),
             "loop_p50_ms": round(1e3 * loop_p50, 1),
             "sigterm_exit_code": exit_code,
+            "serve_args": args.serve_args,
         }
         met = ratio >= TARGET_RATIO and exit_code == 0
         if clients == 1:

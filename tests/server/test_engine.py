@@ -19,6 +19,7 @@ from server.engine import (
     ModelLoadError,
     cuda_provider_options,
     select_providers,
+    session_options,
 )
 
 CPU_ONLY = EngineConfig(providers=(CPU,), intra_op_threads=1)
@@ -251,3 +252,24 @@ def test_engine_module_does_not_import_torch() -> None:
     code = "import sys, server.engine; sys.exit(1 if 'torch' in sys.modules else 0)"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=60)
     assert result.returncode == 0, result.stderr.decode()
+
+
+def test_spinning_and_arena_resolve_per_device_and_can_be_forced() -> None:
+    cpu, cuda = session_options(EngineConfig(), "cpu"), session_options(EngineConfig(), "cuda")
+    spin = "session.intra_op.allow_spinning"
+    assert cpu.get_session_config_entry(spin) == "1" and cpu.enable_cpu_mem_arena
+    assert cuda.get_session_config_entry(spin) == "0" and cuda.enable_cpu_mem_arena
+    forced = session_options(EngineConfig(spinning="off", cpu_arena="off"), "cpu")
+    assert forced.get_session_config_entry(spin) == "0" and not forced.enable_cpu_mem_arena
+    with pytest.raises(ValueError, match=r"spinning must be one of \('auto', 'on', 'off'\)"):
+        session_options(EngineConfig(spinning="sometimes"), "cpu")
+
+
+def test_engine_reports_the_switches_it_created_its_session_with(tiny_onnx_x2: Path) -> None:
+    engine = Engine(tiny_onnx_x2, EngineConfig(providers=(CPU,), intra_op_threads=1))
+    assert (engine.spinning, engine.cpu_arena) == (True, True)
+    off = EngineConfig(providers=(CPU,), intra_op_threads=1, spinning="off", cpu_arena="off")
+    engine = Engine(tiny_onnx_x2, off)
+    assert (engine.spinning, engine.cpu_arena) == (False, False)
+    x = np.random.default_rng(0).random((1, 3, 8, 8), dtype=np.float32)
+    assert engine.run(x).shape == (1, 3, 16, 16)

@@ -65,6 +65,7 @@ def test_an_image_under_the_cap_is_computed_whole_like_the_whole_image_loop(
     np.testing.assert_array_equal(result.to_array(), whole)
     assert (info.max_batch, info.tiling, info.max_tile_pixels) == (1, "fit", CPU_MAX_TILE_PIXELS)
     assert (info.decode_workers, info.max_uploads) == (2, 16)
+    assert (info.ort_spinning, info.ort_cpu_arena) == (True, True)  # the CPU choices
 
 
 def test_an_image_over_the_cap_is_tiled_within_a_level_of_the_whole_image(
