@@ -45,16 +45,16 @@ class DegradationError(ValueError):
 class PhotoRanges:
     """The ranges the ``photo`` chain draws from (sigmas in HR pixels and 0-255 units)."""
 
-    blur_prob: float = 0.3
+    blur_prob: float = 0.2
     blur_sigma: tuple[float, float] = (0.2, 1.2)  # at x2; scaled by scale / 2 for x3 and x4
     anisotropic_prob: float = 0.4
     resize_weights: tuple[float, float, float] = (0.6, 0.2, 0.2)  # bicubic, bilinear, area
-    noise_prob: float = 0.7
+    noise_prob: float = 0.5
     gaussian_sigma: tuple[float, float] = (1.0, 15.0)
     poisson_prob: float = 0.3  # of the noisy samples, the share with Poisson (shot) noise
     poisson_scale: tuple[float, float] = (0.1, 1.0)  # 1.0: photon counts of 255 at white
     gray_noise_prob: float = 0.3
-    jpeg_prob: float = 0.8
+    jpeg_prob: float = 0.6
     jpeg_quality: tuple[int, int] = (30, 95)
 
     def __post_init__(self) -> None:

@@ -26,8 +26,10 @@ class TilingConfig:
 
     tile: int = 64  # grid plans: LR core size; also the queue unit, (tile + 2*pad)**2 pixels
     pad: int = 8  # LR context at seams: tiled == whole-image within 1/255 (bench)
-    mode: str = "auto"  # "fit" (tiles fitted to the image), "grid" (fixed), "auto": fit on CPU
+    mode: str = "auto"  # fit (tiles fitted to the image), buckets, grid; auto: fit on CPU,
+    # buckets on CUDA
     max_tile_pixels: int = 0  # fit plans: largest tile; 0 = the planner's default
+    buckets: tuple[int, ...] = (64, 128, 256)  # bucket plans: LR core sizes (window + 2*pad)
 
 
 @dataclass(frozen=True)

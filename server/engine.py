@@ -252,23 +252,22 @@ class Engine:
         self._session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
-    def warmup(self, tile_input_size: int, batch_sizes: Iterable[int]) -> None:
-        """Run every batch size once on tiles of the served shape.
+    def warmup(self, tile: int | tuple[int, int], batch_sizes: Iterable[int]) -> None:
+        """Run every batch size once on tiles of one shape (``tile``: a side or (h, w)).
 
         On CUDA this is where cuDNN searches its convolution algorithms (once per shape) and the
         memory arena grows, so the first requests do not pay for either.
         """
+        height, width = (tile, tile) if isinstance(tile, int) else tile
         for n in sorted(set(batch_sizes)):
-            if n < 1 or tile_input_size < 1:
-                raise ValueError(
-                    f"warmup needs positive sizes, got batch {n}, tile {tile_input_size}"
-                )
+            if n < 1 or height < 1 or width < 1:
+                raise ValueError(f"warmup needs positive sizes, got batch {n}, tile {tile}")
             start = time.perf_counter()
-            self.run(np.zeros((n, 3, tile_input_size, tile_input_size), np.float32))
+            self.run(np.zeros((n, 3, height, width), np.float32))
             log.debug(
                 "warmup batch %d x %dx%d: %.1f ms",
                 n,
-                tile_input_size,
-                tile_input_size,
+                height,
+                width,
                 1e3 * (time.perf_counter() - start),
             )

@@ -54,7 +54,7 @@ from server.models import SCALES, DefaultModelMissing, resolve_default_model
 from server.parse_guard import ParseGuard
 from server.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
-from server.planner import MODES, make_planner
+from server.planner import MODES, Planner, make_planner
 from server.security import (
     SecurityError,
     add_port,
@@ -133,6 +133,30 @@ class RunningServer:
 
 CPU_MAX_BATCH = 1  # batching gains nothing on CPU (tests/bench/batching_gain.py)
 GPU_MAX_BATCH = 8
+
+
+def warmup_shapes(planner: Planner, max_batch: int) -> list[tuple[tuple[int, int], int]]:
+    """((height, width), batch size) pairs warm-up runs: every batch size of every fixed tile
+    shape the planner makes (a batch holds at most ``max_batch`` queue units), or batches of 1
+    to ``max_batch`` grid tiles when plans are fitted to each image (shapes not known ahead)."""
+    side = planner.tile + 2 * planner.pad
+    pairs = []
+    for shape in planner.shapes or ((side, side),):
+        per_batch = max(1, max_batch // planner.units_per_tile_of(shape))
+        pairs += [(shape, size) for size in range(1, per_batch + 1)]
+    return pairs
+
+
+def _bucket_list(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected LR core sizes >= 1, comma-separated (e.g. 64,128,256), got {text!r}"
+        )
+    return sizes
 
 
 def with_provider_defaults(config: ServerConfig, provider: str) -> ServerConfig:
@@ -230,11 +254,9 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
         server, port, health, engine, batcher, config, codec_pool, uploads, metrics, endpoint
     )
     try:
-        sizes = range(1, config.batcher.max_batch + 1)
-        input_size = config.tiling.tile + 2 * config.tiling.pad
-        log.debug("warming up: batches of 1 to %d tiles", config.batcher.max_batch)
-        for size in sizes:  # one size per thread call: a stop waits for one batch at most
-            await asyncio.to_thread(engine.warmup, input_size, [size])
+        for window, size in warmup_shapes(planner, config.batcher.max_batch):
+            # one shape per thread call: a stop waits for one batch at most
+            await asyncio.to_thread(engine.warmup, window, [size])
     except asyncio.CancelledError:  # stopped during warm-up (SIGTERM): nothing may stay bound
         await running.stop(0)
         raise
@@ -416,8 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--tiling",
         choices=MODES,
         default=d.tiling.mode,
-        help="fit: tiles fitted to each image (whole image under --max-tile-pixels); grid: fixed "
-        "--tile cores; auto: fit on CPU, grid on CUDA",
+        help="fit: tiles fitted to each image (whole image under --max-tile-pixels); buckets: "
+        "square windows of a few fixed sizes (--tile-buckets); grid: fixed --tile cores; auto: "
+        "fit on CPU, buckets on CUDA",
+    )
+    p.add_argument(
+        "--tile-buckets",
+        type=_bucket_list,
+        default=d.tiling.buckets,
+        help="bucket tiling: LR core sizes, comma-separated (default 64,128,256; windows add "
+        "2 x --tile-pad)",
     )
     p.add_argument(
         "--max-tile-pixels",
@@ -538,6 +568,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             pad=args.tile_pad,
             mode=args.tiling,
             max_tile_pixels=args.max_tile_pixels,
+            buckets=args.tile_buckets,
         ),
         batcher=BatcherConfig(
             max_batch=args.max_batch,

@@ -179,6 +179,45 @@ def plan_fit(height: int, width: int, pad: int, max_tile_pixels: int) -> TilePla
     return plan_tiles(height, width, side, pad)
 
 
+def sized_axis(length: int, size: int, pad: int) -> Axis:
+    """Windows of exactly ``size`` (a GPU shape bucket): one window reflected past the end of a
+    shorter axis, else the fewest near-equal cores whose windows (inside the axis, ``pad`` of
+    context at every internal seam) fit in ``size``, each window widened to ``size``."""
+    if size <= 2 * pad:
+        raise ValueError(f"bucket window {size} must be larger than twice the pad {pad}")
+    if length <= size:
+        return Axis(length, size, 0, size - length, (0,), ((0, length),))
+    count = max(2, -(-(length - 2 * pad) // (size - 2 * pad)))
+    while True:
+        fitted = fit_axis(length, count, pad)
+        if fitted is not None and fitted.size <= size:
+            break
+        count += 1
+    starts = tuple(
+        min(max((a + b - size) // 2, 0), length - size) for a, b in fitted.cores
+    )  # each window centred on its core, moved inside the axis
+    return Axis(length, size, 0, 0, starts, fitted.cores)
+
+
+def plan_buckets(height: int, width: int, sizes: tuple[int, ...], pad: int) -> TilePlan:
+    """The cheapest plan whose window height and width are each one of ``sizes`` (GPU buckets).
+
+    Computed pixels are (rows x window height) x (cols x window width), so each axis takes the
+    size with the least ``count * size`` on its own (a tie goes to the larger window: fewer
+    tiles). All tiles of a plan share one shape, so they batch with other requests' tiles of
+    that shape, and the engine only ever sees ``len(sizes)**2`` input shapes.
+    """
+    _check_size(height, width)
+    if not sizes:
+        raise ValueError("plan_buckets needs at least one window size")
+
+    def cheapest(length: int) -> Axis:
+        axes = [sized_axis(length, size, pad) for size in sizes]
+        return min(axes, key=lambda a: (a.count * a.size, -a.size))
+
+    return TilePlan(cheapest(height), cheapest(width))
+
+
 def _reflect_pad(image: np.ndarray, axis: int, before: int, after: int) -> np.ndarray:
     """Pad one axis by mirror reflection (edge pixel not repeated); a 1-pixel axis is repeated.
 
