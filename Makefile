@@ -9,7 +9,7 @@ TORCH_VERSION := 2.13.0
 TRITON_VENV := .venv-triton
 TRITON_STAMP := $(TRITON_VENV)/.installed
 
-.PHONY: install test lint format serve bench proto clean
+.PHONY: install test lint format serve bench gpu-check proto clean
 
 install: $(STAMP) $(TRITON_STAMP)
 
@@ -42,6 +42,9 @@ serve: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
+
+gpu-check: $(STAMP)
+	$(BIN)/python -m tests.bench.gpu_check
 
 proto: $(STAMP)
 	$(BIN)/python -m server.protogen

@@ -196,6 +196,11 @@ class Engine:
         self._io_binding = config.io_binding and self.active_provider == CUDA
         self.scale: int = self._scale_from(self.metadata, path)
 
+    @property
+    def uses_io_binding(self) -> bool:
+        """Whether runs go through IOBinding (asked for, and CUDA is active)."""
+        return self._io_binding
+
     def _scale_from(self, metadata: Mapping[str, str], path: Path) -> int:
         """The upscaling factor: ``rdn.scale`` metadata, else measured on a tiny input."""
         if KEY_SCALE in metadata:

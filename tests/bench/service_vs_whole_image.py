@@ -52,6 +52,8 @@ TARGET_LATENCY_RATIO = 1.15
 CLIENTS = (1, 8)
 MESSAGE_BYTES = 64 * 2**20
 CALL_TIMEOUT_S = 600.0
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+PROVIDERS = {"cpu": (CPU,), "cuda": (CUDA, CPU)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,6 +62,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scales", type=int, nargs="+", default=[2, 4], help="shipped models")
     parser.add_argument(
         "--rounds", type=int, default=None, help="service passes per client count (6)"
+    )
+    parser.add_argument(
+        "--provider",
+        choices=sorted(PROVIDERS),
+        default="cpu",
+        help="where both sides run: the loop's session and rdn-serve --providers (default cpu)",
     )
     parser.add_argument(
         "--serve-args",
@@ -97,11 +105,17 @@ def lr_pixels(pngs: list[bytes]) -> int:
     return sum(int(np.prod(cv2.imdecode(np.frombuffer(p, np.uint8), 1).shape[:2])) for p in pngs)
 
 
-def whole_image_loop(model: Path, threads: int) -> Callable[[bytes], bytes]:
+def whole_image_loop(
+    model: Path, threads: int, providers: tuple[str, ...] = (CPU,)
+) -> Callable[[bytes], bytes]:
     """What a user writes instead of the service: decode, whole image, encode."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model), options, providers=list(providers))
+    if session.get_providers()[0] != providers[0]:
+        raise RuntimeError(
+            f"the loop's session runs on {session.get_providers()[0]}, not {providers[0]}"
+        )
     name = session.get_inputs()[0].name
 
     def upscale(png: bytes) -> bytes:
@@ -154,11 +168,14 @@ def measure(args: argparse.Namespace, scale: int) -> list[dict[str, object]]:
     model = model or default_model_path(scale)
     pngs = lr_pngs(scale)
     pixels = lr_pixels(pngs)
-    loop = whole_image_loop(model, args.threads)
+    providers = PROVIDERS[args.provider]
+    loop = whole_image_loop(model, args.threads, providers)
     run_loop(loop, pngs[:1], 1)  # warm
     loop_passes: list[list[float]] = []  # seconds per photo, one list per pass
     service_passes: dict[int, list[tuple[float, list[float]]]] = {c: [] for c in CLIENTS}
-    flags = ["--max-message-bytes", str(MESSAGE_BYTES), *shlex.split(args.serve_args)]
+    flags = ["--max-message-bytes", str(MESSAGE_BYTES), "--providers", ",".join(providers)]
+    flags += ["--require-gpu"] if args.provider == "cuda" else []
+    flags += shlex.split(args.serve_args)
     with serve_process(model, args, flags) as (process, port):
         # Passes alternate (loop, service at 1 client, loop, service at 8 clients, ...), so a
         # slow spell of a shared machine falls on both sides alike.
@@ -191,6 +208,7 @@ def measure(args: argparse.Namespace, scale: int) -> list[dict[str, object]]:
             "p50_ms": percentile_ms(latencies, 50),
             "loop_p50_ms": round(1e3 * loop_p50, 1),
             "sigterm_exit_code": exit_code,
+            "provider": providers[0],
             "serve_args": args.serve_args,
         }
         met = ratio >= TARGET_RATIO and exit_code == 0
