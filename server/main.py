@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-tile-pixels",
         type=_int_at_least(0),
         default=d.tiling.max_tile_pixels,
-        help="fit tiling: largest tile, LR pixels; 0 = 256x256",
+        help="fit tiling: largest tile, LR pixels; 0 = 384x384",
     )
     p.add_argument(
         "--tile", type=_int_at_least(1), default=d.tiling.tile, help="grid tiling: LR tile core"

@@ -26,12 +26,14 @@ from server.tiling import TilePlan, plan_buckets, plan_fit, plan_tiles
 
 CUDA = "CUDAExecutionProvider"
 MODES = ("auto", "fit", "buckets", "grid")
-# LR pixels of one CPU tile, 256x256. onnxruntime's CPU rate per pixel was flat within this VM's
+# LR pixels of one CPU tile, 384x384. onnxruntime's CPU rate per pixel was flat within this VM's
 # noise from 80x80 to 768x768 inputs (0.25-0.35 Mpix/s, shipped x2 model, interleaved runs), so
-# a tile need only be large enough to make seams rare. Its activations are what bound it: about
-# 3 KiB per LR pixel for the small preset, kept by onnxruntime's arena. tests/bench/large_image
-# (4096x4096 at x2): 512x512 tiles peaked at 1578 MiB RSS, 256x256 at 894 MiB.
-CPU_MAX_TILE_PIXELS = 256 * 256
+# the cap trades the context computed at seams (pad 8 on both sides of each seam) against the
+# activations a tile holds: about 3 KiB per LR pixel for the small preset, kept by onnxruntime's
+# arena. tests/bench/large_image, 4096x4096 at x2: 256x256 tiles computed 1.143x the image's
+# pixels and peaked at 894 MiB RSS, 384x384 1.095x and 1153 MiB, 512x512 peaked at 1578 MiB
+# (over the 1.5 GiB target); at 1024x1024, 384x384 took 7.2 s where 256x256 took 8.1 s.
+CPU_MAX_TILE_PIXELS = 384 * 384
 
 
 @dataclass(frozen=True)

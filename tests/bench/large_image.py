@@ -7,8 +7,11 @@ VmHWM (the peak resident set since it started) after the image is done. Target: 
 made by the benchmark; it goes up and the x2 PNG comes back through ``UpscaleClient`` with
 ``stream=True``. ``--quick`` uses 1024x1024.
 
-Before sending, the benchmark times one engine call of the server's tile shape in this process
-and logs an ETA: a 4096x4096 image is 4096 tiles, minutes on a 2-core CPU.
+The second target is against the FLOP limit: before sending, the benchmark times engine calls
+on one tile of the server's plan (the same engine and provider, in this process, best of
+ETA_RUNS) and counts the model's conv FLOPs (``common.conv_flops``); the image's FLOPs over that
+rate is the time the engine alone would need for the image's own pixels, with no tiling,
+decoding, encoding or transport. Target: wall time <= 1.3x that limit.
 
     python -m tests.bench.large_image [--quick] [--model M] [--size 4096]
 """
@@ -18,18 +21,22 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+import onnx
 
 from server.client import RetryPolicy, UpscaleClient
-from server.config import BatcherConfig, EngineConfig, LimitsConfig
+from server.config import BatcherConfig, EngineConfig, LimitsConfig, TilingConfig
 from server.engine import Engine
-from server.tiling import plan_tiles
+from server.planner import make_planner
+from server.tiling import TilePlan
 from tests.bench.common import (
     add_common_arguments,
     bench_model,
+    conv_flops,
     emit_checked,
     encode_png,
     log,
@@ -41,6 +48,7 @@ from tests.bench.common import (
 
 BENCH = "large_image"
 TARGET_PEAK_MIB = 1536  # 1.5 GiB
+TARGET_FLOP_LIMIT_RATIO = 1.3  # wall time over (image FLOPs / measured engine FLOP rate)
 OCTAVES = (256, 32)  # noise grid spacing in pixels: large blobs, then finer texture
 ETA_RUNS = 2  # engine calls timed for the ETA (best of)
 MIN_TIMEOUT_S = 600.0
@@ -68,18 +76,39 @@ def smooth_image(size: int, seed: int = 0) -> np.ndarray:
     return np.clip(np.rint(255 * total), 0, 255).astype(np.uint8)
 
 
-def eta_seconds(model: Path, args: argparse.Namespace, tiles: int) -> float:
-    """Seconds the server's engine should need for ``tiles`` tiles, from calls timed here."""
+@dataclass(frozen=True)
+class EngineRate:
+    """The engine's measured rate on one tile of the plan, and what it implies for the image."""
+
+    provider: str
+    tile_shape: tuple[int, int]
+    tile_seconds: float  # best of ETA_RUNS engine calls on one tile
+    gflop_s: float  # conv FLOPs of one tile / tile_seconds
+    image_gflop: float  # conv FLOPs of the whole image at its own size (no tiles)
+
+    @property
+    def limit_seconds(self) -> float:
+        """The FLOP limit: the image's FLOPs at the measured rate."""
+        return self.image_gflop / self.gflop_s
+
+
+def engine_rate(model: Path, args: argparse.Namespace, plan: TilePlan) -> EngineRate:
+    """Time the engine the server will use on one tile of ``plan``, count FLOPs."""
     engine = Engine(model, EngineConfig(intra_op_threads=args.threads))
-    side = args.tile + 2 * args.pad
-    batch = np.random.default_rng(0).random((args.max_batch, 3, side, side), dtype=np.float32)
-    engine.run(batch)  # warm
+    h, w = plan.input_shape
+    tile = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
+    engine.run(tile)  # warm
     best = math.inf
     for _ in range(ETA_RUNS):
         start = time.perf_counter()
-        engine.run(batch)
+        engine.run(tile)
         best = min(best, time.perf_counter() - start)
-    return best * tiles / args.max_batch
+    proto = onnx.load(str(model))
+    tile_flops = conv_flops(proto, [1, 3, h, w])
+    image_flops = tile_flops / (h * w) * plan.height * plan.width  # convs are per pixel
+    return EngineRate(
+        engine.active_provider, (h, w), best, tile_flops / best / 1e9, image_flops / 1e9
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,17 +116,24 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     rgb = smooth_image(args.size)
     png = encode_png(rgb)
-    tiles = plan_tiles(args.size, args.size, args.tile, args.pad).count
+    with bench_model(args.model) as model:
+        provider = Engine(model, EngineConfig(intra_op_threads=1)).active_provider
+    planner = make_planner(TilingConfig(tile=args.tile, pad=args.pad), provider)
+    plan = planner.plan(args.size, args.size)
+    units = planner.units(plan)
     extra = [
-        "--max-queue-tiles", str(max(BatcherConfig.max_queue_tiles, tiles)),
+        "--max-queue-tiles", str(max(BatcherConfig.max_queue_tiles, units)),
         "--max-request-bytes", str(max(LimitsConfig.max_request_bytes, len(png))),
         "--max-pixels", str(max(LimitsConfig.max_pixels, args.size**2)),
     ]  # fmt: skip
     with bench_model(args.model) as model:
-        eta = eta_seconds(model, args, tiles)
+        rate = engine_rate(model, args, plan)
+        eta = rate.tile_seconds * plan.count
         log.info(
-            "%s: %dx%d LR (%.1f Mpix, %d tiles, %.1f MB PNG); engine ETA ~%.0f s on this machine",
-            BENCH, args.size, args.size, args.size**2 / 1e6, tiles, len(png) / 1e6, eta,
+            "%s: %dx%d LR (%.1f Mpix, %d tiles of %s, %.1f MB PNG); engine %.1f GFLOP/s, "
+            "FLOP limit %.0f s, ETA ~%.0f s",
+            BENCH, args.size, args.size, args.size**2 / 1e6, plan.count, plan.input_shape,
+            len(png) / 1e6, rate.gflop_s, rate.limit_seconds, eta,
         )  # fmt: skip
         with serve_process(model, args, extra) as (process, port):
             rss_before = proc_status_mib(process.pid, "VmRSS")
@@ -125,6 +161,15 @@ def main(argv: list[str] | None = None) -> int:
             "server_rss_before_mib": round(rss_before, 1),
             "server_rss_after_mib": round(rss_after, 1),
             "eta_s": round(eta, 1),
+            "provider": rate.provider,
+            "tile_shape": list(rate.tile_shape),
+            "plan_tiles": plan.count,
+            "plan_waste": round(plan.waste, 3),
+            "engine_gflop_s": round(rate.gflop_s, 1),
+            "image_gflop": round(rate.image_gflop, 1),
+            "flop_limit_s": round(rate.limit_seconds, 2),
+            "flop_limit_ratio": round(seconds / rate.limit_seconds, 3),
+            "target_flop_limit_ratio": TARGET_FLOP_LIMIT_RATIO,
             "server_queue_s": round(result.queue_seconds, 2),
             "server_compute_s": round(result.compute_seconds, 2),
             "server_total_s": round(result.total_seconds, 2),
@@ -135,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             "sigterm_exit_code": exit_code,
             "quick": args.quick,
         },
-        peak <= TARGET_PEAK_MIB,
+        peak <= TARGET_PEAK_MIB and seconds <= TARGET_FLOP_LIMIT_RATIO * rate.limit_seconds,
     )
     return status if exit_code == 0 else 1
 
