@@ -9,28 +9,20 @@ depend only on (seed, k, rank), the learning rate only on k, and the rest of the
 (weights, BN statistics and freeze flags, Adam moments, RNG states) is in the checkpoint.
 
 Defaults are the paper's recipe (L1, Adam 0.9/0.999/1e-8, batch 16, 48x48 LR patches, lr
-1e-4 halved every 200 epochs of 1000 iterations) with three deliberate departures, each
-measured on the 300-step tiny run: the small presets get a larger learning rate
-(``DEFAULT_LR``); the schedule and the BN freeze scale with ``--steps`` (halve at 1/3 and 2/3,
-freeze at 1/2) so short runs get them too; and patches have their RGB channels permuted
-(``--no-channel-shuffle`` turns it off). The network has no image-space skip connection, so
-it learns the identity of colours from the data; trained on a few photographs it put a
-colour cast on colours they lack (Set5 bird: green 10 levels low). Permuting the channels,
-which commutes with the per-channel bicubic degradation, removed the cast (mean error per
-channel under 0.5 levels) and added 0.5 dB on Set5 at 300 tiny steps, same schedule.
+1e-4 halved every 200 epochs of 1000 iterations) with three departures, each measured: a larger
+learning rate for the small presets (``DEFAULT_LR``), a schedule and BN freeze that scale with
+``--steps``, and RGB channel permutation of the patches. The README ("Training: why these
+defaults") tells what was measured. The recipe, top to bottom: ``main`` reads the options (and
+the run's ``last.pt``, once, for ``--resume``), ``run`` builds the model (fresh, ``--init`` or
+resumed), data and optimizer, ``train_loop`` trains, validates and checkpoints.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import datetime
-import hashlib
-import json
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -46,8 +38,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from rdn.checkpoint import (
     CheckpointError,
@@ -58,6 +48,17 @@ from rdn.checkpoint import (
 )
 from rdn.data import DEFAULT_CACHE_BYTES, DataError, PatchDataset, StepBatchSampler, build_dataset
 from rdn.degradations import Degradation, DegradationError, PhotoRanges, parse_degradation
+from rdn.distributed import (
+    DeviceError,
+    Dist,
+    cpu_count,
+    destroy_process_group,
+    dist_from_env,
+    init_process_group,
+    pick_device,
+    same_weights_on_all_ranks,
+    threads_per_rank,
+)
 from rdn.imaging import ImageReadError, list_images
 from rdn.model import (
     NORMS,
@@ -69,17 +70,16 @@ from rdn.model import (
     batchnorm_layers,
     freeze_batchnorm,
 )
+from rdn.progress import Progress, append_metrics
 
 log = logging.getLogger("rdn.train")
 
-# Base learning rate per preset: the paper's 1e-4 for the large presets. Short CPU runs of the
-# small presets need more: 300 tiny steps at a constant 1e-3 ended 1.4 dB below bicubic on
-# Set5, at 4e-3 with the default schedule above it. small's 2e-3 is interpolated, not tuned.
+# Base learning rate per preset: the paper's 1e-4 for the large presets, more for the small ones
+# (README, "Training: why these defaults").
 DEFAULT_LR: dict[str, float] = {"paper": 1e-4, "medium": 1e-4, "small": 2e-3, "tiny": 4e-3}
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
-DDP_TIMEOUT_MIN = 60  # minutes a collective may wait (NCCL's default 10 would cut validation)
 
 # Fields a resumed run must share with the stored run: they decide the weights it computes.
 # The others (steps may grow, validation, saving, logging, workers, device) may change.
@@ -222,23 +222,14 @@ def make_train_config(options: dict[str, Any]) -> TrainConfig:
 
 
 def default_bn_freeze_after(steps: int) -> int:
-    """Train with batch statistics for the first half of the run, then freeze.
-
-    Batch-statistics BN conditions the optimisation (RepSR likewise switches to population
-    statistics late), and the second half adapts the weights to the frozen statistics, i.e.
-    to exactly the function used at test time. On 300 tiny steps freezing at 150 scored about
-    0.2 dB above freezing at 30 on Set5 in two pairs of single-seed runs: a weak signal next
-    to the 0.7 dB spread between seeds, but in the same direction.
-    """
+    """Train with batch statistics for the first half of the run, then freeze (README,
+    "Training: why these defaults")."""
     return steps // 2
 
 
 def default_lr_half_every(steps: int) -> int:
-    """Halve the learning rate at a third and two thirds of the run.
-
-    With the default 600k steps this is the paper's halving every 200 epochs of 1000
-    iterations; on 300 tiny steps it beat halving every fifth (about 0.9 dB on Set5).
-    """
+    """Halve the learning rate at a third and two thirds of the run (with the default 600k
+    steps: the paper's halving every 200 epochs of 1000 iterations)."""
     return max(1, steps // 3)
 
 
@@ -334,75 +325,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ----------------------------------------------------------------------------- distributed
-
-
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 when run directly)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def dist_from_env() -> Dist:
-    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK."""
-    env = os.environ
-    return Dist(
-        int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
-    )
-
-
-def pick_device(requested: str, ctx: Dist) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: CUDA is not available here; use --device cpu or auto")
-    if requested == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    torch.cuda.set_device(ctx.local_rank)
-    return torch.device("cuda", ctx.local_rank)
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def threads_per_rank(ctx: Dist) -> int:
-    """Cores / world size, so ranks do not oversubscribe the CPU.
-
-    A single process honours an explicit OMP_NUM_THREADS; under torchrun, which sets it to 1
-    for every rank, the cores are shared out instead.
-    """
-    if ctx.world_size == 1 and os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    return max(1, cpu_count() // ctx.world_size)
-
-
-def state_sha256(model: nn.Module) -> str:
-    """Hash of the weights, to check that DDP ranks hold identical models.
-
-    Buffers count once BatchNorm is frozen; before that each rank's running statistics have
-    legitimately absorbed its own last batch (DDP broadcasts rank 0's before every forward).
-    """
-    tensors = model.state_dict() if batchnorm_frozen(model) else dict(model.named_parameters())
-    h = hashlib.sha256()
-    for name, tensor in tensors.items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -491,25 +413,6 @@ def train_one_step(
     return loss.detach()
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the rows of ``metrics.jsonl`` up to ``step``: a resumed run rewrites the rest."""
-    kept: list[str] = []
-    if step > 0 and path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def append_metrics(path: Path, row: dict[str, Any]) -> None:
-    """One JSON object per line."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
 def validate(
     model: nn.Module,
     folder: Path,
@@ -534,79 +437,6 @@ def validate(
     }
 
 
-def _format_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
-class Progress:
-    """Loss, LR, speed and ETA: a tqdm bar on a terminal, plain log lines otherwise.
-
-    Every ``log_every`` steps the mean loss of the interval (over all ranks) goes to
-    ``metrics.jsonl`` and the bar or log; only rank 0 writes.
-    """
-
-    def __init__(self, cfg: TrainConfig, start_step: int, ctx: Dist, device: torch.device) -> None:
-        self.cfg, self.ctx = cfg, ctx
-        self.metrics = Path(cfg.out) / METRICS if ctx.is_main else None
-        if self.metrics is not None:
-            truncate_metrics(self.metrics, start_step)
-        self.bar = None
-        if ctx.is_main and sys.stderr.isatty():
-            self.bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True)
-        self.loss_sum = torch.zeros((), device=device)
-        self.start, self.steps = time.perf_counter(), 0
-
-    def logging_context(self) -> contextlib.AbstractContextManager[Any]:
-        """Route log lines through tqdm while the bar is shown, so they do not break it."""
-        return logging_redirect_tqdm() if self.bar is not None else contextlib.nullcontext()
-
-    def step_done(self, done: int, loss: torch.Tensor, lr: float) -> None:
-        self.loss_sum += loss
-        self.steps += 1
-        if self.bar is not None:
-            self.bar.update(1)
-        if done % self.cfg.log_every and done != self.cfg.steps:
-            return
-        if self.ctx.enabled:  # every rank reaches this step, so the collective is safe
-            dist.all_reduce(self.loss_sum)
-        mean_loss = self.loss_sum.item() / (self.steps * self.ctx.world_size)
-        elapsed = time.perf_counter() - self.start
-        speed = self.steps / elapsed if elapsed > 0 else math.nan
-        self.loss_sum.zero_()
-        self.start, self.steps = time.perf_counter(), 0
-        if self.metrics is None:
-            return
-        append_metrics(
-            self.metrics, {"step": done, "loss": mean_loss, "lr": lr, "steps_per_s": speed}
-        )
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-        else:
-            eta = (self.cfg.steps - done) / speed if speed > 0 else math.inf
-            log.info(
-                "step %d/%d loss %.4f lr %.2e %.2f steps/s (%.3f s/step) eta %s",
-                done,
-                self.cfg.steps,
-                mean_loss,
-                lr,
-                speed,
-                1 / speed if speed > 0 else math.nan,
-                _format_eta(eta),
-            )
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self.metrics is not None:
-            append_metrics(self.metrics, row)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def train_loop(
     model: nn.Module,
     raw_model: RDN,
@@ -625,7 +455,8 @@ def train_loop(
     """
     out = Path(cfg.out)
     criterion = nn.L1Loss()
-    progress = Progress(cfg, state.step, ctx, device)
+    metrics = out / METRICS if ctx.is_main else None
+    progress = Progress(metrics, state.step, cfg.steps, cfg.log_every, ctx, device)
     has_bn = bool(batchnorm_layers(raw_model))
 
     def payload() -> dict[str, Any]:
@@ -658,15 +489,25 @@ def train_loop(
             if not ctx.is_main:
                 continue
             if cfg.val is not None and (done % cfg.val_every == 0 or done == cfg.steps):
+                log.info(
+                    "step %d: validating on %s (x%d, LR %s, whole images)...",
+                    done,
+                    cfg.val,
+                    cfg.scale,
+                    cfg.degradation,
+                )
+                started = time.perf_counter()
                 result = validate(
                     raw_model, Path(cfg.val), cfg.scale, device, cfg.degradation_spec()
                 )
                 progress.write({"step": done, **result})
                 log.info(
-                    "step %d: validation PSNR %.3f dB SSIM %.4f (best before: %.3f at step %d)",
+                    "step %d: validation PSNR %.3f dB SSIM %.4f in %.1f s (best before: %.3f at "
+                    "step %d)",
                     done,
                     result["val_psnr_y"],
                     result["val_ssim_y"],
+                    time.perf_counter() - started,
                     state.best_psnr,
                     state.best_step,
                 )
@@ -677,6 +518,17 @@ def train_loop(
                 save_checkpoint(out / LAST, payload())
     progress.close()
     return state
+
+
+def load_resumable(path: Path) -> dict[str, Any]:
+    """The run's ``last.pt``, checked to hold what a resume needs (loaded once per run)."""
+    ckpt = load_checkpoint(path)
+    for key in ("optimizer", "rng", "train_config"):
+        if key not in ckpt:
+            raise CheckpointError(f"checkpoint {path}: no {key!r}; not written by rdn-train")
+    if not isinstance(ckpt["train_config"], dict):
+        raise CheckpointError(f"checkpoint {path}: no train_config; not from rdn-train")
+    return ckpt
 
 
 def load_init(path: Path) -> dict[str, Any]:
@@ -708,19 +560,15 @@ def _build_loader(
     )
 
 
-def run(cfg: TrainConfig, resume: bool, ctx: Dist) -> int:
-    """Set up model, optimizer and data (fresh, --init or --resume), train, write best.pt."""
+def run(cfg: TrainConfig, ckpt: dict[str, Any] | None, ctx: Dist) -> int:
+    """Set up model, optimizer and data (fresh, --init, or resumed from ``ckpt``: the run's
+    last.pt, loaded once by ``main``), train, write best.pt."""
     out = Path(cfg.out)
     last = out / LAST
     device = pick_device(cfg.device, ctx)
     torch.set_num_threads(threads_per_rank(ctx))
 
-    ckpt: dict[str, Any] = {}
-    if resume:
-        ckpt = load_checkpoint(last)
-        for key in ("optimizer", "rng", "train_config"):
-            if key not in ckpt:
-                raise CheckpointError(f"checkpoint {last}: no {key!r}; not written by rdn-train")
+    if ckpt is not None:
         check_resumable(stored_train_config(ckpt["train_config"]), cfg, last)
         model = model_from_checkpoint(ckpt, last)
         state = RunState(
@@ -775,7 +623,7 @@ def run(cfg: TrainConfig, resume: bool, ctx: Dist) -> int:
         degradation=cfg.degradation_spec(),
     )
     names = [e.name for e in dataset.entries]
-    if resume and ckpt.get("data_images") not in (None, names):
+    if ckpt is not None and ckpt.get("data_images") not in (None, names):
         raise CheckpointError(
             f"checkpoint {last}: the training images changed ({len(ckpt['data_images'])} then, "
             f"{len(names)} now); resume needs the same set - start a new run with --init"
@@ -787,7 +635,7 @@ def run(cfg: TrainConfig, resume: bool, ctx: Dist) -> int:
             stale.unlink(missing_ok=True)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
-    if resume:
+    if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
     log.info(
@@ -820,13 +668,7 @@ def run(cfg: TrainConfig, resume: bool, ctx: Dist) -> int:
     else:
         log.info("already at step %d of %d: nothing to train", state.step, cfg.steps)
 
-    ok = True
-    if ctx.enabled:  # every rank must hold the same weights
-        hashes: list[str | None] = [None] * ctx.world_size
-        dist.all_gather_object(hashes, state_sha256(model))
-        ok = len(set(hashes)) == 1
-    else:
-        hashes = [state_sha256(model)]
+    ok, hashes = same_weights_on_all_ranks(model, ctx)  # every rank must hold the same weights
     if ctx.is_main:
         append_metrics(
             out / METRICS, {"step": state.step, "event": "end", "rank_state_sha256": hashes}
@@ -855,13 +697,11 @@ def main(argv: list[str] | None = None) -> int:
         config_file = args.pop("config", None)
         options = read_toml_config(config_file) if config_file is not None else {}
         options.update(args)  # flags override the config file
+        ckpt = None
         if resume:
             out = Path(options.get("out", TrainConfig.out))
-            stored = load_checkpoint(out / LAST).get("train_config")
-            if not isinstance(stored, dict):
-                raise CheckpointError(
-                    f"checkpoint {out / LAST}: no train_config; not from rdn-train"
-                )
+            ckpt = load_resumable(out / LAST)
+            stored = ckpt["train_config"]
             # The run's own --init (a config file repeats it) is fine: the checkpoint supersedes
             # it. Another one would silently not be used, so it is refused.
             if options.get("init") is not None:
@@ -880,18 +720,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rdn-train: error: {e}", file=sys.stderr)
         return 1
 
-    if ctx.enabled:
-        backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
-        # Rank 0 validates while the others wait in the next collective: allow for it.
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=DDP_TIMEOUT_MIN))
+    init_process_group(ctx, cfg.device)
     try:
-        code = run(cfg, resume, ctx)
+        code = run(cfg, ckpt, ctx)
         if ctx.enabled:
             # Tear down together: a rank that closes its gloo pairs while the other still writes
             # its last files was the suspect of one SIGABRT at exit (not reproduced in 18 runs).
             dist.barrier()
         return code
-    except UsageError as e:
+    except (UsageError, DeviceError) as e:
         print(f"rdn-train: error: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, DataError, ImageReadError, FileNotFoundError) as e:
@@ -902,8 +739,7 @@ def main(argv: list[str] | None = None) -> int:
         print("rdn-train: interrupted; continue with --resume", file=sys.stderr)
         return 130
     finally:
-        if ctx.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+        destroy_process_group()
 
 
 if __name__ == "__main__":

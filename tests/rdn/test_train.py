@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from rdn.checkpoint import load_checkpoint, make_payload, model_from_checkpoint, save_checkpoint
+from rdn.distributed import state_sha256
 from rdn.imaging import read_rgb
 from rdn.model import RDN, RDNConfig, batchnorm_frozen, freeze_batchnorm
 from rdn.train import (
@@ -33,7 +34,6 @@ from rdn.train import (
     lr_at,
     main,
     make_train_config,
-    state_sha256,
 )
 
 BIN = Path(sys.executable).parent

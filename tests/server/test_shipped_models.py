@@ -1,5 +1,5 @@
-"""The shipped models (server/models/default_x{2,4}.onnx) serve and beat bicubic through the
-real server, on a Set5 image the models never saw in training."""
+"""The shipped models (server/models/default_x{2,3,4}.onnx, rdn_x{2,4}_photo.onnx) serve and
+beat bicubic through the real server, on a Set5 image the models never saw in training."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from export.metadata import read_model_metadata
+from rdn.degradations import degrade, parse_degradation
 from rdn.imaging import downscale, modcrop, read_rgb, upscale_bicubic
 from rdn.metrics import psnr_y
 from server.client import UpscaleClient
@@ -39,3 +40,44 @@ def test_shipped_model_serves_and_beats_bicubic(scale: int, set5_dir: Path) -> N
     sr = np.frombuffer(result.image, np.uint8).reshape(hr.shape)
     ours, bicubic = psnr_y(sr, hr, scale), psnr_y(upscale_bicubic(lr, scale), hr, scale)
     assert ours > bicubic + MARGIN_DB, (ours, bicubic)
+
+
+def test_shipped_x3_model_serves_and_beats_bicubic(set5_dir: Path) -> None:
+    """default_x3.onnx, served with --model like the others (README: 33.2 dB target on Set5)."""
+    model = default_model_path(3)
+    metadata = read_model_metadata(model)
+    assert metadata.scale == 3 and metadata.training["train_config"]["degradation"] == "bicubic"
+    hr = modcrop(read_rgb(set5_dir / "butterfly.png")[:129, :129], 3)
+    lr = downscale(hr, 3)
+    with (
+        BackgroundServer(loopback_config(model), Engine(model, CPU)) as bg,
+        UpscaleClient(f"127.0.0.1:{bg.port}", retry=NO_RETRY) as client,
+    ):
+        result = client.upscale(np.ascontiguousarray(lr), "raw", timeout=60)
+    sr = np.frombuffer(result.image, np.uint8).reshape(hr.shape)
+    assert psnr_y(sr, hr, 3) > psnr_y(upscale_bicubic(lr, 3), hr, 3) + MARGIN_DB
+
+
+@pytest.mark.parametrize("scale", SHIPPED)
+def test_shipped_photo_model_cleans_a_jpeg_that_the_clean_model_sharpens(
+    scale: int, set5_dir: Path
+) -> None:
+    """rdn_x{2,4}_photo.onnx through a real server on a JPEG-50 LR: above bicubic by a margin
+    where the clean model is not (README: the degradation table)."""
+    model = default_model_path(scale).with_name(f"rdn_x{scale}_photo.onnx")
+    metadata = read_model_metadata(model)
+    assert metadata.scale == scale and metadata.training["train_config"]["degradation"] == "photo"
+    hr = modcrop(read_rgb(set5_dir / "butterfly.png")[:128, :128], scale)
+    lr = degrade(hr, scale, parse_degradation("jpeg:50"), np.random.default_rng(0))
+    scores = {}
+    for path in (model, default_model_path(scale)):
+        with (
+            BackgroundServer(loopback_config(path), Engine(path, CPU)) as bg,
+            UpscaleClient(f"127.0.0.1:{bg.port}", retry=NO_RETRY) as client,
+        ):
+            result = client.upscale(np.ascontiguousarray(lr), "raw", timeout=60)
+        sr = np.frombuffer(result.image, np.uint8).reshape(hr.shape)
+        scores[path.stem] = psnr_y(sr, hr, scale)
+    bicubic = psnr_y(upscale_bicubic(lr, scale), hr, scale)
+    assert scores[model.stem] > bicubic + 0.5, (scores, bicubic)
+    assert scores[model.stem] > scores[f"default_x{scale}"] + 0.5, (scores, bicubic)
