@@ -12,9 +12,12 @@ photo.
 
 Photos: the five of Set5 (tests/data) and six photographs scikit-image ships (astronaut,
 chelsea, coffee, rocket, both stereo motorcycle views), each downscaled by the scale
-(Pillow bicubic, the benchmark protocol) so that the answer has the photo's own size.
+(Pillow bicubic, the benchmark protocol) so that the answer has the photo's own size; or, with
+``--photos DIR ...``, every image of those folders (Set14 and the SunHays80 validation photos
+are the issue's set; they are not shipped).
 
     python -m tests.bench.service_vs_whole_image [--scales 2 4] [--rounds N] [--quick]
+        [--photos data/Set14 runs/data/val] [--provider cuda] [--serve-args '...']
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from rdn.imaging import list_images, read_rgb
 from server.client import AsyncUpscaleClient, RetryPolicy
 from server.codec import from_planar, to_planar
 from server.models import default_model_path
@@ -70,6 +74,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="where both sides run: the loop's session and rdn-serve --providers (default cpu)",
     )
     parser.add_argument(
+        "--photos",
+        type=Path,
+        nargs="+",
+        help="folders of HR photos to use instead of the shipped set (e.g. data/Set14 and the "
+        "SunHays80 validation split)",
+    )
+    parser.add_argument(
         "--serve-args",
         default="",
         help="extra rdn-serve flags, e.g. '--ort-spinning off' (to measure a choice)",
@@ -81,8 +92,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def photos() -> list[np.ndarray]:
-    """The photos as RGB uint8 (HR)."""
+def photos(folders: list[Path] | None = None) -> list[np.ndarray]:
+    """The photos as RGB uint8 (HR): every image file of ``folders``, or the shipped set."""
+    if folders:
+        paths = [p for folder in folders for p in list_images(folder)]
+        if not paths:
+            raise ValueError(f"no image files in {[str(f) for f in folders]}")
+        return [read_rgb(p) for p in paths]
     from skimage import data
 
     found = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(SET5.glob("*"))]
@@ -91,10 +107,10 @@ def photos() -> list[np.ndarray]:
     return [np.ascontiguousarray(p[:, :, :3]) for p in found]
 
 
-def lr_pngs(scale: int) -> list[bytes]:
+def lr_pngs(scale: int, folders: list[Path] | None = None) -> list[bytes]:
     """Each photo modcropped and bicubic-downscaled by ``scale``, as PNG bytes."""
     out = []
-    for rgb in photos():
+    for rgb in photos(folders):
         h, w = (rgb.shape[0] // scale) * scale, (rgb.shape[1] // scale) * scale
         lr = Image.fromarray(rgb[:h, :w]).resize((w // scale, h // scale), Image.BICUBIC)
         out.append(encode_png(np.asarray(lr)))
@@ -166,7 +182,7 @@ async def run_service(
 def measure(args: argparse.Namespace, scale: int) -> list[dict[str, object]]:
     model = args.model if args.model is not None and len(args.scales) == 1 else None
     model = model or default_model_path(scale)
-    pngs = lr_pngs(scale)
+    pngs = lr_pngs(scale, args.photos)
     pixels = lr_pixels(pngs)
     providers = PROVIDERS[args.provider]
     loop = whole_image_loop(model, args.threads, providers)
@@ -198,6 +214,7 @@ def measure(args: argparse.Namespace, scale: int) -> list[dict[str, object]]:
             "scale": scale,
             "clients": clients,
             "photos": len(pngs),
+            "photo_folders": [str(f) for f in args.photos] if args.photos else "shipped",
             "passes": len(passes),
             "lr_mpix_per_pass": round(pixels / 1e6, 3),
             "service_mpix_s": round(rate, 4),
