@@ -682,6 +682,30 @@ def output_path(source: Path, output: Path, to_file: bool, scale: int, fmt: str)
     return output / f"{source.stem}_x{scale}{EXTENSIONS[fmt]}"
 
 
+FORMAT_OF_EXTENSION = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+
+
+def resolve_format(output: Path, to_file: bool, given: str | None) -> str:
+    """The output format: ``--format`` when given, else the single output file's extension
+    (.png, .jpg/.jpeg, .webp), else PNG."""
+    if given is not None:
+        return given
+    if to_file:
+        return FORMAT_OF_EXTENSION.get(output.suffix.lower(), "png")
+    return "png"
+
+
+def option_warnings(output: Path, to_file: bool, fmt: str, quality: int) -> list[str]:
+    """One line for each option that has no effect or contradicts another."""
+    warnings = []
+    if quality and fmt == "png":
+        warnings.append(f"--quality {quality} has no effect on PNG output (lossless)")
+    implied = FORMAT_OF_EXTENSION.get(output.suffix.lower()) if to_file else None
+    if to_file and implied is not None and implied != fmt:
+        warnings.append(f"writing {fmt} data to {output.name} (--format {fmt} overrides the name)")
+    return warnings
+
+
 def writes_single_file(inputs: Sequence[Path], output: Path) -> bool:
     """One input and an output that is not a folder and names a file (has a suffix)."""
     return len(inputs) == 1 and not output.is_dir() and output.suffix != ""
@@ -728,7 +752,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "-o", "--output", type=Path, required=True, help="output folder, or file for one input"
     )
-    up.add_argument("--format", choices=CLI_FORMATS, default="png", help="output format (png)")
+    up.add_argument(
+        "--format",
+        choices=CLI_FORMATS,
+        default=None,
+        help="output format (default: the extension of -o for one file, else png)",
+    )
     up.add_argument("--quality", type=_quality, default=0, help="JPEG/WebP 1..100; 0 = default")
     up.add_argument("--concurrency", type=_positive_int, default=4, help="requests in flight (4)")
     commands.add_parser("info", parents=[common], help="print ModelInfo as JSON")
@@ -752,6 +781,9 @@ async def _upscale_files(args: argparse.Namespace, write: Callable[[str], None])
 
     inputs: list[Path] = args.inputs
     to_file = writes_single_file(inputs, args.output)
+    fmt = resolve_format(args.output, to_file, args.format)
+    for warning in option_warnings(args.output, to_file, fmt, args.quality):
+        log.warning("warning: %s", warning)
     stems = [p.stem for p in inputs]
     if not to_file:
         if len(set(stems)) != len(stems):
@@ -767,9 +799,9 @@ async def _upscale_files(args: argparse.Namespace, write: Callable[[str], None])
             try:
                 data = await asyncio.to_thread(source.read_bytes)
                 result = await client.upscale(
-                    data, args.format, args.quality, request_id=source.name, timeout=args.deadline
+                    data, fmt, args.quality, request_id=source.name, timeout=args.deadline
                 )
-                target = output_path(source, args.output, to_file, result.scale, args.format)
+                target = output_path(source, args.output, to_file, result.scale, fmt)
                 await asyncio.to_thread(target.write_bytes, result.image)
                 write(f"{source} -> {target} ({result.width}x{result.height})")
             except (UpscaleError, OSError) as e:

@@ -32,7 +32,9 @@ from server.client import (
     channel_options,
     is_retryable,
     make_payload,
+    option_warnings,
     output_path,
+    resolve_format,
     stream_messages,
     writes_single_file,
 )
@@ -441,3 +443,36 @@ def test_a_call_ended_mid_upload_is_retryable_for_the_async_client() -> None:
     finally:
         server.stop(0)
     assert {e.code for e in errors} == {grpc.StatusCode.UNAVAILABLE}
+
+
+def test_output_format_follows_the_file_name_unless_given() -> None:
+    assert resolve_format(Path("x.webp"), True, None) == "webp"
+    assert resolve_format(Path("x.JPG"), True, None) == "jpeg"
+    assert resolve_format(Path("x.tiff"), True, None) == "png"  # not an output format: PNG
+    assert resolve_format(Path("out"), False, None) == "png"  # a folder
+    assert resolve_format(Path("x.webp"), True, "png") == "png"
+    assert option_warnings(Path("x.png"), True, "png", 80) == [
+        "--quality 80 has no effect on PNG output (lossless)"
+    ]
+    assert option_warnings(Path("x.webp"), True, "png", 0) == [
+        "writing png data to x.webp (--format png overrides the name)"
+    ]
+    assert option_warnings(Path("x.webp"), True, "webp", 90) == []
+
+
+def test_cli_writes_webp_for_a_webp_name_and_warns_about_quality_on_png(
+    server: BackgroundServer, set5_dir: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "in.png"
+    src.write_bytes(small_png(set5_dir, "bird.png", 20, 24))
+    target = f"127.0.0.1:{server.port}"
+    done = run_cli("upscale", str(src), "-o", str(tmp_path / "x.webp"), "--target", target)
+    assert done.returncode == 0, done.stderr
+    data = (tmp_path / "x.webp").read_bytes()
+    assert data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+    done = run_cli(
+        "upscale", str(src), "-o", str(tmp_path / "y.png"), "--target", target, "--quality", "80"
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "y.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "--quality 80 has no effect on PNG output" in done.stderr
