@@ -34,6 +34,7 @@ BD_KERNEL, BD_SIGMA = 7, 1.6
 DN_SIGMA = 30.0
 RESIZE_METHODS = ("bicubic", "bilinear", "area")
 MAX_BLUR_RADIUS = 10  # HR pixels; a kernel of 21x21 holds sigma 3.3 to 3 sigma
+MAX_SIGMA_SCALE = 2.0  # blur sigmas are given at x2 and scaled by scale / 2 (x4: doubled)
 _RANGE = re.compile(r"^(\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))?$")
 
 
@@ -67,8 +68,9 @@ class PhotoRanges:
             if not 0 <= low <= high:
                 raise DegradationError(f"photo range {name} must be 0 <= low <= high: {low, high}")
             object.__setattr__(self, name, (low, high))
-        if self.blur_sigma[1] * 3 > MAX_BLUR_RADIUS:
-            raise DegradationError(f"photo range blur_sigma must stay <= {MAX_BLUR_RADIUS / 3:.2f}")
+        if self.blur_sigma[1] * MAX_SIGMA_SCALE * 3 > MAX_BLUR_RADIUS:  # x4 doubles the sigmas
+            limit = MAX_BLUR_RADIUS / (3 * MAX_SIGMA_SCALE)
+            raise DegradationError(f"photo range blur_sigma must stay <= {limit:.2f}")
         low_q, high_q = self.jpeg_quality
         if not (low_q >= 1 and high_q <= 100 and float(low_q).is_integer()):
             raise DegradationError(f"photo range jpeg_quality must be integers in 1..100: {low_q}")

@@ -420,8 +420,9 @@ def validate(
     device: torch.device,
     degradation: Degradation | None = None,
 ) -> dict[str, float]:
-    """Mean PSNR/SSIM (Y channel) on ``folder``: rdn-eval's protocol (and its seed 0 for a
-    degradation), so the numbers compare with ``rdn-eval --degradation``."""
+    """Mean PSNR/SSIM (Y channel) on ``folder``: rdn-eval's protocol and its seed 0 for a
+    degradation, so the numbers compare with ``rdn-eval --degradation`` (which draws ``photo``
+    from the default ranges; a run with its own ``[photo_ranges]`` validates on those)."""
     # Imported here: onnxruntime and scipy cost ~0.7 s of start-up, wasted without --val.
     from rdn.evaluate import EvalError, evaluate_model
 

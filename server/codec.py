@@ -442,19 +442,6 @@ def _check_decoded_size(pixels: np.ndarray, header: _Header) -> None:
         )
 
 
-# Formats whose verification reads header fields only (no integrity decode, no strip tables):
-# microseconds, cheaper than handing the check to a worker thread.
-QUICK_VERIFY_FORMATS = ("png", "bmp", "webp")
-
-
-def quick_to_verify(data: bytes) -> bool:
-    """Whether ``verify_image(data, ...)`` is a header read only (or fails at once)."""
-    try:
-        return sniff_format(data) in QUICK_VERIFY_FORMATS
-    except ImageError:
-        return True  # refused by its first bytes
-
-
 def verify_image(data: bytes, max_pixels: int, max_bytes: int) -> tuple[int, int]:
     """(width, height) as the file header declares them, after the checks that need no pixels
     kept: the limits, and the strict integrity decodes of JPEG and compressed TIFF (their

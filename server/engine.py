@@ -154,6 +154,22 @@ def _check_io(session: ort.InferenceSession, path: Path) -> tuple[str, str]:
     return inputs[0].name, outputs[0].name
 
 
+def _device_of(provider: str) -> str:
+    return "cuda" if provider == CUDA else "cpu"
+
+
+def _open_session(
+    path: Path, options: ort.SessionOptions, providers: list[str | tuple[str, dict[str, str]]]
+) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as e:  # onnxruntime raises Fail / InvalidProtobuf / InvalidGraph ...
+        raise ModelLoadError(
+            f"model file {path}: onnxruntime cannot load it, not an ONNX model or truncated? "
+            f"({type(e).__name__}: {_first_line(e)})"
+        ) from e
+
+
 class Engine:
     """An onnxruntime session of an RDN model: float32 [N,3,h,w] in, [N,3,s*h,s*w] out."""
 
@@ -164,18 +180,19 @@ class Engine:
         _check_file(path)
         providers = select_providers(config.providers, ort.get_available_providers(), config)
         first = providers[0] if isinstance(providers[0], str) else providers[0][0]
-        options = session_options(config, "cuda" if first == CUDA else "cpu")
+        device = _device_of(first)
+        options = session_options(config, device)
+        self._session = _open_session(path, options, providers)
+        active = self._session.get_providers()[0]
+        if _device_of(active) != device and "auto" in (config.spinning, config.cpu_arena):
+            # onnxruntime-gpu lists CUDA without a usable GPU and falls back to the CPU: the
+            # "auto" switches must be those of the device that actually runs.
+            device = _device_of(active)
+            options = session_options(config, device)
+            kept = [p for p in providers if (p if isinstance(p, str) else p[0]) == active]
+            self._session = _open_session(path, options, kept)
         self.spinning = options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
         self.cpu_arena: bool = options.enable_cpu_mem_arena
-        try:
-            self._session = ort.InferenceSession(
-                str(path), sess_options=options, providers=providers
-            )
-        except Exception as e:  # onnxruntime raises Fail / InvalidProtobuf / InvalidGraph ...
-            raise ModelLoadError(
-                f"model file {path}: onnxruntime cannot load it, not an ONNX model or truncated? "
-                f"({type(e).__name__}: {_first_line(e)})"
-            ) from e
         self.providers: tuple[str, ...] = tuple(self._session.get_providers())
         self.active_provider: str = self.providers[0]
         fell_back = CUDA in config.providers and self.active_provider != CUDA

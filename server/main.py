@@ -147,6 +147,16 @@ def warmup_shapes(planner: Planner, max_batch: int) -> list[tuple[tuple[int, int
     return pairs
 
 
+def plan_summary(planner: Planner) -> str:
+    """How tiles are cut, for the start-up log line."""
+    if planner.mode == "fit":
+        side = int(planner.max_tile_pixels**0.5)
+        return f"fitted (at most {planner.max_tile_pixels} pixels, {side}x{side})"
+    if planner.mode == "buckets":
+        return f"bucket ({'/'.join(map(str, planner.windows))} per axis)"
+    return f"{planner.tile}x{planner.tile} grid"
+
+
 def _bucket_list(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
@@ -254,7 +264,9 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
         server, port, health, engine, batcher, config, codec_pool, uploads, metrics, endpoint
     )
     try:
-        for window, size in warmup_shapes(planner, config.batcher.max_batch):
+        shapes = warmup_shapes(planner, config.batcher.max_batch)
+        log.debug("warming up: %d engine calls (tile shape x batch size)", len(shapes))
+        for window, size in shapes:
             # one shape per thread call: a stop waits for one batch at most
             await asyncio.to_thread(engine.warmup, window, [size])
     except asyncio.CancelledError:  # stopped during warm-up (SIGTERM): nothing may stay bound
@@ -270,7 +282,7 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
         running.address,
         engine.active_provider,
         engine.scale,
-        "fitted" if planner.mode == "fit" else f"{config.tiling.tile}x{config.tiling.tile} grid",
+        plan_summary(planner),
         config.tiling.pad,
         config.batcher.max_batch,
         ", self-ensemble" if config.self_ensemble else "",

@@ -40,7 +40,6 @@ from server.codec import (
     decode_raw,
     encode_image,
     finish_output,
-    quick_to_verify,
     to_planar,
     verify_image,
 )
@@ -527,10 +526,7 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         scale, limits = self._engine.scale, self._config.limits
         if source.raw_shape is None:
             args = (source.data, limits.max_pixels, limits.max_request_bytes)
-            if quick_to_verify(source.data):  # a header read: no thread hop
-                width, height = verify_image(*args)
-            else:
-                width, height = await in_pool(self._pool, verify_image, *args)
+            width, height = await in_pool(self._pool, verify_image, *args)
             decode = functools.partial(decode_image, *args, verified=True)
         else:
             height, width, channels = source.raw_shape
@@ -746,6 +742,7 @@ def model_info(
         max_buffered_bytes=config.uploads.max_buffered_bytes,
         ort_spinning=engine.spinning,
         ort_cpu_arena=engine.cpu_arena,
+        tile_windows=list(planner.windows) if planner.mode == "buckets" else [],
     )
     try:
         info.training_step = int(meta.get(KEY_STEP, "0"))

@@ -6,16 +6,19 @@ plan have one input shape, so tiles of one request (and of requests with the sam
 a batch. After inference each tile is cropped to its core and the cores are laid side by side:
 no blending, and every output pixel comes from exactly one tile.
 
-Two kinds of plan:
+Three kinds of plan (``server/planner.py`` chooses per provider):
 
 - ``plan_fit`` (CPU): the fewest near-equal tiles under a pixel cap, each window inside the
   image. Context is added only at internal seams; at the image's own borders the model sees the
   image edge exactly as whole-image inference does. An image under the cap is one tile: the
   whole image, nothing added, so the service computes what the whole-image loop computes.
-- ``plan_tiles`` (GPU): a grid of fixed ``tile``-sized cores with ``pad`` context on every side,
-  reflected in from inside the image where the window passes its border or its last full
-  tile. One input shape for every image lets any requests share a batch and keeps cuDNN's
-  algorithm choice and CUDA graphs to one shape.
+- ``plan_buckets`` (GPU): window heights and widths from a few fixed sizes, the cheapest per
+  axis, windows inside the image (``sized_axis``), reflected past the end only when an axis is
+  shorter than its window. Few input shapes let requests share batches and keep cuDNN's
+  algorithm choices and the memory arena to those shapes.
+- ``plan_tiles`` (``--tiling grid``): a grid of fixed ``tile``-sized cores with ``pad`` context
+  on every side, reflected in from inside the image where the window passes its border or its
+  last full tile: one input shape for every image.
 
 Tiling is exact for a pixel-wise model. RDN's receptive field is far larger than any practical
 margin, but the influence of distant pixels decays fast: with a pad of 8 the seams are within

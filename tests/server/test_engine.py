@@ -273,3 +273,13 @@ def test_engine_reports_the_switches_it_created_its_session_with(tiny_onnx_x2: P
     assert (engine.spinning, engine.cpu_arena) == (False, False)
     x = np.random.default_rng(0).random((1, 3, 8, 8), dtype=np.float32)
     assert engine.run(x).shape == (1, 3, 16, 16)
+
+
+def test_auto_switches_follow_the_provider_that_runs_not_the_one_asked_first(
+    tiny_onnx_x2: Path,
+) -> None:
+    """onnxruntime-gpu lists CUDA on a machine with no GPU and falls back to the CPU; the
+    "auto" switches must then be the CPU's (spinning on), as ModelInfo reports them."""
+    engine = Engine(tiny_onnx_x2, EngineConfig(providers=(CUDA, CPU), intra_op_threads=1))
+    assert engine.spinning == (engine.active_provider == CPU)
+    assert engine.cpu_arena

@@ -76,6 +76,7 @@ def test_an_image_under_the_cap_is_computed_whole_like_the_whole_image_loop(
     assert (info.max_batch, info.tiling, info.max_tile_pixels) == (1, "fit", CPU_MAX_TILE_PIXELS)
     assert (info.decode_workers, info.max_uploads) == (2, 16)
     assert (info.ort_spinning, info.ort_cpu_arena) == (True, True)  # the CPU choices
+    assert list(info.tile_windows) == []  # no buckets on the CPU
 
 
 def test_an_image_over_the_cap_is_tiled_within_a_level_of_the_whole_image(
@@ -147,7 +148,10 @@ class NearestEngine:
 def test_gpu_buckets_stitch_exactly_and_batch_one_shape_across_requests() -> None:
     planner = make_planner(TilingConfig(), CUDA)
     engine = NearestEngine()
-    images = [np.random.default_rng(k).integers(0, 256, (150, 150, 3), np.uint8) for k in range(3)]
+    images = [  # request k's pixels lie in [80k, 80k + 50): a tile tells whose it is
+        np.random.default_rng(k).integers(80 * k, 80 * k + 50, (150, 150, 3), np.uint8)
+        for k in range(3)
+    ]
 
     async def run_all() -> list[np.ndarray]:
         batcher = TileBatcher(engine, BatcherConfig(max_batch=8, max_delay_ms=20), 80 * 80)

@@ -137,7 +137,7 @@ class ModelArchitecture(_message.Message):
     def __init__(self, g0: _Optional[int] = ..., d: _Optional[int] = ..., c: _Optional[int] = ..., g: _Optional[int] = ..., norm: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "scale", "architecture", "precision", "weights_sha256", "training_step", "execution_provider", "providers", "tile_size", "tile_pad", "max_batch", "max_delay_ms", "max_queue_tiles", "max_pixels", "max_request_bytes", "max_message_bytes", "input_formats", "output_formats", "self_ensemble", "tiling", "max_tile_pixels", "intra_op_threads", "decode_workers", "max_uploads", "max_buffered_bytes", "ort_spinning", "ort_cpu_arena")
+    __slots__ = ("name", "scale", "architecture", "precision", "weights_sha256", "training_step", "execution_provider", "providers", "tile_size", "tile_pad", "max_batch", "max_delay_ms", "max_queue_tiles", "max_pixels", "max_request_bytes", "max_message_bytes", "input_formats", "output_formats", "self_ensemble", "tiling", "max_tile_pixels", "intra_op_threads", "decode_workers", "max_uploads", "max_buffered_bytes", "ort_spinning", "ort_cpu_arena", "tile_windows")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +165,7 @@ class ModelInfo(_message.Message):
     MAX_BUFFERED_BYTES_FIELD_NUMBER: _ClassVar[int]
     ORT_SPINNING_FIELD_NUMBER: _ClassVar[int]
     ORT_CPU_ARENA_FIELD_NUMBER: _ClassVar[int]
+    TILE_WINDOWS_FIELD_NUMBER: _ClassVar[int]
     name: str
     scale: int
     architecture: ModelArchitecture
@@ -192,4 +193,5 @@ class ModelInfo(_message.Message):
     max_buffered_bytes: int
     ort_spinning: bool
     ort_cpu_arena: bool
-    def __init__(self, name: _Optional[str] = ..., scale: _Optional[int] = ..., architecture: _Optional[_Union[ModelArchitecture, _Mapping]] = ..., precision: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., training_step: _Optional[int] = ..., execution_provider: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., tile_size: _Optional[int] = ..., tile_pad: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_queue_tiles: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., input_formats: _Optional[_Iterable[str]] = ..., output_formats: _Optional[_Iterable[_Union[OutputFormat, str]]] = ..., self_ensemble: _Optional[bool] = ..., tiling: _Optional[str] = ..., max_tile_pixels: _Optional[int] = ..., intra_op_threads: _Optional[int] = ..., decode_workers: _Optional[int] = ..., max_uploads: _Optional[int] = ..., max_buffered_bytes: _Optional[int] = ..., ort_spinning: _Optional[bool] = ..., ort_cpu_arena: _Optional[bool] = ...) -> None: ...
+    tile_windows: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., scale: _Optional[int] = ..., architecture: _Optional[_Union[ModelArchitecture, _Mapping]] = ..., precision: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., training_step: _Optional[int] = ..., execution_provider: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., tile_size: _Optional[int] = ..., tile_pad: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_queue_tiles: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., input_formats: _Optional[_Iterable[str]] = ..., output_formats: _Optional[_Iterable[_Union[OutputFormat, str]]] = ..., self_ensemble: _Optional[bool] = ..., tiling: _Optional[str] = ..., max_tile_pixels: _Optional[int] = ..., intra_op_threads: _Optional[int] = ..., decode_workers: _Optional[int] = ..., max_uploads: _Optional[int] = ..., max_buffered_bytes: _Optional[int] = ..., ort_spinning: _Optional[bool] = ..., ort_cpu_arena: _Optional[bool] = ..., tile_windows: _Optional[_Iterable[int]] = ...) -> None: ...
