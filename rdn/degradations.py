@@ -59,10 +59,9 @@ class PhotoRanges:
     jpeg_quality: tuple[int, int] = (30, 95)
 
     def __post_init__(self) -> None:
-        for name in ("blur_prob", "anisotropic_prob", "noise_prob", "poisson_prob"):
-            _need_prob(name, getattr(self, name))
-        for name in ("gray_noise_prob", "jpeg_prob"):
-            _need_prob(name, getattr(self, name))
+        for name in self.__dataclass_fields__:
+            if name.endswith("_prob"):
+                _need_prob(name, getattr(self, name))
         for name in ("blur_sigma", "gaussian_sigma", "poisson_scale", "jpeg_quality"):
             low, high = _pair(name, getattr(self, name))
             if not 0 <= low <= high:

@@ -79,7 +79,7 @@ class Planner:
         return plan_fit(height, width, self.pad, self.max_tile_pixels)
 
     def units_per_tile(self, plan: TilePlan) -> int:
-        return -(-plan.tile_pixels // self.unit_pixels)
+        return self.units_per_tile_of(plan.input_shape)
 
     def units_per_tile_of(self, shape: tuple[int, int]) -> int:
         """Queue units of one tile of ``shape`` (height, width)."""

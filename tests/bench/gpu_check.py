@@ -39,15 +39,10 @@ from server.engine import CPU, CUDA, Engine
 from server.models import default_model_path
 from tests.bench import batching_gain, service_vs_whole_image
 from tests.bench.common import SET5, emit, setup_logging
+from tests.bench.tiling_accuracy import psnr_u8
 
 REPEATS = 20
 SHAPES = ((8, 80, 80), (1, 272, 272))  # (batch, height, width)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR of ``a`` against ``b`` (both 0-255 floats); inf when equal."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def cuda_engine(model: Path, io_binding: bool = True) -> Engine:
@@ -108,7 +103,7 @@ def check_fp16(model: Path, repeats: int) -> dict[str, object]:
         a = np.clip(fp32.run(None, {name: x})[0], 0, 1) * 255
         b = np.clip(fp16.run(None, {name: x})[0], 0, 1) * 255
         worst = max(worst, float(np.abs(a - b).max()))
-        psnrs.append(psnr(b, a))
+        psnrs.append(psnr_u8(b, a))  # capped at 100 dB: strict JSON has no inf
         ms32.append(timed_ms(lambda x=x: fp32.run(None, {name: x}), repeats))
         ms16.append(timed_ms(lambda x=x: fp16.run(None, {name: x}), repeats))
     return {

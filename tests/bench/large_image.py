@@ -22,7 +22,6 @@ import argparse
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -92,9 +91,8 @@ class EngineRate:
         return self.image_gflop / self.gflop_s
 
 
-def engine_rate(model: Path, args: argparse.Namespace, plan: TilePlan) -> EngineRate:
-    """Time the engine the server will use on one tile of ``plan``, count FLOPs."""
-    engine = Engine(model, EngineConfig(intra_op_threads=args.threads))
+def engine_rate(engine: Engine, plan: TilePlan) -> EngineRate:
+    """Time ``engine`` (set up as the server's) on one tile of ``plan``, count FLOPs."""
     h, w = plan.input_shape
     tile = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
     engine.run(tile)  # warm
@@ -103,7 +101,7 @@ def engine_rate(model: Path, args: argparse.Namespace, plan: TilePlan) -> Engine
         start = time.perf_counter()
         engine.run(tile)
         best = min(best, time.perf_counter() - start)
-    proto = onnx.load(str(model))
+    proto = onnx.load(str(engine.model_path))
     tile_flops = conv_flops(proto, [1, 3, h, w])
     image_flops = tile_flops / (h * w) * plan.height * plan.width  # convs are per pixel
     return EngineRate(
@@ -117,17 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     rgb = smooth_image(args.size)
     png = encode_png(rgb)
     with bench_model(args.model) as model:
-        provider = Engine(model, EngineConfig(intra_op_threads=1)).active_provider
-    planner = make_planner(TilingConfig(tile=args.tile, pad=args.pad), provider)
-    plan = planner.plan(args.size, args.size)
-    units = planner.units(plan)
-    extra = [
-        "--max-queue-tiles", str(max(BatcherConfig.max_queue_tiles, units)),
-        "--max-request-bytes", str(max(LimitsConfig.max_request_bytes, len(png))),
-        "--max-pixels", str(max(LimitsConfig.max_pixels, args.size**2)),
-    ]  # fmt: skip
-    with bench_model(args.model) as model:
-        rate = engine_rate(model, args, plan)
+        engine = Engine(model, EngineConfig(intra_op_threads=args.threads))
+        planner = make_planner(TilingConfig(tile=args.tile, pad=args.pad), engine.active_provider)
+        plan = planner.plan(args.size, args.size)
+        rate = engine_rate(engine, plan)
+        del engine  # the server is its own process; this session's memory is not measured
+        extra = [
+            "--max-queue-tiles", str(max(BatcherConfig.max_queue_tiles, planner.units(plan))),
+            "--max-request-bytes", str(max(LimitsConfig.max_request_bytes, len(png))),
+            "--max-pixels", str(max(LimitsConfig.max_pixels, args.size**2)),
+        ]  # fmt: skip
         eta = rate.tile_seconds * plan.count
         log.info(
             "%s: %dx%d LR (%.1f Mpix, %d tiles of %s, %.1f MB PNG); engine %.1f GFLOP/s, "
