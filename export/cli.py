@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from export.metadata import valid_model_name
 from export.to_onnx import (
     DEFAULT_OPSET,
     MAX_OPSET,
@@ -59,6 +60,15 @@ def _positive(text: str) -> int:
     return value
 
 
+def _model_name(text: str) -> str:
+    if not valid_model_name(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use letters, digits, '_', '.', '-' (at most 64, starting with a letter "
+            "or digit)"
+        )
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = TritonModelConfig()
     p = _Parser(prog=PROG, description="Export an RDN checkpoint to a verified ONNX file.")
@@ -85,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify-image",
         type=Path,
         help="RGB image for the real-image check (default: scikit-image's astronaut)",
+    )
+    p.add_argument(
+        "--name",
+        type=_model_name,
+        help="the name rdn-serve serves it under (default rdn_x{scale}, with the training "
+        "degradation appended when not bicubic: rdn_x2_photo)",
     )
     p.add_argument("--triton-repo", type=Path, help="also write a Triton model repository here")
     p.add_argument(
@@ -113,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             parser.error(str(e))
     options = ExportOptions(
-        opset=args.opset, fp16=args.fp16, verify=args.verify, verify_image=args.verify_image
+        opset=args.opset,
+        fp16=args.fp16,
+        verify=args.verify,
+        verify_image=args.verify_image,
+        name=args.name or "",
     )
     try:
         if triton is not None:  # fail before the export, not after

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ KEY_PRECISION = "rdn.precision"
 KEY_INPUT = "rdn.input"
 KEY_OUTPUT = "rdn.output"
 KEY_TRAINING = "rdn.training"
+KEY_NAME = "rdn.name"  # optional: the name a server serves the model under
 
 REQUIRED_KEYS = (
     KEY_METADATA_VERSION,
@@ -73,6 +75,7 @@ class ModelMetadata:
     input_name: str = "lr"
     output_name: str = "sr"
     training: Mapping[str, Any] = field(default_factory=dict)
+    name: str = ""  # "" = unnamed: a server names it after its file
 
     def to_props(self) -> dict[str, str]:
         """The ``metadata_props`` entries, all strings."""
@@ -91,6 +94,8 @@ class ModelMetadata:
         }
         if self.training:
             props[KEY_TRAINING] = _dumps(dict(self.training))
+        if self.name:
+            props[KEY_NAME] = self.name
         return props
 
     @classmethod
@@ -126,6 +131,7 @@ class ModelMetadata:
                 input_name=props[KEY_INPUT],
                 output_name=props[KEY_OUTPUT],
                 training=json.loads(props.get(KEY_TRAINING, "{}")),
+                name=props.get(KEY_NAME, ""),
             )
         except ValueError as e:  # bad int/float, bad JSON, wrong number of range values
             raise MetadataError(f"{source}: malformed rdn.* metadata ({e}); re-export it") from e
@@ -133,11 +139,31 @@ class ModelMetadata:
             raise MetadataError(
                 f"{source}: {KEY_CONFIG} does not match {KEY_SCALE}={meta.scale}; re-export it"
             )
+        if meta.name and not valid_model_name(meta.name):
+            raise MetadataError(f"{source}: {KEY_NAME}={meta.name!r} is not a valid model name")
         if meta.precision not in PRECISIONS:
             raise MetadataError(
                 f"{source}: {KEY_PRECISION}={meta.precision!r} is not one of {PRECISIONS}"
             )
         return meta
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def valid_model_name(name: str) -> bool:
+    """Letters, digits, ``_ . -``, at most 64 characters, not starting with a sign: a name
+    that is safe in a URL path, a Triton repository and a log line."""
+    return NAME_PATTERN.fullmatch(name) is not None
+
+
+def default_model_name(scale: int, degradation: str = "bicubic") -> str:
+    """``rdn_x{scale}`` for a model trained on clean (bicubic) inputs, else with the
+    degradation's name appended: ``rdn_x2_photo``, ``rdn_x4_jpeg50``."""
+    if degradation in ("", "bicubic"):
+        return f"rdn_x{scale}"
+    suffix = re.sub(r"[^A-Za-z0-9]+", "", degradation.split("-")[0])
+    return f"rdn_x{scale}_{suffix}" if suffix else f"rdn_x{scale}"
 
 
 def read_metadata(path: Path) -> dict[str, str]:

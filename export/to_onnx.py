@@ -34,7 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from export.metadata import ModelMetadata, training_metadata
+from export.metadata import ModelMetadata, default_model_name, training_metadata
 from export.subpixel import fold_rgb_before_shuffle
 from rdn.checkpoint import CheckpointError, atomic_write, load_model
 from rdn.model import RDN
@@ -72,6 +72,7 @@ class ExportOptions:
     verify: bool = True  # onnxruntime vs torch, and folded vs unfolded torch
     verify_image: Path | None = None  # RGB image for the real-image check; None: astronaut
     tolerance: float | None = None  # max |diff| allowed; None: FP32_/FP16_TOLERANCE
+    name: str = ""  # the name servers use (rdn.name); "" = rdn_x{scale}[_{degradation}]
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,8 @@ def export_onnx(
     fold_diff = _check_fold(folded, inputs, expected, min(tolerance, FP32_TOLERANCE), output)
     verify_seconds = time.perf_counter() - verify_start
 
+    training = training_metadata(data)
+    degradation = str(training.get("train_config", {}).get("degradation", "bicubic"))
     metadata = ModelMetadata(
         scale=config.scale,
         config=config.to_dict(),
@@ -237,7 +240,8 @@ def export_onnx(
         precision=precision,
         input_name=INPUT_NAME,
         output_name=OUTPUT_NAME,
-        training=training_metadata(data),
+        training=training,
+        name=options.name or default_model_name(config.scale, degradation),
     )
     export_start = time.perf_counter()
     proto = build_onnx(folded, metadata, options.opset)

@@ -20,8 +20,8 @@ from typing import Any
 
 import grpc
 
+from server.calls import AccessObserver, AccessRecord
 from server.security import AUTH_METADATA_KEY
-from server.service import AccessObserver, AccessRecord
 
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 SCHEME = "bearer"  # RFC 6750; the scheme name is case-insensitive

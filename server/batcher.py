@@ -1,4 +1,9 @@
-"""Cross-request tile batching in front of one engine.
+"""Cross-request tile batching in front of the engines of every served model.
+
+One batcher, one engine thread and one queue limit serve all models: a request's tiles carry
+the engine of the model it asked for (``lane(engine).submit``), a batch holds tiles of one
+engine and one shape, and the round-robin below is over requests whatever their model, so N
+models never run N engine calls at once (no CPU oversubscription) and none starves another.
 
 Tiles of one shape from different requests can share an engine call (on a GPU every request
 is cut into one fixed shape; on a CPU each request's tiles share a shape fitted to its image,
@@ -111,10 +116,11 @@ class _Request:
     outputs: np.ndarray | None = None  # allocated when the first result arrives
     first_dispatch: float | None = None
     batches: dict[int, float] = field(default_factory=dict)  # engine call -> seconds
-    tile_shape: tuple[int, ...] = field(init=False)
+    engine: TileEngine | None = None  # None: the batcher's own engine
+    key: tuple[int, tuple[int, ...]] = field(init=False)  # tiles of one key share a batch
 
     def __post_init__(self) -> None:
-        self.tile_shape = tuple(self.tiles.shape[1:])
+        self.key = (id(self.engine), tuple(self.tiles.shape[1:]))
 
     @property
     def count(self) -> int:
@@ -128,7 +134,11 @@ class _Request:
 class TileBatcher:
     """Batches tiles from concurrent requests into engine calls of at most ``max_batch``."""
 
-    def __init__(self, engine: TileEngine, config: BatcherConfig, unit_pixels: int = 0) -> None:
+    def __init__(
+        self, engine: TileEngine | None, config: BatcherConfig, unit_pixels: int = 0
+    ) -> None:
+        """``engine`` runs tiles submitted without one (None: every submission names its
+        engine, through ``lane``)."""
         if config.max_batch < 1 or config.max_queue_tiles < 1 or config.max_delay_ms < 0:
             raise ValueError(
                 "BatcherConfig needs max_batch >= 1, max_queue_tiles >= 1, max_delay_ms >= 0; "
@@ -265,10 +275,20 @@ class TileBatcher:
         self._held += tiles
         return Reservation(self, tiles)
 
+    def lane(self, engine: TileEngine) -> Lane:
+        """A ``submit`` that runs tiles through ``engine`` (one model of many) on this
+        batcher's thread, under its queue limit."""
+        return Lane(self, engine)
+
     async def submit(
-        self, tiles: np.ndarray, request_id: str = "", reservation: Reservation | None = None
+        self,
+        tiles: np.ndarray,
+        request_id: str = "",
+        reservation: Reservation | None = None,
+        engine: TileEngine | None = None,
     ) -> TileResult:
-        """Run ``tiles`` ([n, 3, in, in]) through the engine; outputs come back in order.
+        """Run ``tiles`` ([n, 3, in, in]) through ``engine`` (default: the batcher's);
+        outputs come back in order.
 
         Raises ``QueueFull`` at once when the queue cannot take them (never for tiles covered
         by ``reservation``), ``BatcherStopped`` when the batcher is not running,
@@ -279,13 +299,17 @@ class TileBatcher:
         if not isinstance(tiles, np.ndarray) or tiles.ndim != 4 or len(tiles) == 0:
             shape = getattr(tiles, "shape", type(tiles).__name__)
             raise ValueError(f"submit needs a non-empty [n, 3, h, w] tile array, got {shape}")
+        if engine is None and self._engine is None:
+            raise ValueError("this batcher has no engine of its own; submit through lane(engine)")
         unit = self.units(tiles.shape)
         if reservation is None:
             self._check_room(unit * len(tiles))
         else:
             reservation.take(unit * len(tiles))
         loop = asyncio.get_running_loop()
-        request = _Request(request_id, tiles, loop.create_future(), time.perf_counter(), unit)
+        request = _Request(
+            request_id, tiles, loop.create_future(), time.perf_counter(), unit, engine=engine
+        )
         self._pending.append(request)
         self._queued += unit * request.count
         self._arrivals += 1
@@ -349,16 +373,16 @@ class TileBatcher:
         queue units of tiles (so a batch of large fitted tiles holds no more pixels than
         ``max_batch`` grid tiles), and at least one tile.
 
-        Only tiles of the first pending request's shape go into the batch; requests with
-        another shape keep their place at the front for the next batch.
+        Only tiles of the first pending request's engine and shape go into the batch; requests
+        with another keep their place at the front for the next batch.
         """
-        shape = self._pending[0].tile_shape
+        key = self._pending[0].key
         limit = max(1, self._config.max_batch // self._pending[0].unit)
         other_shape: list[_Request] = []
         batch: list[tuple[_Request, int]] = []
         while self._pending and len(batch) < limit:
             request = self._pending.popleft()
-            if request.tile_shape != shape:
+            if request.key != key:
                 other_shape.append(request)
                 continue
             batch.append((request, request.next_tile))
@@ -377,10 +401,10 @@ class TileBatcher:
         tiles = np.stack([request.tiles[i] for request, i in batch])
         loop = asyncio.get_running_loop()
         self._in_flight = [request for request, _ in batch]
+        engine = batch[0][0].engine or self._engine
+        assert engine is not None  # submit refuses tiles without an engine
         try:
-            outputs, seconds = await loop.run_in_executor(
-                self._executor, _timed_run, self._engine, tiles
-            )
+            outputs, seconds = await loop.run_in_executor(self._executor, _timed_run, engine, tiles)
         except Exception as e:
             self._fail_batch(batch, e)
             return
@@ -453,6 +477,22 @@ class TileBatcher:
                 request.future.set_exception(
                     BatcherStopped(f"tile batcher stopped before this request ran ({cause!r})")
                 )
+
+
+class Lane:
+    """``TileBatcher.submit`` bound to one engine: the ``TileSource`` of one model."""
+
+    def __init__(self, batcher: TileBatcher, engine: TileEngine) -> None:
+        self._batcher = batcher
+        self._engine = engine
+
+    def reserve(self, tiles: int) -> Reservation:
+        return self._batcher.reserve(tiles)
+
+    async def submit(
+        self, tiles: np.ndarray, request_id: str = "", reservation: Reservation | None = None
+    ) -> TileResult:
+        return await self._batcher.submit(tiles, request_id, reservation, engine=self._engine)
 
 
 def _timed_run(engine: TileEngine, tiles: np.ndarray) -> tuple[np.ndarray, float]:

@@ -18,7 +18,7 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,9 @@ from server.security import (
     add_client_security_flags,
     client_security_from_args,
 )
-from server.wire import HTTP2_MAX_FRAME_BYTES, RETRY_AFTER_KEY, UPLOAD_ACCEPTED_KEY
+from server.sizing import SizeOptions
+from server.wire import DEFAULT_QUALITY, HTTP2_MAX_FRAME_BYTES, RETRY_AFTER_KEY, UPLOAD_ACCEPTED_KEY
+from server.wire import FORMATS as FORMAT_NAMES
 
 log = logging.getLogger("rdn.client")
 
@@ -54,13 +56,6 @@ FORMATS: dict[str, int] = {
     "jpg": upscale_pb2.OUTPUT_FORMAT_JPEG,
     "webp": upscale_pb2.OUTPUT_FORMAT_WEBP,
     "raw": upscale_pb2.OUTPUT_FORMAT_RAW,
-}
-FORMAT_NAMES: dict[int, str] = {
-    upscale_pb2.OUTPUT_FORMAT_UNSPECIFIED: "png",
-    upscale_pb2.OUTPUT_FORMAT_PNG: "png",
-    upscale_pb2.OUTPUT_FORMAT_JPEG: "jpeg",
-    upscale_pb2.OUTPUT_FORMAT_WEBP: "webp",
-    upscale_pb2.OUTPUT_FORMAT_RAW: "raw",
 }
 EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "raw": ".raw"}
 CLI_FORMATS = ("png", "jpeg", "webp")
@@ -96,6 +91,8 @@ class UpscaleResult:
     compute_seconds: float
     total_seconds: float
     streamed: bool  # travelled through UpscaleStream
+    model: str = ""  # the model that ran
+    resized: bool = False  # the model's output was resized to the requested size
 
     def to_array(self) -> np.ndarray:
         """The image as uint8 H x W x C (RGB order; C = 1, 3 or 4)."""
@@ -207,12 +204,32 @@ def format_number(output_format: str) -> int:
         ) from None
 
 
+def option_fields(options: SizeOptions | None) -> dict[str, Any]:
+    """The model and sizing fields of a request or stream header (both have them)."""
+    if options is None:
+        return {}
+    return {
+        "model": options.model,
+        "scale": options.scale,
+        "target_width": options.target_width,
+        "target_height": options.target_height,
+        "outscale": options.outscale,
+    }
+
+
 def unary_request(
-    payload: Payload, output_format: str, quality: int, request_id: str
+    payload: Payload,
+    output_format: str,
+    quality: int,
+    request_id: str,
+    options: SizeOptions | None = None,
 ) -> upscale_pb2.UpscaleRequest:
     """The Upscale request for a payload."""
     request = upscale_pb2.UpscaleRequest(
-        output_format=format_number(output_format), quality=quality, request_id=request_id
+        output_format=format_number(output_format),
+        quality=quality,
+        request_id=request_id,
+        **option_fields(options),
     )
     if payload.raw_shape is None:
         request.encoded = payload.data
@@ -224,7 +241,12 @@ def unary_request(
 
 
 def stream_messages(
-    payload: Payload, output_format: str, quality: int, request_id: str, chunk_bytes: int
+    payload: Payload,
+    output_format: str,
+    quality: int,
+    request_id: str,
+    chunk_bytes: int,
+    options: SizeOptions | None = None,
 ) -> Iterator[upscale_pb2.UpscaleChunk]:
     """Header, then data chunks of at most ``chunk_bytes`` in offset order."""
     header = upscale_pb2.UpscaleStreamHeader(
@@ -232,6 +254,7 @@ def stream_messages(
         output_format=format_number(output_format),
         quality=quality,
         request_id=request_id,
+        **option_fields(options),
     )
     if payload.raw_shape is not None:
         h, w, c = payload.raw_shape
@@ -258,6 +281,8 @@ def result_from_response(response: upscale_pb2.UpscaleResponse, streamed: bool) 
         compute_seconds=response.timings.compute_seconds,
         total_seconds=response.timings.total_seconds,
         streamed=streamed,
+        model=response.model,
+        resized=response.resized,
     )
 
 
@@ -395,10 +420,17 @@ class _Common:
         self.scale = MAX_SCALE  # refined from the first response
         self._rng = random.Random()
 
-    def use_stream(self, payload: Payload, stream: bool | None) -> bool:
+    def use_stream(
+        self, payload: Payload, stream: bool | None, options: SizeOptions | None = None
+    ) -> bool:
         if stream is not None:
             return stream
-        response_bytes = estimated_response_bytes(payload, self.scale)
+        scale = self.scale
+        if options is not None and (options.model or options.sized):
+            scale = MAX_SCALE  # another model or size than the last answer's
+        elif options is not None and options.scale:
+            scale = options.scale
+        response_bytes = estimated_response_bytes(payload, scale)
         return max(len(payload.data), response_bytes) > self.stream_threshold_bytes
 
     def attempt_timeout(self, deadline: float | None, error: UpscaleError | None) -> float | None:
@@ -421,9 +453,9 @@ class _Common:
         log.debug("retrying after %s (attempt %d, waiting %.3f s)", error.code.name, attempt, delay)
         return delay
 
-    def learn(self, result: UpscaleResult) -> UpscaleResult:
-        if result.scale:
-            self.scale = result.scale
+    def learn(self, result: UpscaleResult, options: SizeOptions | None) -> UpscaleResult:
+        if result.scale and (options is None or options == SizeOptions()):
+            self.scale = result.scale  # what a request without options gets
         return result
 
 
@@ -464,24 +496,29 @@ class UpscaleClient:
         request_id: str = "",
         timeout: float | None = None,
         stream: bool | None = None,
+        options: SizeOptions | None = None,
     ) -> UpscaleResult:
-        """Upscale file bytes or a uint8 array; ``timeout`` bounds all attempts together."""
+        """Upscale file bytes or a uint8 array; ``timeout`` bounds all attempts together;
+        ``options`` names a model or scale and the output size (the server's default model
+        and factor when None)."""
         payload = make_payload(data)
-        use_stream = self._common.use_stream(payload, stream)
+        use_stream = self._common.use_stream(payload, stream, options)
         deadline = None if timeout is None else time.monotonic() + timeout
         error: UpscaleError | None = None
         for attempt in range(self._common.retry.max_attempts):
             remaining = self._common.attempt_timeout(deadline, error)
             try:
                 if use_stream:
-                    result = self._stream(payload, output_format, quality, request_id, remaining)
+                    result = self._stream(
+                        payload, output_format, quality, request_id, remaining, options
+                    )
                 else:
-                    request = unary_request(payload, output_format, quality, request_id)
+                    request = unary_request(payload, output_format, quality, request_id, options)
                     response = self._stub.Upscale(
                         request, timeout=remaining, metadata=self._metadata
                     )
                     result = checked_unary(response, payload)
-                return self._common.learn(result)
+                return self._common.learn(result, options)
             except AnswerError as e:
                 raise _answer_failure(e) from None
             except grpc.RpcError as e:
@@ -490,9 +527,17 @@ class UpscaleClient:
         raise AssertionError("unreachable: the last attempt raises")
 
     def _stream(
-        self, payload: Payload, fmt: str, quality: int, request_id: str, timeout: float | None
+        self,
+        payload: Payload,
+        fmt: str,
+        quality: int,
+        request_id: str,
+        timeout: float | None,
+        options: SizeOptions | None,
     ) -> UpscaleResult:
-        messages = stream_messages(payload, fmt, quality, request_id, self._common.chunk_bytes)
+        messages = stream_messages(
+            payload, fmt, quality, request_id, self._common.chunk_bytes, options
+        )
         assembler = StreamAssembler(max_answer_bytes(payload))
         call = self._stub.UpscaleStream(messages, timeout=timeout, metadata=self._metadata)
         try:
@@ -503,14 +548,26 @@ class UpscaleClient:
             raise
         return assembler.result()
 
-    def info(self, timeout: float | None = None) -> upscale_pb2.ModelInfo:
-        """What the server serves (GetModelInfo)."""
+    def info(self, timeout: float | None = None, model: str = "") -> upscale_pb2.ModelInfo:
+        """What the server serves (GetModelInfo): ``model``, or its default model."""
         try:
             return self._stub.GetModelInfo(
-                upscale_pb2.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata
+                upscale_pb2.GetModelInfoRequest(model=model),
+                timeout=timeout,
+                metadata=self._metadata,
             )
         except grpc.RpcError as e:
             raise _error_from(e)[0] from None
+
+    def models(self, timeout: float | None = None) -> list[upscale_pb2.ModelInfo]:
+        """Every model the server serves, its default first (ListModels)."""
+        try:
+            reply = self._stub.ListModels(
+                upscale_pb2.ListModelsRequest(), timeout=timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as e:
+            raise _error_from(e)[0] from None
+        return list(reply.models)
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """The health status name of ``service`` ("" = the whole server), e.g. "SERVING"."""
@@ -586,10 +643,13 @@ class AsyncUpscaleClient:
         request_id: str = "",
         timeout: float | None = None,
         stream: bool | None = None,
+        options: SizeOptions | None = None,
     ) -> UpscaleResult:
-        """Upscale file bytes or a uint8 array; ``timeout`` bounds all attempts together."""
+        """Upscale file bytes or a uint8 array; ``timeout`` bounds all attempts together;
+        ``options`` names a model or scale and the output size (the server's default model
+        and factor when None)."""
         payload = make_payload(data)
-        use_stream = self._common.use_stream(payload, stream)
+        use_stream = self._common.use_stream(payload, stream, options)
         deadline = None if timeout is None else time.monotonic() + timeout
         error: UpscaleError | None = None
         for attempt in range(self._common.retry.max_attempts):
@@ -597,15 +657,15 @@ class AsyncUpscaleClient:
             try:
                 if use_stream:
                     result = await self._stream(
-                        payload, output_format, quality, request_id, remaining
+                        payload, output_format, quality, request_id, remaining, options
                     )
                 else:
-                    request = unary_request(payload, output_format, quality, request_id)
+                    request = unary_request(payload, output_format, quality, request_id, options)
                     response = await self._stub.Upscale(
                         request, timeout=remaining, metadata=self._metadata
                     )
                     result = checked_unary(response, payload)
-                return self._common.learn(result)
+                return self._common.learn(result, options)
             except AnswerError as e:
                 raise _answer_failure(e) from None
             except grpc.RpcError as e:
@@ -614,7 +674,13 @@ class AsyncUpscaleClient:
         raise AssertionError("unreachable: the last attempt raises")
 
     async def _stream(
-        self, payload: Payload, fmt: str, quality: int, request_id: str, timeout: float | None
+        self,
+        payload: Payload,
+        fmt: str,
+        quality: int,
+        request_id: str,
+        timeout: float | None,
+        options: SizeOptions | None,
     ) -> UpscaleResult:
         """The header first; the data once the server acknowledged it in its initial metadata
         (UPLOAD_ACCEPTED_KEY). A refusal at the header then ends the call before any data is
@@ -623,7 +689,9 @@ class AsyncUpscaleClient:
         ended mid-upload (a draining server, an upload timeout) is answered UNAVAILABLE, which
         is retried. A server that does not acknowledge within ACK_WAIT_S gets the data anyway.
         """
-        messages = stream_messages(payload, fmt, quality, request_id, self._common.chunk_bytes)
+        messages = stream_messages(
+            payload, fmt, quality, request_id, self._common.chunk_bytes, options
+        )
         call = self._stub.UpscaleStream(timeout=timeout, metadata=self._metadata)
         assembler = StreamAssembler(max_answer_bytes(payload))
         write_failed = False
@@ -653,11 +721,13 @@ class AsyncUpscaleClient:
             raise
         return assembler.result()
 
-    async def info(self, timeout: float | None = None) -> upscale_pb2.ModelInfo:
-        """What the server serves (GetModelInfo)."""
+    async def info(self, timeout: float | None = None, model: str = "") -> upscale_pb2.ModelInfo:
+        """What the server serves (GetModelInfo): ``model``, or its default model."""
         try:
             return await self._stub.GetModelInfo(
-                upscale_pb2.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata
+                upscale_pb2.GetModelInfoRequest(model=model),
+                timeout=timeout,
+                metadata=self._metadata,
             )
         except grpc.RpcError as e:
             raise _error_from(e)[0] from None
@@ -675,11 +745,44 @@ class AsyncUpscaleClient:
 # ---------------------------------------------------------------------------- command line
 
 
-def output_path(source: Path, output: Path, to_file: bool, scale: int, fmt: str) -> Path:
-    """Where the upscaled ``source`` goes: ``output`` itself, or ``<stem>_x<scale>.<ext>`` in it."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def output_path(relative: Path, output: Path, to_file: bool, fmt: str, tag: str) -> Path:
+    """Where the upscaled input goes: ``output`` itself, or ``<stem>_<tag>.<ext>`` at its
+    ``relative`` place under ``output`` (``tag``: ``x2``, or ``1000x750`` when resized)."""
     if to_file:
         return output
-    return output / f"{source.stem}_x{scale}{EXTENSIONS[fmt]}"
+    return output / relative.parent / f"{relative.stem}_{tag}{EXTENSIONS[fmt]}"
+
+
+def expand_inputs(inputs: Sequence[Path], recursive: bool) -> list[tuple[Path, Path]]:
+    """(file, its path relative to the output folder) for each input file and each image in
+    an input folder (its sub-folders too with ``recursive``), sorted within a folder.
+
+    Raises ``ValueError`` for a folder without images or a missing input, and when two
+    outputs would collide."""
+    found: list[tuple[Path, Path]] = []
+    for item in inputs:
+        if item.is_dir():
+            pattern = "**/*" if recursive else "*"
+            images = sorted(
+                p for p in item.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not images:
+                deep = " (or its sub-folders)" if recursive else "; --recursive looks deeper"
+                raise ValueError(f"{item}: no {'/'.join(IMAGE_SUFFIXES)} images in it{deep}")
+            found += [(p, p.relative_to(item)) for p in images]
+        elif item.exists():
+            found.append((item, Path(item.name)))
+        else:
+            raise ValueError(f"{item}: no such file or folder")
+    keys = [r.with_suffix("") for _, r in found]
+    if len(set(keys)) != len(keys):
+        raise ValueError(
+            "two inputs share a name (apart from the extension); outputs would collide"
+        )
+    return found
 
 
 FORMAT_OF_EXTENSION = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
@@ -707,8 +810,16 @@ def option_warnings(output: Path, to_file: bool, fmt: str, quality: int) -> list
 
 
 def writes_single_file(inputs: Sequence[Path], output: Path) -> bool:
-    """One input and an output that is not a folder and names a file (has a suffix)."""
-    return len(inputs) == 1 and not output.is_dir() and output.suffix != ""
+    """One input file and an output that is not a folder and names a file (has a suffix)."""
+    single = len(inputs) == 1 and not inputs[0].is_dir()
+    return single and not output.is_dir() and output.suffix != ""
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -748,9 +859,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("upscale", parents=[common], help="upscale image files")
-    up.add_argument("inputs", nargs="+", type=Path, metavar="IN", help="image files")
+    up.add_argument("inputs", nargs="+", type=Path, metavar="IN", help="image files or folders")
     up.add_argument(
         "-o", "--output", type=Path, required=True, help="output folder, or file for one input"
+    )
+    up.add_argument("--recursive", action="store_true", help="images in sub-folders of IN too")
+    up.add_argument("--model", default="", help="model name (rdn-client models lists them)")
+    up.add_argument(
+        "--scale", type=int, choices=(2, 3, 4), default=0, help="that scale's default model"
+    )
+    up.add_argument("--width", type=_positive_int, default=0, help="output width in pixels")
+    up.add_argument("--height", type=_positive_int, default=0, help="output height in pixels")
+    up.add_argument(
+        "--outscale", type=_positive_float, default=0.0, help="output size / input size, e.g. 1.5"
+    )
+    up.add_argument(
+        "--local",
+        type=Path,
+        metavar="MODEL.onnx",
+        help="upscale in this process with MODEL.onnx (no server; same tiling and resize)",
     )
     up.add_argument(
         "--format",
@@ -760,7 +887,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--quality", type=_quality, default=0, help="JPEG/WebP 1..100; 0 = default")
     up.add_argument("--concurrency", type=_positive_int, default=4, help="requests in flight (4)")
-    commands.add_parser("info", parents=[common], help="print ModelInfo as JSON")
+    info = commands.add_parser("info", parents=[common], help="print ModelInfo as JSON")
+    info.add_argument("--model", default="", help="a model's name (default: the server's default)")
+    commands.add_parser(
+        "models", parents=[common], help="list the served models, one line each, default first"
+    )
     commands.add_parser("health", parents=[common], help="print SERVING or NOT_SERVING")
     return parser
 
@@ -776,46 +907,112 @@ def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def size_options(args: argparse.Namespace) -> SizeOptions:
+    """The model and sizing options of ``rdn-client upscale``, checked."""
+    options = SizeOptions(
+        model=args.model,
+        scale=args.scale,
+        target_width=args.width,
+        target_height=args.height,
+        outscale=args.outscale,
+    )
+    if options.outscale and (options.target_width or options.target_height):
+        raise ValueError("--outscale cannot be combined with --width / --height; pick one")
+    if args.local is not None and (options.model or options.scale):
+        raise ValueError("--local runs the given file; --model and --scale choose a served model")
+    return options
+
+
+Upscaler = Callable[[bytes, str, int, str, SizeOptions], Awaitable[tuple[bytes, str]]]
+
+
+def _remote(client: AsyncUpscaleClient, deadline: float | None) -> Upscaler:
+    async def run(
+        data: bytes, fmt: str, quality: int, name: str, options: SizeOptions
+    ) -> tuple[bytes, str]:
+        result = await client.upscale(
+            data, fmt, quality, request_id=name, timeout=deadline, options=options
+        )
+        tag = f"{result.width}x{result.height}" if result.resized else f"x{result.scale}"
+        return result.image, tag
+
+    return run
+
+
+def _local(model: Path) -> Upscaler:
+    from server.local import LocalUpscaler  # opens an onnxruntime session: only when asked
+
+    upscaler = LocalUpscaler(model)
+    lock = asyncio.Lock()  # one image at a time: the session already uses every core
+
+    async def run(
+        data: bytes, fmt: str, quality: int, name: str, options: SizeOptions
+    ) -> tuple[bytes, str]:
+        async with lock:
+            result = await asyncio.to_thread(
+                upscaler.upscale_bytes,
+                data,
+                fmt,
+                quality or DEFAULT_QUALITY,
+                width=options.target_width,
+                height=options.target_height,
+                outscale=options.outscale,
+            )
+        tag = f"{result.width}x{result.height}" if result.resized else f"x{upscaler.scale}"
+        return result.image, tag
+
+    return run
+
+
 async def _upscale_files(args: argparse.Namespace, write: Callable[[str], None]) -> int:
     from tqdm import tqdm
 
-    inputs: list[Path] = args.inputs
-    to_file = writes_single_file(inputs, args.output)
+    options = size_options(args)
+    sources = expand_inputs(args.inputs, args.recursive)
+    to_file = writes_single_file(args.inputs, args.output)
     fmt = resolve_format(args.output, to_file, args.format)
     for warning in option_warnings(args.output, to_file, fmt, args.quality):
         log.warning("warning: %s", warning)
-    stems = [p.stem for p in inputs]
     if not to_file:
-        if len(set(stems)) != len(stems):
-            raise ValueError("two inputs share a file name stem; their outputs would collide")
         args.output.mkdir(parents=True, exist_ok=True)
     failures = 0
     limit = asyncio.Semaphore(args.concurrency)
-    progress = tqdm(total=len(inputs), unit="img", disable=len(inputs) < 2, file=sys.stderr)
+    progress = tqdm(total=len(sources), unit="img", disable=len(sources) < 2, file=sys.stderr)
 
-    async def one(client: AsyncUpscaleClient, source: Path) -> None:
+    async def one(run: Upscaler, source: Path, relative: Path) -> None:
         nonlocal failures
         async with limit:
             try:
                 data = await asyncio.to_thread(source.read_bytes)
-                result = await client.upscale(
-                    data, fmt, args.quality, request_id=source.name, timeout=args.deadline
-                )
-                target = output_path(source, args.output, to_file, result.scale, fmt)
-                await asyncio.to_thread(target.write_bytes, result.image)
-                write(f"{source} -> {target} ({result.width}x{result.height})")
-            except (UpscaleError, OSError) as e:
+                image, tag = await run(data, fmt, args.quality, source.name, options)
+                target = output_path(relative, args.output, to_file, fmt, tag)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                await asyncio.to_thread(target.write_bytes, image)
+                write(f"{source} -> {target}")
+            except (UpscaleError, OSError, ValueError) as e:
                 failures += 1
                 log.error("%s: %s", source, e)
             finally:
                 progress.update(1)
 
     try:
-        async with AsyncUpscaleClient(args.target, **_client_kwargs(args)) as client:
-            await asyncio.gather(*(one(client, p) for p in inputs))
+        if args.local is not None:
+            run = await asyncio.to_thread(_local, args.local)
+            await asyncio.gather(*(one(run, s, r) for s, r in sources))
+        else:
+            async with AsyncUpscaleClient(args.target, **_client_kwargs(args)) as client:
+                run = _remote(client, args.deadline)
+                await asyncio.gather(*(one(run, s, r) for s, r in sources))
     finally:
         progress.close()
     return 1 if failures else 0
+
+
+def model_line(info: upscale_pb2.ModelInfo) -> str:
+    """One line of ``rdn-client models``."""
+    roles = [r for r, on in (("server default", info.server_default), ("default of its scale",
+             info.is_default)) if on]  # fmt: skip
+    return f"{info.name}\tx{info.scale}\t{info.file}\t{', '.join(roles) or '-'}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -831,8 +1028,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "upscale":
             return asyncio.run(_upscale_files(args, write))
         with UpscaleClient(args.target, **_client_kwargs(args)) as client:
+            if args.command == "models":
+                for info in client.models(timeout=args.deadline):
+                    write(model_line(info))
+                return 0
             if args.command == "info":
-                info = client.info(timeout=args.deadline)
+                info = client.info(timeout=args.deadline, model=args.model)
                 write(
                     json_format.MessageToJson(
                         info,

@@ -91,7 +91,11 @@ class MetricsConfig:
 class ServerConfig:
     """Everything rdn-serve needs to run."""
 
-    model: Path
+    model: Path | None = None  # the server default model (None: the default of default_scale)
+    models: tuple[Path, ...] = ()  # more model files served beside it
+    model_dir: Path | None = None  # every *.onnx in it is served too
+    defaults: tuple[str, ...] = ()  # model names made the default of their scale
+    default_scale: int = 2  # without ``model``: whose default answers plain requests
     host: str = "0.0.0.0"
     port: int = 50051
     grace_s: float = 10.0

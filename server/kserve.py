@@ -1,11 +1,15 @@
 """The KServe v2 / Open Inference Protocol servicer (``inference.GRPCInferenceService``).
 
-It serves the same model as rdn.v1.Upscaler on the same port, for clients that speak the
-protocol of Triton, KServe and MLServer (``tritonclient[grpc]`` among them): one model
-``rdn_x{scale}``, version "1", input ``lr`` FP32 [N, 3, H, W] in [0, 1] (RGB planes), output
-``sr`` FP32 [N, 3, s*H, s*W], unclipped. Every image of a request is cut into the same
-fixed-shape tiles as an Upscale image and all of them go to the same ``TileBatcher`` in one
-submission, so tiles of both protocols share engine batches.
+It serves the models of the repository that rdn.v1.Upscaler serves, on the same port, for
+clients that speak the protocol of Triton, KServe and MLServer (``tritonclient[grpc]`` among
+them): each model by its name (``rdn_x2``, ``rdn_x4_photo`` ...), version "1", input ``lr``
+FP32 [N, 3, H, W] in [0, 1] (RGB planes), output ``sr`` FP32 [N, 3, s*H, s*W], unclipped. Every
+image of a request is cut into the same tiles as an Upscale image and all of them go to the one
+shared ``TileBatcher``, so tiles of both protocols share engine batches.
+
+Triton's extensions for the model repository are here too: RepositoryIndex, explicit model
+control (RepositoryModelLoad / RepositoryModelUnload: a hot swap, calls in flight finish on the
+version they started with), ModelConfig and ModelStatistics.
 
 Errors go through ``service.grpc_status`` like Upscale's: a malformed request answers
 INVALID_ARGUMENT naming the field and what is accepted, an unknown model or version NOT_FOUND,
@@ -27,35 +31,23 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2
 
-from rdn.ensemble import N_TRANSFORMS
-from server.chunked import chunk_tiles, infer_chunked
+from server.batcher import TileBatcher
+from server.calls import AccessObserver, AccessRecord, check_request_id, in_pool, unary
 from server.config import ServerConfig
-from server.errors import (
-    NotFound,
-    NotServing,
-    RequestError,
-    RequestTooLarge,
-    check_name,
-)
+from server.errors import NotFound, NotServing, RequestError, RequestTooLarge, check_name
 from server.pb.inference import grpc_service_pb2 as pb
 from server.pb.inference import grpc_service_pb2_grpc as pb_grpc
-from server.planner import Planner
-from server.service import (
-    RESPONSE_OVERHEAD_BYTES,
-    AccessObserver,
-    AccessRecord,
-    ModelSource,
-    TileSource,
-    _unary,
-    check_request_id,
-    in_pool,
-)
+from server.pipeline import Pipeline
+from server.repository import READY, LoadFailed, ModelRepository, Snapshot
 from server.uploads import UploadBudget
+from server.wire import RESPONSE_OVERHEAD_BYTES
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 SERVER_NAME = "rdn-sr"  # the distribution; ServerMetadata answers its installed version
 MODEL_VERSION = "1"
 PLATFORM = "onnxruntime_onnx"  # Triton's name for what runs the model
+BACKEND = "onnxruntime"
+EXTENSIONS = ("model_repository", "model_configuration", "statistics")  # Triton's names
 INPUT_NAME = "lr"
 OUTPUT_NAME = "sr"
 DATATYPE = "FP32"
@@ -84,25 +76,17 @@ class HealthSource(Protocol):
 # ------------------------------------------------------------------------- pure helpers
 
 
-def model_name(scale: int) -> str:
-    """The stable name of the served model (also rdn.v1 ModelInfo.name)."""
-    return f"rdn_x{scale}"
-
-
-def check_model(name: str, version: str, served: str) -> None:
-    """Raise ``NotFound`` unless ``name`` / ``version`` ("" = latest) is the served model;
+def check_model(name: str, version: str, snapshot: Snapshot) -> Pipeline:
+    """The served model ``name`` at ``version`` ("" = latest); ``NotFound`` otherwise,
     ``RequestError`` (without echoing them) when either is longer than any name can be."""
-    check_name(name, "model name")
     check_name(version, "model version")
-    if name != served:
-        raise NotFound(
-            f"unknown model {name!r}; this server serves {served!r} (version {MODEL_VERSION})"
-        )
+    pipeline = snapshot.get(name)
     if version not in ("", MODEL_VERSION):
         raise NotFound(
-            f"model {served!r} has no version {version!r}; available: {MODEL_VERSION!r} "
+            f"model {name!r} has no version {version!r}; available: {MODEL_VERSION!r} "
             "(or empty for the latest)"
         )
+    return pipeline
 
 
 def _shape_text(shape: Sequence[int]) -> str:
@@ -164,10 +148,9 @@ def check_outputs(request: pb.ModelInferRequest) -> None:
         _check_parameters(f"output {OUTPUT_NAME!r}", output.parameters)
 
 
-def check_limits(
-    shape: tuple[int, int, int, int], config: ServerConfig, scale: int, planner: Planner
-) -> None:
-    """Refuse (RESOURCE_EXHAUSTED) a request that could never be answered, before any work."""
+def check_limits(shape: tuple[int, int, int, int], config: ServerConfig, pipeline: Pipeline) -> int:
+    """Refuse (RESOURCE_EXHAUSTED) a request that could never be answered, before any work;
+    the queue units its images need."""
     n, _, h, w = shape
     limits = config.limits
     pixels = n * h * w
@@ -177,13 +160,9 @@ def check_limits(
             f"limit of {limits.max_pixels} pixels per request (--max-pixels); send fewer or "
             "smaller images"
         )
-    tiles = tile_count(shape, config, planner)
-    if tiles > config.batcher.max_queue_tiles:
-        raise RequestTooLarge(
-            f"input {INPUT_NAME!r} needs {tiles} tiles of {planner.tile}x{planner.tile}"
-            f"{' (x8 self-ensemble)' if config.self_ensemble else ''}, more than the queue holds "
-            f"({config.batcher.max_queue_tiles}, --max-queue-tiles); send fewer or smaller images"
-        )
+    units = pipeline.units(h, w, images=n)
+    pipeline.admit(units, f"input {INPUT_NAME!r} ({n} image(s) of {w}x{h})")
+    scale = pipeline.scale
     out_bytes = n * 3 * (scale * h) * (scale * w) * FLOAT32_LE.itemsize
     if out_bytes > limits.max_message_bytes - RESPONSE_OVERHEAD_BYTES:
         raise RequestTooLarge(
@@ -192,15 +171,7 @@ def check_limits(
             f"{limits.max_message_bytes}); send fewer or smaller images per request, or raise "
             "the limit on both ends"
         )
-
-
-def tile_count(shape: tuple[int, int, int, int], config: ServerConfig, planner: Planner) -> int:
-    """Queue units the request's images need (all 8 views each with self-ensemble)."""
-    n, _, h, w = shape
-    straight = planner.units(planner.plan(h, w))
-    if not config.self_ensemble:
-        return n * straight
-    return n * N_TRANSFORMS // 2 * (straight + planner.units(planner.plan(w, h)))
+    return units
 
 
 def check_data(request: pb.ModelInferRequest, shape: tuple[int, int, int, int]) -> None:
@@ -269,41 +240,30 @@ def package_version() -> str:
 
 
 class KServeService(pb_grpc.GRPCInferenceServiceServicer):
-    """inference.GRPCInferenceService on the engine and tile batcher that Upscale uses."""
+    """inference.GRPCInferenceService on the repository and tile batcher that Upscale uses."""
 
     def __init__(
         self,
-        engine: ModelSource,
-        batcher: TileSource,
+        repository: ModelRepository,
+        batcher: TileBatcher,
         config: ServerConfig,
         health: HealthSource,
         *,
         uploads: UploadBudget,
         codec_pool: Executor,
         serving: Callable[[], bool],
-        planner: Planner,
         access_observer: AccessObserver | None = None,
     ) -> None:
-        self._engine = engine
+        self._repository = repository
         self._batcher = batcher
         self._config = config
-        self._planner = planner
-        self._chunk_pixels = chunk_tiles(config.batcher.max_batch) * planner.unit_pixels
         self._health = health
         self._uploads = uploads
         self._pool = codec_pool
         self._serving = serving
-        self.access_observer = access_observer  # read by service._unary (metrics)
-        self._name = model_name(engine.scale)
+        self.access_observer = access_observer  # read by calls.unary (metrics)
         self._server_metadata = pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=package_version(), extensions=[]
-        )
-        self._model_metadata = pb.ModelMetadataResponse(
-            name=self._name,
-            versions=[MODEL_VERSION],
-            platform=PLATFORM,
-            inputs=[tensor_metadata(INPUT_NAME)],
-            outputs=[tensor_metadata(OUTPUT_NAME)],
+            name=SERVER_NAME, version=package_version(), extensions=list(EXTENSIONS)
         )
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> bool:
@@ -328,13 +288,13 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         """Not ready for a model or version not served (as Triton answers), else the server's
         readiness."""
         try:
-            check_model(request.name, request.version, self._name)
+            check_model(request.name, request.version, self._repository.snapshot)
         except (NotFound, RequestError):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=await self._ready(context))
 
     # -- calls --------------------------------------------------------------------------
-    @_unary
+    @unary
     async def ServerMetadata(
         self,
         request: pb.ServerMetadataRequest,
@@ -343,26 +303,111 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ServerMetadataResponse:
         return self._server_metadata
 
-    @_unary
+    @unary
     async def ModelMetadata(
         self,
         request: pb.ModelMetadataRequest,
         context: grpc.aio.ServicerContext,
         record: AccessRecord,
     ) -> pb.ModelMetadataResponse:
-        check_model(request.name, request.version, self._name)
+        pipeline = check_model(request.name, request.version, self._repository.snapshot)
         record.set(model=request.name, version=request.version)
-        return self._model_metadata
+        return pb.ModelMetadataResponse(
+            name=pipeline.name,
+            versions=[MODEL_VERSION],
+            platform=PLATFORM,
+            inputs=[tensor_metadata(INPUT_NAME)],
+            outputs=[tensor_metadata(OUTPUT_NAME)],
+        )
 
-    @_unary
+    @unary
+    async def ModelConfig(
+        self,
+        request: pb.ModelConfigRequest,
+        context: grpc.aio.ServicerContext,
+        record: AccessRecord,
+    ) -> pb.ModelConfigResponse:
+        pipeline = check_model(request.name, request.version, self._repository.snapshot)
+        record.set(model=request.name)
+        return pb.ModelConfigResponse(config=model_config(pipeline))
+
+    @unary
+    async def ModelStatistics(
+        self,
+        request: pb.ModelStatisticsRequest,
+        context: grpc.aio.ServicerContext,
+        record: AccessRecord,
+    ) -> pb.ModelStatisticsResponse:
+        snapshot = self._repository.snapshot
+        if request.name:
+            pipelines = [check_model(request.name, request.version, snapshot)]
+        else:
+            pipelines = snapshot.ordered()
+        return pb.ModelStatisticsResponse(model_stats=[model_statistics(p) for p in pipelines])
+
+    @unary
+    async def RepositoryIndex(
+        self,
+        request: pb.RepositoryIndexRequest,
+        context: grpc.aio.ServicerContext,
+        record: AccessRecord,
+    ) -> pb.RepositoryIndexResponse:
+        check_name(request.repository_name, "repository_name")
+        models = [
+            pb.RepositoryIndexResponse.ModelIndex(
+                name=entry.name,
+                version=MODEL_VERSION if entry.state == READY else "",
+                state=entry.state,
+                reason=entry.reason,
+            )
+            for entry in self._repository.index()
+            if entry.state == READY or not request.ready
+        ]
+        return pb.RepositoryIndexResponse(models=models)
+
+    @unary
+    async def RepositoryModelLoad(
+        self,
+        request: pb.RepositoryModelLoadRequest,
+        context: grpc.aio.ServicerContext,
+        record: AccessRecord,
+    ) -> pb.RepositoryModelLoadResponse:
+        check_name(request.repository_name, "repository_name")
+        for key in request.parameters:
+            check_name(key, "a load parameter name")
+            raise RequestError(
+                f"load parameter {key!r} is not supported: models load from the repository's "
+                "files (--model-dir / --model); send no parameters"
+            )
+        try:
+            await self._repository.load(request.model_name)
+        except LoadFailed as e:
+            raise RequestError(str(e)) from e
+        record.set(model=request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @unary
+    async def RepositoryModelUnload(
+        self,
+        request: pb.RepositoryModelUnloadRequest,
+        context: grpc.aio.ServicerContext,
+        record: AccessRecord,
+    ) -> pb.RepositoryModelUnloadResponse:
+        check_name(request.repository_name, "repository_name")
+        await self._repository.unload(request.model_name)
+        record.set(model=request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    @unary
     async def ModelInfer(
         self,
         request: pb.ModelInferRequest,
         context: grpc.aio.ServicerContext,
         record: AccessRecord,
     ) -> pb.ModelInferResponse:
+        received = time.perf_counter()
         record.set(request_id=check_request_id(request.id))
-        check_model(request.model_name, request.model_version, self._name)
+        pipeline = check_model(request.model_name, request.model_version, self._repository.snapshot)
         record.set(model=request.model_name)
         if not self._serving():
             raise NotServing("the server is warming up or shutting down; retry shortly")
@@ -370,42 +415,44 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         check_outputs(request)
         n, _, height, width = shape
         record.set(images=n, width=width, height=height)
-        scale = self._engine.scale
-        check_limits(shape, self._config, scale, self._planner)
+        units = check_limits(shape, self._config, pipeline)
         check_data(request, shape)
         bytes_in = int(np.prod(shape)) * FLOAT32_LE.itemsize
         record.set(bytes_in=bytes_in)
-        with (
-            self._uploads.hold(bytes_in, upload=False),
-            self._batcher.reserve(tile_count(shape, self._config, self._planner)) as reservation,
-        ):
-            images = await in_pool(self._pool, input_array, request, shape)
-            # Chunk by chunk into the float32 answer (server/chunked.py): bounded memory.
-            canvas = np.empty((n, 3, scale * height, scale * width), np.float32)
-            result = await infer_chunked(
-                self._batcher,
-                list(images),
-                list(canvas),
-                plan=self._planner.plan,
-                scale=scale,
-                ensemble=self._config.self_ensemble,
-                chunk_pixels=self._chunk_pixels,
-                request_id=request.id,
-                reservation=reservation,
+        scale = pipeline.scale
+        try:
+            with (
+                self._uploads.hold(bytes_in, upload=False),
+                self._batcher.reserve(units) as reservation,
+            ):
+                images = await in_pool(self._pool, input_array, request, shape)
+                # Chunk by chunk into the float32 answer (server/chunked.py): bounded memory.
+                canvas = np.empty((n, 3, scale * height, scale * width), np.float32)
+                result = await pipeline.run(
+                    self._batcher.lane(pipeline.engine),
+                    list(images),
+                    list(canvas),
+                    request.id,
+                    reservation,
+                )
+            record.set(
+                tiles=result.tiles,
+                image_pixels=n * height * width,
+                computed_pixels=result.computed_pixels,
+                waste=round(result.computed_pixels / (n * height * width), 3),
+                queue_ms=round(1e3 * result.queue_seconds, 2),
+                compute_ms=round(1e3 * result.compute_seconds, 2),
             )
-        record.set(
-            tiles=result.tiles,
-            image_pixels=n * height * width,
-            computed_pixels=result.computed_pixels,
-            waste=round(result.computed_pixels / (n * height * width), 3),
-            queue_ms=round(1e3 * result.queue_seconds, 2),
-            compute_ms=round(1e3 * result.compute_seconds, 2),
-        )
-        started = time.perf_counter()
-        data = await in_pool(self._pool, _output_bytes, canvas)
-        record.set(bytes_out=len(data), stitch_ms=round(1e3 * (time.perf_counter() - started), 2))
+            started = time.perf_counter()
+            data = await in_pool(self._pool, _output_bytes, canvas)
+            finished = time.perf_counter()
+        except Exception:
+            pipeline.stats.failed(time.perf_counter() - received)
+            raise
+        pipeline.stats.succeeded(n, finished - received, result, finished - started)
+        record.set(bytes_out=len(data), stitch_ms=round(1e3 * (finished - started), 2))
         return pb.ModelInferResponse(
-            model_name=self._name,
+            model_name=pipeline.name,
             model_version=MODEL_VERSION,
             id=request.id,
             outputs=[
@@ -417,6 +464,44 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
             ],
             raw_output_contents=[data],
         )
+
+
+def model_config(pipeline: Pipeline) -> pb.ModelConfig:
+    """Triton's view of one model: no implicit batch dimension (max_batch_size 0), the batch
+    is the first of the tensors' dims."""
+    return pb.ModelConfig(
+        name=pipeline.name,
+        platform=PLATFORM,
+        backend=BACKEND,
+        max_batch_size=0,
+        input=[pb.ModelInput(name=INPUT_NAME, data_type=pb.TYPE_FP32, dims=TENSOR_SHAPE)],
+        output=[pb.ModelOutput(name=OUTPUT_NAME, data_type=pb.TYPE_FP32, dims=TENSOR_SHAPE)],
+        default_model_filename=pipeline.path.name,
+    )
+
+
+def _duration(pair: tuple[int, int]) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=pair[0], ns=pair[1])
+
+
+def model_statistics(pipeline: Pipeline) -> pb.ModelStatistics:
+    """Triton's ModelStatistics of one model from its pipeline's counters."""
+    stats = pipeline.stats.snapshot()
+    return pb.ModelStatistics(
+        name=pipeline.name,
+        version=MODEL_VERSION,
+        last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count,
+        execution_count=stats.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(stats.success),
+            fail=_duration(stats.fail),
+            queue=_duration(stats.queue),
+            compute_input=pb.StatisticDuration(),
+            compute_infer=_duration(stats.compute_infer),
+            compute_output=_duration(stats.compute_output),
+        ),
+    )
 
 
 def _output_bytes(canvas: np.ndarray) -> bytes:

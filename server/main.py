@@ -28,8 +28,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from export.metadata import MetadataError
 from server.auth import auth_interceptors
 from server.batcher import TileBatcher
+from server.chunked import chunk_tiles
 from server.config import (
     BatcherConfig,
     EngineConfig,
@@ -50,11 +52,13 @@ from server.metrics import (
     exposure_warning,
     metrics_config_from_args,
 )
-from server.models import SCALES, DefaultModelMissing, resolve_default_model
+from server.models import MODELS_DIR, SCALES
 from server.parse_guard import ParseGuard
 from server.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
+from server.pipeline import Pipeline, PipelineSettings
 from server.planner import MODES, Planner, make_planner
+from server.repository import ModelRepository, RepositoryConfig, RepositoryError, Snapshot
 from server.security import (
     SecurityError,
     add_port,
@@ -62,9 +66,9 @@ from server.security import (
     describe,
     security_config_from_args,
 )
-from server.service import SERVICE_NAME, UpscalerService
+from server.service import UpscalerService
 from server.uploads import UploadBudget
-from server.wire import HTTP2_MAX_FRAME_BYTES
+from server.wire import HTTP2_MAX_FRAME_BYTES, SERVICE_NAME
 
 log = logging.getLogger("rdn.serve")
 
@@ -85,7 +89,7 @@ class RunningServer:
         server: grpc.aio.Server,
         port: int,
         health: Health,
-        engine: Engine,
+        repository: ModelRepository,
         batcher: TileBatcher,
         config: ServerConfig,
         codec_pool: concurrent.futures.ThreadPoolExecutor,
@@ -96,7 +100,7 @@ class RunningServer:
         self.server = server
         self.port = port
         self.health = health
-        self.engine = engine
+        self.repository = repository
         self.batcher = batcher
         self.config = config
         self.codec_pool = codec_pool
@@ -108,6 +112,11 @@ class RunningServer:
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
+
+    @property
+    def engine(self) -> Engine:
+        """The engine of the server's default model (benchmarks time it directly)."""
+        return self.repository.snapshot.default().engine  # type: ignore[return-value]
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, give in-flight calls ``grace`` s, drain the batcher.
@@ -145,6 +154,16 @@ def warmup_shapes(planner: Planner, max_batch: int) -> list[tuple[tuple[int, int
         per_batch = max(1, max_batch // planner.units_per_tile_of(shape))
         pairs += [(shape, size) for size in range(1, per_batch + 1)]
     return pairs
+
+
+def models_summary(snapshot: Snapshot) -> str:
+    """The served models for the start-up line, the server default first: "rdn_x2 (x2,
+    default), rdn_x4 (x4) ..."."""
+    parts = []
+    for pipeline in snapshot.ordered():
+        tag = ", default" if pipeline.name == snapshot.primary else ""
+        parts.append(f"{pipeline.name} (x{pipeline.scale}{tag})")
+    return ", ".join(parts)
 
 
 def plan_summary(planner: Planner) -> str:
@@ -189,22 +208,71 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
-async def build_server(config: ServerConfig, engine: Engine | None = None) -> RunningServer:
-    """Load (unless given) the engine, bind, warm up, and return a SERVING server.
+def repository_config(config: ServerConfig) -> RepositoryConfig:
+    """Where the server's models come from: ``config.model`` first, then ``config.models``,
+    then every file of ``config.model_dir``."""
+    first = (config.model,) if config.model is not None else ()
+    return RepositoryConfig(
+        model_dir=config.model_dir,
+        models=first + tuple(config.models),
+        defaults=config.defaults,
+        default_scale=config.default_scale,
+    )
 
-    Raises ``ModelLoadError`` before binding when the model cannot be loaded and
-    ``ServerStartError`` when the address cannot be bound or warm-up fails.
+
+class _PipelineFactory:
+    """Opens one model as a ``Pipeline`` and warms it up; the first engine opened settles what
+    is left to the provider (``max_batch``), for every model after it."""
+
+    def __init__(self, config: ServerConfig, preloaded: Engine | None) -> None:
+        self.config = config
+        self._preloaded = preloaded
+
+    async def open(self, path: Path, name: str, version: int) -> Pipeline:
+        if self._preloaded is not None and path == self.config.model:
+            engine, self._preloaded = self._preloaded, None
+        else:
+            engine = await asyncio.to_thread(Engine, path, self.config.engine)
+        self.config = with_provider_defaults(self.config, engine.active_provider)
+        planner = make_planner(self.config.tiling, engine.active_provider)
+        settings = PipelineSettings(
+            ensemble=self.config.self_ensemble,
+            max_queue_units=self.config.batcher.max_queue_tiles,
+            chunk_tiles=chunk_tiles(self.config.batcher.max_batch),
+        )
+        return Pipeline(name, path, engine, planner, settings, version)
+
+    async def warm(self, pipeline: Pipeline) -> None:
+        shapes = warmup_shapes(pipeline.planner, self.config.batcher.max_batch)
+        log.debug(
+            "warming up %s: %d engine calls (tile shape x batch size)", pipeline.name, len(shapes)
+        )
+        for window, size in shapes:
+            # one shape per thread call: a stop waits for one batch at most
+            await asyncio.to_thread(pipeline.engine.warmup, window, [size])
+
+
+async def build_server(config: ServerConfig, engine: Engine | None = None) -> RunningServer:
+    """Open (unless given, for ``config.model``) every model, bind, warm up, and return a
+    SERVING server.
+
+    Raises ``ModelLoadError`` / ``RepositoryError`` / ``MetadataError`` before binding when a
+    model cannot be loaded and ``ServerStartError`` when the address cannot be bound or warm-up
+    fails.
     """
-    if engine is None:
-        engine = await asyncio.to_thread(Engine, config.model, config.engine)
-    config = with_provider_defaults(config, engine.active_provider)
-    planner = make_planner(config.tiling, engine.active_provider)
-    batcher = TileBatcher(engine, config.batcher, planner.unit_pixels)
+    factory = _PipelineFactory(config, engine)
+    repository = ModelRepository(repository_config(config), factory.open, factory.warm)
+    snapshot = await repository.start()
+    config = factory.config  # with the provider's choices made
+    provider = snapshot.default().engine.active_provider
+    batcher = TileBatcher(None, config.batcher, snapshot.default().planner.unit_pixels)
     health = Health()
     for service in ("", SERVICE_NAME):
         await health.set(service, NOT_SERVING)
     uploads = UploadBudget(config.uploads)
-    metrics = None if config.metrics.port is None else ServerMetrics(batcher, engine, uploads)
+    metrics = None
+    if config.metrics.port is not None:
+        metrics = ServerMetrics(batcher, lambda: repository.snapshot.ordered(), uploads)
     # ParseGuard last: authentication decides before any request byte is parsed.
     interceptors = [*auth_interceptors(config.security.auth_token, metrics), ParseGuard(metrics)]
     server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
@@ -213,17 +281,13 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
     codec_pool = concurrent.futures.ThreadPoolExecutor(
         config.decode_workers, thread_name_prefix="codec"
     )
-    shared = {
-        "uploads": uploads,
-        "codec_pool": codec_pool,
-        "serving": health.serving,
-        "planner": planner,
-    }
+    shared = {"uploads": uploads, "codec_pool": codec_pool, "serving": health.serving}
     upscale_pb2_grpc.add_UpscalerServicer_to_server(
-        UpscalerService(engine, batcher, config, access_observer=metrics, **shared), server
+        UpscalerService(repository, batcher, config, access_observer=metrics, **shared), server
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeService(engine, batcher, config, health, access_observer=metrics, **shared), server
+        KServeService(repository, batcher, config, health, access_observer=metrics, **shared),
+        server,
     )
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -261,14 +325,11 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
     await batcher.start()
     await server.start()
     running = RunningServer(
-        server, port, health, engine, batcher, config, codec_pool, uploads, metrics, endpoint
+        server, port, health, repository, batcher, config, codec_pool, uploads, metrics, endpoint
     )
     try:
-        shapes = warmup_shapes(planner, config.batcher.max_batch)
-        log.debug("warming up: %d engine calls (tile shape x batch size)", len(shapes))
-        for window, size in shapes:
-            # one shape per thread call: a stop waits for one batch at most
-            await asyncio.to_thread(engine.warmup, window, [size])
+        for pipeline in snapshot.ordered():
+            await factory.warm(pipeline)
     except asyncio.CancelledError:  # stopped during warm-up (SIGTERM): nothing may stay bound
         await running.stop(0)
         raise
@@ -278,11 +339,11 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
     for service in ("", SERVICE_NAME):
         await health.set(service, SERVING)
     log.info(
-        "listening on %s (provider %s, scale x%d, %s tiles, pad %d, max batch %d%s; %s%s)",
+        "listening on %s (provider %s, models %s, %s tiles, pad %d, max batch %d%s; %s%s)",
         running.address,
-        engine.active_provider,
-        engine.scale,
-        plan_summary(planner),
+        provider,
+        models_summary(snapshot),
+        plan_summary(snapshot.default().planner),
         config.tiling.pad,
         config.batcher.max_batch,
         ", self-ensemble" if config.self_ensemble else "",
@@ -412,18 +473,38 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = ServerConfig(model=Path("."))
+    d = ServerConfig()
     p = argparse.ArgumentParser(
         prog="rdn-serve",
-        description="Serve an RDN ONNX model over gRPC (rdn.v1.Upscaler).",
+        description="Serve RDN ONNX models over gRPC (rdn.v1.Upscaler and KServe v2).",
         formatter_class=_HelpWithDefaults,
     )
-    p.add_argument("--model", type=Path, help="ONNX model (default: the embedded one for --scale)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        help="ONNX model to serve (repeatable; the first answers requests that name no model, "
+        "scale or size). Without --model: every model of --model-dir",
+    )
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        help="serve every *.onnx in this folder (default without --model: the shipped "
+        "server/models/)",
+    )
+    p.add_argument(
+        "--default",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="make model NAME the default of its scale (repeatable; default: rdn_x{scale})",
+    )
     p.add_argument(
         "--scale",
         type=int,
         choices=SCALES,
-        help=f"embedded model to serve (default {DEFAULT_SCALE}); with --model, checked against it",
+        help=f"whose default model answers requests that name no model, scale or size (default "
+        f"{DEFAULT_SCALE}); with --model, checked against the first model",
     )
     p.add_argument("--host", default=d.host, help="address to bind")
     p.add_argument("--port", type=_port, default=d.port, help="port to bind; 0 = any free port")
@@ -553,8 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    """The ServerConfig the flags describe; the embedded model when --model is absent."""
-    model = args.model or resolve_default_model(args.scale or DEFAULT_SCALE)
+    """The ServerConfig the flags describe; the shipped models when --model is absent."""
+    models = tuple(args.model or ())
+    model_dir = args.model_dir if args.model_dir is not None or models else MODELS_DIR
     providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
     if not providers:
         raise ValueError("--providers is empty; name at least one, e.g. CPUExecutionProvider")
@@ -564,7 +646,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             f"{args.max_request_bytes}: a request of the allowed size could never be held"
         )
     return ServerConfig(
-        model=model,
+        model=models[0] if models else None,
+        models=models[1:],
+        model_dir=model_dir,
+        defaults=tuple(args.default),
+        default_scale=args.scale or DEFAULT_SCALE,
         host=args.host,
         port=args.port,
         grace_s=args.grace,
@@ -608,13 +694,17 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 async def _start(config: ServerConfig, scale: int | None) -> RunningServer | None:
-    """Load the model and start the server; None (after logging why) when it cannot start."""
+    """Load the models and start the server; None (after logging why) when it cannot start.
+
+    The first ``--model`` is opened first and checked against ``scale`` before the others."""
+    engine = None
     try:
-        engine = await asyncio.to_thread(Engine, config.model, config.engine)
+        if config.model is not None:
+            engine = await asyncio.to_thread(Engine, config.model, config.engine)
     except (ModelLoadError, RuntimeError, ValueError) as e:
         log.error("%s", e)
         return None
-    if scale is not None and engine.scale != scale:
+    if engine is not None and scale is not None and engine.scale != scale:
         log.error(
             "--scale %d does not match the model: %s upscales x%d; drop --scale or pick "
             "a x%d model",
@@ -626,7 +716,7 @@ async def _start(config: ServerConfig, scale: int | None) -> RunningServer | Non
         return None
     try:
         return await build_server(config, engine)
-    except ServerStartError as e:
+    except (ServerStartError, RepositoryError, MetadataError, ModelLoadError) as e:
         log.error("%s", e)
         return None
 
@@ -672,6 +762,15 @@ async def serve(
     if running is None:
         stopped.cancel()
         return 1
+    reloads: set[asyncio.Task[None]] = set()
+
+    def rescan() -> None:  # SIGHUP: re-scan the model files, swap what changed
+        log.info("SIGHUP: re-scanning the model repository")
+        task = asyncio.ensure_future(running.repository.rescan())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, rescan)
     terminated = asyncio.ensure_future(running.wait_for_termination())
     await asyncio.wait([terminated, stopped], return_when="FIRST_COMPLETED")
     log.info("shutting down: new calls refused, in-flight calls get up to %.1f s", config.grace_s)
@@ -690,11 +789,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_json)
     log.debug("starting")  # from here on a signal is recorded, then stops the start-up
     pin_mmap_threshold()  # large request buffers go back to the system when freed
-    # The embedded model is picked by scale; a given --model is checked only against --scale.
-    scale = args.scale if args.model is not None else (args.scale or DEFAULT_SCALE)
+    # A given --model is checked against --scale; otherwise --scale picks the default model.
+    scale = args.scale if args.model else None
     try:
         config = config_from_args(args)
-    except (DefaultModelMissing, ValueError) as e:
+    except ValueError as e:
         log.error("%s", e)
         return 1
     return asyncio.run(serve(config, scale, early))

@@ -1,7 +1,7 @@
 """Prometheus metrics for ``rdn-serve``: one registry per server, scraped over HTTP.
 
 Request counts and latencies come from the service's access records (``ServerMetrics`` is the
-``AccessObserver`` of ``server.service``), so a log line and the metrics always describe the
+``AccessObserver`` of ``server.calls``), so a log line and the metrics always describe the
 same calls, rejected ones included. Batcher and engine numbers are read from the batcher's
 counters when Prometheus scrapes (``BatcherCollector``): nothing in the batching loop is
 instrumented. Every server owns its ``CollectorRegistry``, so several servers in one process
@@ -33,9 +33,9 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from export.metadata import KEY_PRECISION, KEY_WEIGHTS_SHA256
+from server.calls import AccessRecord
 from server.config import BatcherConfig, MetricsConfig
 from server.pb.rdn.v1 import upscale_pb2
-from server.service import AccessRecord
 
 NAMESPACE = "rdn"
 # Seconds: a tiny-model tile takes ~1 ms on CPU, a 4096x4096 paper-model image minutes.
@@ -88,15 +88,24 @@ class ModelSource(Protocol):
 
     scale: int
     active_provider: str
-    metadata: dict[str, str]
+    metadata: Mapping[str, str]
+
+
+class ServedModel(Protocol):
+    """A served model (``server.pipeline.Pipeline`` is one)."""
+
+    name: str
+    engine: ModelSource
 
 
 # ------------------------------------------------------------------------- pure helpers
 
 
-def model_labels(engine: ModelSource) -> dict[str, str]:
+def model_labels(model: ServedModel) -> dict[str, str]:
     """Labels of ``rdn_model_info``: what is being served, on which execution provider."""
+    engine = model.engine
     return {
+        "model": model.name,
         "provider": engine.active_provider,
         "scale": str(engine.scale),
         "precision": engine.metadata.get(KEY_PRECISION, "float32"),
@@ -131,9 +140,9 @@ class BatcherCollector(Collector):
     one C call, so no lock is needed against the event loop that updates them.
     """
 
-    def __init__(self, batcher: BatcherStats, model: Mapping[str, str]) -> None:
+    def __init__(self, batcher: BatcherStats, models: Callable[[], Iterable[ServedModel]]) -> None:
         self._batcher = batcher
-        self._model = dict(model)
+        self._models = models
         self._bounds = batch_size_bounds(batcher.config.max_batch)
 
     def collect(self) -> Iterator[Metric]:
@@ -177,8 +186,9 @@ class BatcherCollector(Collector):
             "Requests with tiles waiting for a batch.",
             b.pending_requests,
         )
-        info = InfoMetricFamily(f"{NAMESPACE}_model", "The served model and execution provider.")
-        info.add_metric([], self._model)
+        info = InfoMetricFamily(f"{NAMESPACE}_model", "A served model and its execution provider.")
+        for model in self._models():
+            info.add_metric([], model_labels(model))
         yield info
 
 
@@ -208,17 +218,33 @@ def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily
 class ServerMetrics:
     """The metrics of one server: request metrics fed by access records, the rest at scrape.
 
-    ``started`` / ``finished`` make it a ``server.service.AccessObserver``.
+    ``started`` / ``finished`` make it a ``server.calls.AccessObserver``.
     """
 
     def __init__(
-        self, batcher: BatcherStats, engine: ModelSource, uploads: UploadStats | None = None
+        self,
+        batcher: BatcherStats,
+        models: Callable[[], Iterable[ServedModel]],
+        uploads: UploadStats | None = None,
     ) -> None:
+        """``models`` lists the models served at the moment of a scrape."""
         self.registry = CollectorRegistry()
         self._requests = Counter(
             f"{NAMESPACE}_requests_total",
             "Finished calls by method and gRPC status code.",
             ["method", "code"],
+            registry=self.registry,
+        )
+        self._model_requests = Counter(
+            f"{NAMESPACE}_model_requests_total",
+            "Finished calls that ran (or named) a model, by model and gRPC status code.",
+            ["model", "code"],
+            registry=self.registry,
+        )
+        self._model_compute = Counter(
+            f"{NAMESPACE}_model_compute_seconds",
+            "Engine time of the batches that carried a model's requests.",
+            ["model"],
             registry=self.registry,
         )
         self._inflight = Gauge(
@@ -249,7 +275,7 @@ class ServerMetrics:
         for method in METHODS:  # series exist from the start, so rate() works from zero
             self._requests.labels(method, "OK")
             self._total.labels(method)
-        self.registry.register(BatcherCollector(batcher, model_labels(engine)))
+        self.registry.register(BatcherCollector(batcher, models))
         if uploads is not None:
             self.registry.register(UploadCollector(uploads))
         ProcessCollector(registry=self.registry)  # CPU, memory, open fds of this process
@@ -272,6 +298,11 @@ class ServerMetrics:
         fields = record.fields
         self._requests.labels(record.method, str(fields["status"])).inc()
         self._total.labels(record.method).observe(fields["total_ms"] / 1e3)
+        model = fields.get("model")
+        if isinstance(model, str) and model:
+            self._model_requests.labels(model, str(fields["status"])).inc()
+            if "compute_ms" in fields:
+                self._model_compute.labels(model).inc(fields["compute_ms"] / 1e3)
         if "queue_ms" in fields:  # the request reached the batcher and got its tiles back
             self._queue.labels(record.method).observe(fields["queue_ms"] / 1e3)
             self._compute.labels(record.method).observe(fields["compute_ms"] / 1e3)

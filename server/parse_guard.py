@@ -20,7 +20,9 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from server.service import SERVICE_NAME, AccessObserver, AccessRecord, RequestError
+from server.calls import AccessObserver, AccessRecord
+from server.errors import RequestError
+from server.wire import SERVICE_NAME
 
 STREAMS_GUARDED = f"/{SERVICE_NAME}/"  # services whose request streams are parsed here
 Parser = Callable[[bytes], Any]

@@ -1,105 +1,62 @@
-"""The rdn.v1.Upscaler servicer: validate, decode, tile, batch, stitch, encode.
+"""The rdn.v1.Upscaler servicer: validate, resolve the model and size, decode, tile, batch,
+stitch, resize, encode.
 
-The engine and the batcher are passed into the constructor; nothing is shared through module
-state. Handlers raise domain errors (``codec.ImageError``, ``batcher.QueueFull``,
-``RequestError`` ...) and ``grpc_status`` is the one place that turns them into status codes,
-applied by the ``_unary`` / ``_streaming`` wrappers, which also write the access log line.
-CPU-heavy steps (decode, split, merge, encode) run in worker threads so the event loop keeps
-answering health checks and feeding the batcher while a large image is being prepared.
+The model repository, the shared batcher and the pools are passed into the constructor;
+nothing is shared through module state. Each call resolves its model (``ModelRepository``'s
+snapshot: by name, by scale, or by the requested size) once and runs that ``Pipeline`` to its
+end. Handlers raise domain errors and ``server.calls`` turns them into statuses and access
+records. CPU-heavy steps (decode, split, merge, resize, encode) run in worker threads so the
+event loop keeps answering health checks and feeding the batcher while a large image is being
+prepared.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
 
 import grpc
 import numpy as np
 
-from export.metadata import KEY_CONFIG, KEY_PRECISION, KEY_STEP, KEY_WEIGHTS_SHA256
-from rdn.ensemble import N_TRANSFORMS, inverse_transform, transform
-from server.batcher import BatcherStopped, QueueFull, Reservation, TileResult
-from server.chunked import chunk_tiles, infer_chunked, to_uint8, to_unit_float
+from export.metadata import KEY_CONFIG
+from server.batcher import TileBatcher
+from server.calls import AccessObserver, AccessRecord, check_request_id, in_pool, streaming, unary
+from server.chunked import to_uint8, to_unit_float
 from server.codec import (
     INPUT_FORMATS,
     JPEG_MAX_SIDE,
     RAW_CHANNELS,
     WEBP_MAX_SIDE,
     DecodedImage,
-    ImageError,
-    ImageTooLarge,
     check_raw,
     decode_image,
     decode_raw,
     encode_image,
     finish_output,
-    to_planar,
     verify_image,
 )
 from server.config import LimitsConfig, ServerConfig
-from server.errors import (
-    Busy,
-    NotFound,
-    NotServing,
-    RequestError,
-    RequestTooLarge,
-    StreamEnded,
-    UploadTimeout,
-)
+from server.errors import NotServing, RequestError, RequestTooLarge, StreamEnded
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
-from server.planner import Planner
-from server.tiling import TilePlan, merge_tiles, plan_tiles, split_tiles
+from server.pipeline import Pipeline
+from server.repository import ModelRepository, Snapshot
+from server.sizing import SizeOptions, check_options, resize_output
 from server.uploads import Hold, UploadBudget, timed
-from server.wire import RETRY_AFTER_KEY, UPLOAD_ACCEPTED_KEY
+from server.wire import (
+    ACCEPTED_FORMATS,
+    DEFAULT_QUALITY,
+    FORMATS,
+    RESPONSE_OVERHEAD_BYTES,
+    UPLOAD_ACCEPTED_KEY,
+)
 
-T = TypeVar("T")
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("rdn.access")
 
-SERVICE_NAME = "rdn.v1.Upscaler"
-DEFAULT_QUALITY = 95  # the proto's meaning of quality 0 for JPEG / WebP
-MAX_REQUEST_ID_CHARS = 128  # the proto's limit
 MAX_OUT_CHUNK_BYTES = 1 * 2**20  # data per answer chunk of UpscaleStream
-RESPONSE_OVERHEAD_BYTES = 4096  # room for the response fields besides the image
-QUEUE_FULL_RETRY_AFTER_MS = 100  # a few batches' time on the tiny and small presets
-
-FORMATS: dict[int, str] = {
-    upscale_pb2.OUTPUT_FORMAT_UNSPECIFIED: "png",
-    upscale_pb2.OUTPUT_FORMAT_PNG: "png",
-    upscale_pb2.OUTPUT_FORMAT_JPEG: "jpeg",
-    upscale_pb2.OUTPUT_FORMAT_WEBP: "webp",
-    upscale_pb2.OUTPUT_FORMAT_RAW: "raw",
-}
-ACCEPTED_FORMATS = "0 UNSPECIFIED (= PNG), 1 PNG, 2 JPEG, 3 WEBP, 4 RAW"
-
-
-class TileSource(Protocol):
-    """What the servicer needs from the batcher (``server.batcher.TileBatcher`` is one)."""
-
-    def reserve(self, tiles: int) -> Reservation: ...
-
-    async def submit(
-        self, tiles: np.ndarray, request_id: str = "", reservation: Reservation | None = None
-    ) -> TileResult: ...
-
-
-class ModelSource(Protocol):
-    """What the servicer needs from the engine (``server.engine.Engine`` is one)."""
-
-    scale: int
-    active_provider: str
-    providers: tuple[str, ...]
-    metadata: dict[str, str]
-    spinning: bool  # onnxruntime's intra-op threads spin between ops
-    cpu_arena: bool  # onnxruntime's CPU memory arena is on
-
 
 # ------------------------------------------------------------------------- pure helpers
 
@@ -127,231 +84,6 @@ def output_spec(output_format: int, quality: int) -> OutputSpec:
     return OutputSpec(number, name, quality or DEFAULT_QUALITY)
 
 
-def check_request_id(request_id: str) -> str:
-    if len(request_id) > MAX_REQUEST_ID_CHARS:
-        raise RequestError(
-            f"request_id is {len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS} allowed"
-        )
-    return request_id
-
-
-def tile_image(
-    rgb: np.ndarray, tile: int, pad: int, ensemble: bool, max_tiles: int
-) -> tuple[list[TilePlan], np.ndarray]:
-    """Plans and tiles of an H x W x 3 uint8 image; with ``ensemble`` of its 8 dihedral views.
-
-    An image needing more than ``max_tiles`` tiles could never enter the queue: it is refused
-    (not retryable) before any tile is cut.
-    """
-    height, width = rgb.shape[:2]
-    check_tile_count(height, width, tile, pad, ensemble, max_tiles)
-    return tile_planar(to_planar(rgb), tile, pad, ensemble)
-
-
-def check_tile_count(
-    height: int, width: int, tile: int, pad: int, ensemble: bool, max_tiles: int
-) -> int:
-    """Tiles of an image (all 8 views with ``ensemble``); refused if over ``max_tiles``."""
-    n_views = N_TRANSFORMS if ensemble else 1
-    count = n_views * plan_tiles(height, width, tile, pad).count  # a turn swaps rows and cols
-    if count > max_tiles:
-        raise RequestTooLarge(
-            f"a {width}x{height} image needs {count} tiles of {tile}x{tile}"
-            f"{' (x8 self-ensemble)' if ensemble else ''}, more than the queue holds "
-            f"({max_tiles}, --max-queue-tiles); send a smaller image"
-        )
-    return count
-
-
-def admission_units(planner: Planner, height: int, width: int, ensemble: bool) -> int:
-    """Queue units an image needs: all 8 views with ``ensemble``; else the larger of its two
-    orientations (the header's size may be turned by an orientation tag when decoded)."""
-    straight = planner.units(planner.plan(height, width))
-    turned = planner.units(planner.plan(width, height))
-    return N_TRANSFORMS // 2 * (straight + turned) if ensemble else max(straight, turned)
-
-
-def check_units(
-    units: int, width: int, height: int, ensemble: bool, max_units: int, tile: int
-) -> None:
-    """Refuse (not retryable) an image whose tiles could never enter the queue; ``units`` are
-    counted in tiles of the grid (``tile`` cores with their context)."""
-    if units > max_units:
-        raise RequestTooLarge(
-            f"a {width}x{height} image needs {units} tiles of {tile}x{tile}"
-            f"{' (x8 self-ensemble)' if ensemble else ''}, more than the queue holds "
-            f"({max_units}, --max-queue-tiles); send a smaller image"
-        )
-
-
-def tile_planar(
-    planar: np.ndarray, tile: int, pad: int, ensemble: bool
-) -> tuple[list[TilePlan], np.ndarray]:
-    """Plans and tiles of a float32 [3, H, W] image; with ``ensemble`` of its 8 dihedral views."""
-    views = [transform(planar[None], i)[0] for i in range(N_TRANSFORMS)] if ensemble else [planar]
-    plans = [plan_tiles(v.shape[1], v.shape[2], tile, pad) for v in views]
-    tiles = [split_tiles(v, p) for v, p in zip(views, plans, strict=True)]
-    return plans, tiles[0] if len(tiles) == 1 else np.concatenate(tiles)
-
-
-def stitch(outputs: np.ndarray, plans: list[TilePlan], scale: int) -> np.ndarray:
-    """[3, sH, sW] float32 from tile outputs; several plans = ensemble views, averaged."""
-    if len(plans) == 1:
-        return merge_tiles(outputs, plans[0], scale)
-    total: np.ndarray | None = None
-    start = 0
-    for index, plan in enumerate(plans):
-        view = merge_tiles(outputs[start : start + plan.count], plan, scale)
-        start += plan.count
-        back = inverse_transform(view[None], index)[0].astype(np.float64)
-        total = back if total is None else total + back
-    assert total is not None
-    return (total / len(plans)).astype(np.float32)
-
-
-def grpc_status(error: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
-    """The status code, client-facing message and trailing metadata for a handler error.
-
-    The one place that maps errors to codes. Unexpected errors get a generic message: their
-    text may hold internals, and the server logs the traceback instead.
-    """
-    if isinstance(error, ImageTooLarge | RequestTooLarge):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), ()
-    if isinstance(error, QueueFull | Busy):
-        retry = ((RETRY_AFTER_KEY, str(QUEUE_FULL_RETRY_AFTER_MS)),)
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), retry
-    if isinstance(error, UploadTimeout):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, str(error), ()
-    if isinstance(error, NotServing):
-        return grpc.StatusCode.UNAVAILABLE, str(error), ()
-    if isinstance(error, ImageError | RequestError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error), ()
-    if isinstance(error, NotFound):
-        return grpc.StatusCode.NOT_FOUND, str(error), ()
-    if isinstance(error, BatcherStopped):
-        return grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry the call", ()
-    return grpc.StatusCode.INTERNAL, "internal error; the server logged the details", ()
-
-
-# ------------------------------------------------------------------ error mapping, access log
-
-
-class AccessObserver(Protocol):
-    """Sees every call's access record as it starts and once it is logged (server/metrics.py)."""
-
-    def started(self, record: AccessRecord) -> None: ...
-
-    def finished(self, record: AccessRecord) -> None: ...
-
-
-class AccessRecord:
-    """What one call did, filled in by the handler and logged once when the call ends."""
-
-    def __init__(self, method: str, observer: AccessObserver | None = None) -> None:
-        self.method = method
-        self.start = time.perf_counter()
-        self.fields: dict[str, Any] = {"method": method, "status": "OK"}
-        self._observer = observer
-        if observer is not None:
-            observer.started(self)
-
-    def set(self, **fields: Any) -> None:
-        self.fields.update(fields)
-
-    def log(self) -> None:
-        self.fields["total_ms"] = round(1e3 * (time.perf_counter() - self.start), 2)
-        status = self.fields["status"]
-        level = (
-            logging.INFO if status in ("OK", "CANCELLED", "DEADLINE_EXCEEDED") else logging.WARNING
-        )
-        access_log.log(level, "request", extra={"fields": self.fields})
-        if self._observer is not None:
-            self._observer.finished(self)
-
-
-# The server's deadline clock starts when it reads the request, after the client's: a client
-# whose deadline expired cancels the call while the server still sees a little time left.
-DEADLINE_SLACK_S = 0.1
-# How long a request stream that ended early waits for the client's cancel (see _abort).
-CANCEL_GRACE_S = 0.25
-
-
-def _ended_status(context: grpc.aio.ServicerContext) -> str:
-    """CANCELLED or DEADLINE_EXCEEDED for a handler cancelled by grpc.aio."""
-    remaining = context.time_remaining()
-    expired = remaining is not None and remaining <= DEADLINE_SLACK_S
-    return "DEADLINE_EXCEEDED" if expired else "CANCELLED"
-
-
-async def _abort(error: Exception, context: grpc.aio.ServicerContext, record: AccessRecord) -> None:
-    # A client that cancels mid-upload ends its request stream (-> StreamEnded) before grpc.aio
-    # cancels the handler, and on a busy machine the cancel can take many loop turns to land:
-    # wait up to CANCEL_GRACE_S for it, so the call is logged and counted as the client's cancel
-    # rather than as its error. A client that really half-closed early gets its answer that late.
-    try:
-        await asyncio.sleep(CANCEL_GRACE_S if isinstance(error, StreamEnded) else 0)
-    except asyncio.CancelledError:
-        record.set(status=_ended_status(context))
-        raise
-    code, message, trailers = grpc_status(error)
-    record.set(status=code.name)
-    if code == grpc.StatusCode.INTERNAL:
-        log.error(
-            "%s failed (request_id=%r)",
-            record.method,
-            record.fields.get("request_id", ""),
-            exc_info=error,
-        )
-    await context.abort(code, message, trailing_metadata=trailers)
-
-
-_UnaryHandler = Callable[[Any, Any, grpc.aio.ServicerContext, AccessRecord], Awaitable[Any]]
-_StreamHandler = Callable[[Any, Any, grpc.aio.ServicerContext, AccessRecord], AsyncIterator[Any]]
-
-
-def _unary(method: _UnaryHandler) -> Callable[..., Awaitable[Any]]:
-    """Map a unary handler's errors to statuses and log one access line per call."""
-
-    @functools.wraps(method)
-    async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        record = AccessRecord(method.__name__, getattr(self, "access_observer", None))
-        try:
-            return await method(self, request, context, record)
-        except asyncio.CancelledError:
-            record.set(status=_ended_status(context))
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:
-            await _abort(e, context, record)
-        finally:
-            record.log()
-
-    return handler
-
-
-def _streaming(method: _StreamHandler) -> Callable[..., AsyncIterator[Any]]:
-    """``_unary`` for a handler that is an async generator of answer messages."""
-
-    @functools.wraps(method)
-    async def handler(self: Any, requests: Any, context: grpc.aio.ServicerContext) -> Any:
-        record = AccessRecord(method.__name__, getattr(self, "access_observer", None))
-        try:
-            async for message in method(self, requests, context, record):
-                yield message
-        except (asyncio.CancelledError, GeneratorExit):
-            record.set(status=_ended_status(context))
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:
-            await _abort(e, context, record)
-        finally:
-            record.log()
-
-    return handler
-
-
 # ----------------------------------------------------------------------------- servicer
 
 
@@ -359,11 +91,6 @@ def _streaming(method: _StreamHandler) -> Callable[..., AsyncIterator[Any]]:
 class _Upscaled:
     response: upscale_pb2.UpscaleResponse  # every field but the image
     image: bytes
-
-
-async def in_pool(pool: Executor, function: Callable[..., T], *args: Any) -> T:
-    """``function(*args)`` on ``pool`` (the servicers' bounded codec pool), awaited."""
-    return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
 
 
 @dataclass(frozen=True)
@@ -375,35 +102,45 @@ class _Source:
 
 
 def check_output(
-    width: int,
-    height: int,
-    channels: int,
-    scale: int,
-    spec: OutputSpec,
-    limits: LimitsConfig,
-    unary: bool,
+    size: tuple[int, int], channels: int, spec: OutputSpec, limits: LimitsConfig, unary: bool
 ) -> None:
-    """Refuse, before any tile is computed, an answer that could not be given: a JPEG or WebP
-    larger than the format allows, or a unary raw answer larger than one message."""
-    out_w, out_h = scale * width, scale * height
+    """Refuse, before any tile is computed, an answer of ``size`` (width, height) that could
+    not be given: a JPEG or WebP larger than the format allows, or a unary raw answer larger
+    than one message."""
+    out_w, out_h = size
     side = {"jpeg": JPEG_MAX_SIDE, "webp": WEBP_MAX_SIDE}.get(spec.name)
     if side is not None and max(out_w, out_h) > side:
         raise RequestError(
             f"{spec.name} output is limited to {side}x{side} pixels and the result would be "
             f"{out_w}x{out_h}; choose png or raw"
         )
-    size = out_w * out_h * channels
+    nbytes = out_w * out_h * channels
     limit = limits.max_message_bytes - RESPONSE_OVERHEAD_BYTES
-    if unary and spec.name == "raw" and size > limit:
+    if unary and spec.name == "raw" and nbytes > limit:
         raise RequestTooLarge(
-            f"the raw answer would be {out_w}x{out_h}x{channels} = {size} bytes, more than fits "
-            f"in one message (--max-message-bytes {limits.max_message_bytes}); send it through "
-            "UpscaleStream (rdn-client does so by itself) or raise the limit on both ends"
+            f"the raw answer would be {out_w}x{out_h}x{channels} = {nbytes} bytes, more than "
+            f"fits in one message (--max-message-bytes {limits.max_message_bytes}); send it "
+            "through UpscaleStream (rdn-client does so by itself) or raise the limit on both ends"
         )
 
 
+def size_options(
+    message: upscale_pb2.UpscaleRequest | upscale_pb2.UpscaleStreamHeader,
+) -> SizeOptions:
+    """The model and sizing options of a request or stream header, checked for consistency."""
+    options = SizeOptions(
+        model=message.model,
+        scale=message.scale,
+        target_width=message.target_width,
+        target_height=message.target_height,
+        outscale=message.outscale,
+    )
+    check_options(options)
+    return options
+
+
 class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
-    """rdn.v1.Upscaler on one engine behind one tile batcher.
+    """rdn.v1.Upscaler on every model of the repository, behind the one shared tile batcher.
 
     ``uploads`` bounds the request bytes held by all calls, ``codec_pool`` is the bounded pool
     of threads that decode and encode images, and ``serving`` says whether warm-up is over.
@@ -411,31 +148,28 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
 
     def __init__(
         self,
-        engine: ModelSource,
-        batcher: TileSource,
+        repository: ModelRepository,
+        batcher: TileBatcher,
         config: ServerConfig,
         *,
         uploads: UploadBudget,
         codec_pool: Executor,
         serving: Callable[[], bool],
-        planner: Planner,
         access_observer: AccessObserver | None = None,
     ) -> None:
-        self._engine = engine
+        self._repository = repository
         self._batcher = batcher
         self._config = config
-        self._planner = planner
         self._uploads = uploads
         self._pool = codec_pool
         self._serving = serving
-        self.access_observer = access_observer  # read by the _unary / _streaming wrappers
-        self._info = model_info(engine, config, planner)
+        self.access_observer = access_observer  # read by the unary / streaming wrappers
 
     def _check_serving(self) -> None:
         if not self._serving():
             raise NotServing("the server is warming up or shutting down; retry shortly")
 
-    @_unary
+    @unary
     async def Upscale(
         self,
         request: upscale_pb2.UpscaleRequest,
@@ -448,6 +182,9 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         self._check_serving()
         log.debug("Upscale started (request_id=%r)", request_id)
         spec = output_spec(request.output_format, request.quality)
+        options = size_options(request)
+        snapshot = self._repository.snapshot  # this call's models, whatever reloads follow
+        snapshot.check(options)
         limits = self._config.limits
         kind = request.WhichOneof("image")
         if kind == "encoded":
@@ -459,7 +196,9 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
             raise RequestError("request carries no image: set `encoded` (an image file) or `raw`")
         record.set(bytes_in=len(source.data))
         with self._uploads.hold(len(source.data), upload=False):
-            done = await self._upscale(source, spec, request_id, received, record, unary=True)
+            done = await self._upscale(
+                source, spec, options, snapshot, request_id, received, record, unary=True
+            )
         limit = limits.max_message_bytes - RESPONSE_OVERHEAD_BYTES
         if len(done.image) > limit:
             raise RequestTooLarge(
@@ -470,7 +209,7 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         done.response.image = done.image
         return done.response
 
-    @_streaming
+    @streaming
     async def UpscaleStream(
         self,
         requests: AsyncIterator[upscale_pb2.UpscaleChunk],
@@ -480,8 +219,13 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         received = time.perf_counter()
         self._check_serving()
         limits = self._config.limits
+        snapshot = self._repository.snapshot
+
+        def check_header(header: upscale_pb2.UpscaleStreamHeader) -> None:
+            snapshot.check(size_options(header))
+
         header, data, hold = await receive_stream(
-            requests, limits, self._uploads, record, context.send_initial_metadata
+            requests, limits, self._uploads, record, context.send_initial_metadata, check_header
         )
         with hold:
             spec = output_spec(header.output_format, header.quality)
@@ -490,7 +234,14 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
             source = _Source(data, raw if header.HasField("raw_shape") else None)
             del data
             done = await self._upscale(
-                source, spec, header.request_id, received, record, unary=False
+                source,
+                spec,
+                size_options(header),
+                snapshot,
+                header.request_id,
+                received,
+                record,
+                unary=False,
             )
             del source  # the upload's bytes are not needed while the answer streams out
         yield upscale_pb2.UpscaleChunk(result=done.response)
@@ -499,31 +250,50 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
             piece = done.image[offset : offset + step]
             yield upscale_pb2.UpscaleChunk(data=upscale_pb2.DataChunk(offset=offset, data=piece))
 
-    @_unary
+    @unary
     async def GetModelInfo(
         self,
         request: upscale_pb2.GetModelInfoRequest,
         context: grpc.aio.ServicerContext,
         record: AccessRecord,
     ) -> upscale_pb2.ModelInfo:
-        return self._info
+        snapshot = self._repository.snapshot
+        pipeline = snapshot.get(request.model) if request.model else snapshot.default()
+        record.set(model=pipeline.name)
+        return model_info(pipeline, self._config, snapshot)
+
+    @unary
+    async def ListModels(
+        self,
+        request: upscale_pb2.ListModelsRequest,
+        context: grpc.aio.ServicerContext,
+        record: AccessRecord,
+    ) -> upscale_pb2.ListModelsResponse:
+        snapshot = self._repository.snapshot
+        return upscale_pb2.ListModelsResponse(
+            models=[model_info(p, self._config, snapshot) for p in snapshot.ordered()]
+        )
 
     async def _upscale(
         self,
         source: _Source,
         spec: OutputSpec,
+        options: SizeOptions,
+        snapshot: Snapshot,
         request_id: str,
         received: float,
         record: AccessRecord,
         unary: bool,
     ) -> _Upscaled:
-        """Verify, admit, decode, tile, run through the batcher, stitch and encode one image.
+        """Verify, resolve, admit, decode, tile, run through the batcher, stitch, resize and
+        encode one image.
 
-        The file is verified first (limits, integrity), keeping no pixels; then admission: the
-        image's tiles must fit the tile queue, whose capacity for all of them is reserved at
-        once, so no later chunk is refused; only then are the pixels decoded and kept.
+        The file is verified first (limits, integrity), keeping no pixels; the model and the
+        output size are resolved from its header; then admission: the image's tiles must fit
+        the tile queue, whose capacity for all of them is reserved at once, so no later chunk is
+        refused; only then are the pixels decoded and kept.
         """
-        scale, limits = self._engine.scale, self._config.limits
+        limits = self._config.limits
         if source.raw_shape is None:
             args = (source.data, limits.max_pixels, limits.max_request_bytes)
             width, height = await in_pool(self._pool, verify_image, *args)
@@ -547,44 +317,54 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
                 limits.max_pixels,
                 limits.max_request_bytes,
             )
-        batching = self._config.batcher
-        ensemble = self._config.self_ensemble
-        units = admission_units(self._planner, height, width, ensemble)
-        check_units(units, width, height, ensemble, batching.max_queue_tiles, self._planner.tile)
-        with self._batcher.reserve(units) as reservation:
-            decoded = await in_pool(self._pool, decode)
-            height, width = decoded.rgb.shape[:2]
+        pipeline, size = snapshot.resolve(options, width, height)
+        units = pipeline.units(height, width, turnable=source.raw_shape is None)
+        pipeline.admit(units, f"a {width}x{height} image")
+        try:
+            with self._batcher.reserve(units) as reservation:
+                decoded = await in_pool(self._pool, decode)
+                if decoded.rgb.shape[:2] != (height, width):  # turned by its orientation tag
+                    height, width = decoded.rgb.shape[:2]
+                    pipeline, size = snapshot.resolve(options, width, height)
+                scale = pipeline.scale
+                record.set(
+                    model=pipeline.name,
+                    width=width,
+                    height=height,
+                    channels=decoded.channels,
+                    source=decoded.source_format,
+                )
+                check_output(size, decoded.channels, spec, limits, unary)
+                # Chunk by chunk into the uint8 answer (server/chunked.py): bounded memory.
+                sr_rgb = np.empty((scale * height, scale * width, 3), np.uint8)
+                result = await pipeline.run(
+                    self._batcher.lane(pipeline.engine),
+                    [decoded.rgb.transpose(2, 0, 1)],
+                    [sr_rgb.transpose(2, 0, 1)],
+                    request_id,
+                    reservation,
+                    to_model=to_unit_float,
+                    from_model=to_uint8,
+                )
             record.set(
-                width=width, height=height, channels=decoded.channels, source=decoded.source_format
+                tiles=result.tiles,
+                image_pixels=height * width,
+                computed_pixels=result.computed_pixels,
+                waste=round(result.computed_pixels / (height * width), 3),
+                queue_ms=round(1e3 * result.queue_seconds, 2),
+                compute_ms=round(1e3 * result.compute_seconds, 2),
             )
-            check_output(width, height, decoded.channels, scale, spec, limits, unary)
-            # Chunk by chunk into the uint8 answer (server/chunked.py): bounded memory per request.
-            sr_rgb = np.empty((scale * height, scale * width, 3), np.uint8)
-            result = await infer_chunked(
-                self._batcher,
-                [decoded.rgb.transpose(2, 0, 1)],
-                [sr_rgb.transpose(2, 0, 1)],
-                plan=self._planner.plan,
-                scale=scale,
-                ensemble=ensemble,
-                chunk_pixels=chunk_tiles(batching.max_batch) * self._planner.unit_pixels,
-                request_id=request_id,
-                reservation=reservation,
-                to_model=to_unit_float,
-                from_model=to_uint8,
-            )
-        record.set(
-            tiles=result.tiles,
-            image_pixels=height * width,
-            computed_pixels=result.computed_pixels,
-            waste=round(result.computed_pixels / (height * width), 3),
-            queue_ms=round(1e3 * result.queue_seconds, 2),
-            compute_ms=round(1e3 * result.compute_seconds, 2),
-        )
-        image = await in_pool(self._pool, _finish, sr_rgb, decoded, spec, scale)
+            started = time.perf_counter()
+            image = await in_pool(self._pool, _finish, sr_rgb, decoded, spec, scale, size)
+            finished = time.perf_counter()
+        except Exception:
+            pipeline.stats.failed(time.perf_counter() - received)
+            raise
+        pipeline.stats.succeeded(1, finished - received, result, finished - started)
+        resized = size != (width * scale, height * scale)
         response = upscale_pb2.UpscaleResponse(
-            width=width * scale,
-            height=height * scale,
+            width=size[0],
+            height=size[1],
             channels=decoded.channels,
             scale=scale,
             format=spec.number,
@@ -596,14 +376,25 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
             request_id=request_id,
             tiles=result.tiles,
             total_bytes=len(image),
+            model=pipeline.name,
+            resized=resized,
         )
         record.set(bytes_out=len(image), format=spec.name)
+        if resized:
+            record.set(output_size=f"{size[0]}x{size[1]}")
         return _Upscaled(response, image)
 
 
-def _finish(sr_rgb: np.ndarray, decoded: DecodedImage, spec: OutputSpec, scale: int) -> bytes:
-    """Worker thread: restore grey/alpha of the upscaled RGB, encode."""
-    return encode_image(finish_output(sr_rgb, decoded, scale), spec.name, spec.quality)
+def _finish(
+    sr_rgb: np.ndarray,
+    decoded: DecodedImage,
+    spec: OutputSpec,
+    scale: int,
+    size: tuple[int, int],
+) -> bytes:
+    """Worker thread: restore grey/alpha of the upscaled RGB, resize to ``size``, encode."""
+    image = resize_output(finish_output(sr_rgb, decoded, scale), size)
+    return encode_image(image, spec.name, spec.quality)
 
 
 def check_raw_shape(shape: upscale_pb2.RawShape, total: int, limits: LimitsConfig) -> None:
@@ -633,6 +424,7 @@ async def receive_stream(
     uploads: UploadBudget,
     record: AccessRecord,
     send_initial_metadata: Callable[[tuple[tuple[str, str], ...]], Awaitable[None]] | None = None,
+    check_header: Callable[[upscale_pb2.UpscaleStreamHeader], None] | None = None,
 ) -> tuple[upscale_pb2.UpscaleStreamHeader, bytes, Hold]:
     """The header, the reassembled bytes and the budget hold of an UpscaleStream upload.
 
@@ -654,6 +446,8 @@ async def receive_stream(
     record.set(request_id=check_request_id(header.request_id))
     log.debug("UpscaleStream started (request_id=%r)", header.request_id)
     output_spec(header.output_format, header.quality)  # fail before the upload, not after
+    if check_header is not None:
+        check_header(header)
     total = header.total_bytes
     if total == 0:
         raise RequestError("header.total_bytes is 0; an image needs at least one byte")
@@ -706,16 +500,18 @@ async def receive_stream(
 
 
 def model_info(
-    engine: ModelSource, config: ServerConfig, planner: Planner
+    pipeline: Pipeline, config: ServerConfig, snapshot: Snapshot
 ) -> upscale_pb2.ModelInfo:
-    """ModelInfo from the engine's ONNX metadata and the serving configuration (with the
-    choices made for the active provider)."""
-    meta = engine.metadata
+    """ModelInfo of one served model: its metadata (read once by the pipeline), its place in
+    the repository, and the serving configuration (with the choices made for the active
+    provider)."""
+    engine, planner, meta = pipeline.engine, pipeline.planner, pipeline.metadata
     info = upscale_pb2.ModelInfo(
-        name=f"rdn_x{engine.scale}",
-        scale=engine.scale,
-        precision=meta.get(KEY_PRECISION, "float32"),
-        weights_sha256=meta.get(KEY_WEIGHTS_SHA256, ""),
+        name=pipeline.name,
+        scale=pipeline.scale,
+        precision=meta.precision if meta else "float32",
+        weights_sha256=meta.weights_sha256 if meta else "",
+        training_step=meta.step if meta else 0,
         execution_provider=engine.active_provider,
         providers=list(engine.providers),
         tile_size=config.tiling.tile,
@@ -743,14 +539,14 @@ def model_info(
         ort_spinning=engine.spinning,
         ort_cpu_arena=engine.cpu_arena,
         tile_windows=list(planner.windows) if planner.mode == "buckets" else [],
+        is_default=snapshot.defaults.get(pipeline.scale) == pipeline.name,
+        server_default=snapshot.primary == pipeline.name,
+        file=pipeline.path.name,
+        version=pipeline.version,
     )
-    try:
-        info.training_step = int(meta.get(KEY_STEP, "0"))
-    except ValueError:
-        log.warning("model metadata %s=%r is not an integer", KEY_STEP, meta[KEY_STEP])
-    if KEY_CONFIG in meta:
+    if meta is not None:
+        arch = meta.config
         try:
-            arch = json.loads(meta[KEY_CONFIG])
             info.architecture.CopyFrom(
                 upscale_pb2.ModelArchitecture(
                     g0=int(arch["G0"]),
@@ -762,8 +558,9 @@ def model_info(
             )
         except (ValueError, KeyError, TypeError) as e:
             log.warning(
-                "model metadata %s is malformed (%s); architecture left empty", KEY_CONFIG, e
+                "model %s: %s is malformed (%s); architecture left empty",
+                pipeline.name,
+                KEY_CONFIG,
+                e,
             )
-    else:
-        log.warning("model has no %s metadata; ModelInfo.architecture left empty", KEY_CONFIG)
     return info

@@ -1,6 +1,21 @@
-"""Metadata keys of the rdn.v1 wire contract that server and client share (one definition)."""
+"""Constants of the wire contracts that server and client share (one definition): metadata
+keys, the output format table, the service name."""
 
 from __future__ import annotations
+
+from server.pb.rdn.v1 import upscale_pb2
+
+SERVICE_NAME = "rdn.v1.Upscaler"
+DEFAULT_QUALITY = 95  # the proto's meaning of quality 0 for JPEG / WebP
+FORMATS: dict[int, str] = {  # OutputFormat -> codec format name
+    upscale_pb2.OUTPUT_FORMAT_UNSPECIFIED: "png",
+    upscale_pb2.OUTPUT_FORMAT_PNG: "png",
+    upscale_pb2.OUTPUT_FORMAT_JPEG: "jpeg",
+    upscale_pb2.OUTPUT_FORMAT_WEBP: "webp",
+    upscale_pb2.OUTPUT_FORMAT_RAW: "raw",
+}
+ACCEPTED_FORMATS = "0 UNSPECIFIED (= PNG), 1 PNG, 2 JPEG, 3 WEBP, 4 RAW"
+RESPONSE_OVERHEAD_BYTES = 4096  # room in a message for the response fields besides the data
 
 # Trailer on a transient refusal (full queue, upload budget spent): milliseconds to wait.
 RETRY_AFTER_KEY = "rdn-retry-after-ms"

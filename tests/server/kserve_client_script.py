@@ -11,7 +11,9 @@ Tensors travel as .npy files named in the actions (``npy`` in, ``out`` for the r
 
 ops: live, ready, model_ready {model, version}, server_metadata, model_metadata {model,
 version}, infer {model, version, id, input: {name, datatype, npy, shape?}, outputs?, out},
-describe {messages}: the wire layout of tritonclient's own messages, for a contract check.
+describe {messages}: the wire layout of tritonclient's own messages, for a contract check;
+repository_index {ready?}, load {model}, unload {model}, model_config {model},
+statistics {model?}: Triton's repository, configuration and statistics calls.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-from tritonclient.grpc import service_pb2
+from google.protobuf import descriptor_pool
+from tritonclient.grpc import model_config_pb2, service_pb2  # noqa: F401 (they fill the pool)
 from tritonclient.utils import InferenceServerException
 
 CALL_TIMEOUT_S = 60.0  # bound on every call; a hung server fails the test instead of hanging it
@@ -46,8 +49,9 @@ def describe(names: list[str]) -> dict[str, Any]:
         for nested in descriptor.nested_types:
             add(nested)
 
+    pool = descriptor_pool.Default()  # service_pb2 and model_config_pb2 are both in it
     for name in names:
-        add(service_pb2.DESCRIPTOR.message_types_by_name[name])
+        add(pool.FindMessageTypeByName(f"inference.{name}"))
     return layout
 
 
@@ -102,6 +106,22 @@ def run(client: grpcclient.InferenceServerClient, action: dict[str, Any]) -> Any
         return infer(client, action)
     if op == "describe":
         return describe(action["messages"])
+    if op == "repository_index":
+        index = client.get_model_repository_index(as_json=True, client_timeout=t)
+        models = index.get("models", [])
+        return [m for m in models if m.get("state") == "READY"] if action.get("ready") else models
+    if op == "load":
+        client.load_model(action["model"], client_timeout=t)
+        return True
+    if op == "unload":
+        client.unload_model(action["model"], client_timeout=t)
+        return True
+    if op == "model_config":
+        return client.get_model_config(action["model"], as_json=True, client_timeout=t)
+    if op == "statistics":
+        return client.get_inference_statistics(
+            action.get("model", ""), as_json=True, client_timeout=t
+        )
     raise ValueError(f"unknown op {op!r}")
 
 

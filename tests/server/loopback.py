@@ -19,7 +19,7 @@ MAX_BATCH = 4  # tiles per engine call
 NO_RETRY = RetryPolicy(max_attempts=1)  # a failed call fails the test instead of being retried
 
 
-def loopback_config(model: Path, **changes: Any) -> ServerConfig:
+def loopback_config(model: Path | None, **changes: Any) -> ServerConfig:
     """A server on 127.0.0.1:0 (any free port) with the CPU engine; ``changes`` replace fields."""
     base = ServerConfig(
         model=model,

@@ -26,8 +26,8 @@ from server.chunked import (
 from server.codec import from_planar
 from server.config import BatcherConfig, EngineConfig
 from server.engine import Engine
-from server.service import stitch, tile_image
 from server.tiling import plan_tiles
+from tests.server.reference import stitch, tile_image
 
 WAIT = 10.0  # seconds: bound on every await that must finish
 TILE, PAD = 8, 2
@@ -53,7 +53,7 @@ async def whole_then_chunked(
     batcher = TileBatcher(engine, BatcherConfig(max_batch=4, max_delay_ms=0, max_queue_tiles=4096))
     await batcher.start()
     try:
-        plans, tiles = tile_image(rgb, TILE, PAD, ensemble, 4096)
+        plans, tiles = tile_image(rgb, TILE, PAD, ensemble)
         old = await batcher.submit(tiles, "whole")
         expected = from_planar(stitch(old.outputs, plans, engine.scale))
         s = engine.scale

@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from server.calls import MAX_REQUEST_ID_CHARS, AccessRecord, check_request_id
 from server.codec import (
     INPUT_FORMATS,
     JPEG_MAX_SCANS,
@@ -40,18 +41,11 @@ from server.codec import (
     sniff_format,
 )
 from server.config import LimitsConfig, UploadConfig
+from server.errors import RequestError
 from server.pb.rdn.v1 import upscale_pb2
-from server.service import (
-    DEFAULT_QUALITY,
-    FORMATS,
-    MAX_REQUEST_ID_CHARS,
-    AccessRecord,
-    RequestError,
-    check_request_id,
-    output_spec,
-    receive_stream,
-)
+from server.service import output_spec, receive_stream
 from server.uploads import UploadBudget
+from server.wire import DEFAULT_QUALITY, FORMATS
 
 EXAMPLES = int(os.environ.get("RDN_FUZZ_EXAMPLES", "300"))
 LONG_RUN = "RDN_FUZZ_EXAMPLES" in os.environ

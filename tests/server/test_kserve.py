@@ -10,9 +10,7 @@ on the same tiles, stitched: any error in decoding, tiling, batching or stitchin
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,11 +40,11 @@ from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.tiling import merge_tiles, plan_tiles, split_tiles
 from server.wire import RETRY_AFTER_KEY
 from tests.server.loopback import CPU, PAD, TILE, loopback_config
+from tests.server.triton_driver import tritonclient, value
 from tests.tritonclient_env import tritonclient_python
 
 MAX_PIXELS = 10_000  # per request, all images together
 CALL_TIMEOUT = 60.0  # seconds: a broken server fails the test instead of hanging it
-SCRIPT = Path(__file__).with_name("kserve_client_script.py")
 MODEL = "rdn_x2"
 WIRE_MESSAGES = (
     "ServerLiveRequest",
@@ -63,6 +61,26 @@ WIRE_MESSAGES = (
     "InferTensorContents",
     "ModelInferRequest",
     "ModelInferResponse",
+    "ModelConfigRequest",
+    "ModelConfigResponse",
+    "ModelStatisticsRequest",
+    "ModelStatisticsResponse",
+    "StatisticDuration",
+    "RepositoryIndexRequest",
+    "RepositoryIndexResponse",
+    "ModelRepositoryParameter",
+    "RepositoryModelLoadRequest",
+    "RepositoryModelLoadResponse",
+    "RepositoryModelUnloadRequest",
+    "RepositoryModelUnloadResponse",
+)
+# Messages of which this server defines a subset of Triton's fields (what it fills).
+PARTIAL_MESSAGES = (
+    "ModelConfig",
+    "ModelInput",
+    "ModelOutput",
+    "InferStatistics",
+    "ModelStatistics",
 )
 
 
@@ -84,26 +102,6 @@ def stub(server: BackgroundServer) -> Iterator[pb_grpc.GRPCInferenceServiceStub]
 def triton_python(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A Python interpreter that imports tritonclient.grpc."""
     return tritonclient_python(request.config, tmp_path_factory)
-
-
-def tritonclient(python: str, port: int, actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run ``actions`` with tritonclient in a subprocess; one result object per action."""
-    done = subprocess.run(
-        [python, str(SCRIPT), f"127.0.0.1:{port}"],
-        input=json.dumps(actions),
-        capture_output=True,
-        text=True,
-        timeout=2 * CALL_TIMEOUT,
-    )
-    assert done.returncode == 0, done.stderr
-    results = json.loads(done.stdout)
-    assert len(results) == len(actions)
-    return results
-
-
-def value(result: dict[str, Any]) -> Any:
-    assert "error" not in result, result
-    return result["value"]
 
 
 def _wait_until(condition: Callable[[], bool]) -> None:
@@ -159,7 +157,7 @@ def output_array(response: pb.ModelInferResponse) -> np.ndarray:
 
 def test_wire_layout_is_the_protocols(triton_python: str) -> None:
     """Every field of every message we define has tritonclient's name, number and type."""
-    describe = [{"op": "describe", "messages": WIRE_MESSAGES}]
+    describe = [{"op": "describe", "messages": [*WIRE_MESSAGES, *PARTIAL_MESSAGES]}]
     (result,) = tritonclient(triton_python, 1, describe)  # no call: the port is never dialled
     theirs = value(result)
     ours: dict[str, Any] = {}
@@ -180,12 +178,19 @@ def test_wire_layout_is_the_protocols(triton_python: str) -> None:
 
     for name in WIRE_MESSAGES:
         add(pb.DESCRIPTOR.message_types_by_name[name])
-    assert "inference.ModelInferRequest.InferInputTensor" in ours
-    assert ours == theirs
+    whole = {k: v for k, v in ours.items() if k.split(".")[1] not in PARTIAL_MESSAGES}
+    assert "inference.ModelInferRequest.InferInputTensor" in whole
+    assert whole == {k: theirs[k] for k in whole}
+    for name in PARTIAL_MESSAGES:
+        add(pb.DESCRIPTOR.message_types_by_name[name])
+        mine, full = ours[f"inference.{name}"], theirs[f"inference.{name}"]
+        assert mine and all(field in full for field in mine), (name, mine)
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     assert service.full_name == "inference.GRPCInferenceService"
     assert [m.name for m in service.methods] == [
-        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"
+        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+        "ModelConfig", "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad",
+        "RepositoryModelUnload",
     ]  # fmt: skip
 
 
@@ -207,7 +212,8 @@ def test_probes_and_metadata(server: BackgroundServer, triton_python: str) -> No
     assert value(results[6]) == {
         "name": "rdn-sr",
         "version": importlib.metadata.version("rdn-sr"),
-    }  # no extensions: the list is empty, which JSON leaves out
+        "extensions": ["model_repository", "model_configuration", "statistics"],
+    }
     tensor = {"datatype": "FP32", "shape": ["-1", "3", "-1", "-1"]}
     assert value(results[7]) == {
         "name": MODEL,
@@ -218,7 +224,7 @@ def test_probes_and_metadata(server: BackgroundServer, triton_python: str) -> No
     }
     assert results[8]["error"]["status"] == "StatusCode.NOT_FOUND"
     assert "unknown model 'rdn_x4'" in results[8]["error"]["message"]
-    assert "serves 'rdn_x2'" in results[8]["error"]["message"]
+    assert "models served: rdn_x2" in results[8]["error"]["message"]
     assert results[9]["error"]["status"] == "StatusCode.NOT_FOUND"
     assert "no version '9'" in results[9]["error"]["message"]
 

@@ -173,6 +173,7 @@ def test_requests_latencies_tiles_and_batches_are_counted(
     for gauge in ("rdn_queue_reserved_tiles", "rdn_request_bytes_held", "rdn_uploads_in_progress"):
         assert after[(gauge, ())] == 0
     info = {
+        "model": "rdn_x2",
         "provider": "CPUExecutionProvider",
         "scale": "2",
         "precision": "float32",

@@ -66,7 +66,7 @@ def test_reflection_lists_and_describes_the_services(server: BackgroundServer) -
         assert set(database.get_services()) == SERVICES
         upscaler = DescriptorPool(database).FindServiceByName("rdn.v1.Upscaler")
         methods = {m.name: m for m in upscaler.methods}
-        assert set(methods) == {"Upscale", "UpscaleStream", "GetModelInfo"}
+        assert set(methods) == {"Upscale", "UpscaleStream", "GetModelInfo", "ListModels"}
         assert methods["Upscale"].input_type.full_name == "rdn.v1.UpscaleRequest"
         assert methods["UpscaleStream"].output_type.full_name == "rdn.v1.UpscaleChunk"
 

@@ -463,7 +463,7 @@ def test_unexpected_error_is_internal_with_a_generic_message_and_a_logged_traceb
 ) -> None:
     config = loopback_config(lying_model(tmp_path / "lying.onnx"))
     with (
-        caplog.at_level(logging.ERROR, logger="server.service"),
+        caplog.at_level(logging.ERROR, logger="server.calls"),
         BackgroundServer(config) as bg,
         UpscaleClient(f"127.0.0.1:{bg.port}", retry=NO_RETRY) as c,
     ):
@@ -472,7 +472,7 @@ def test_unexpected_error_is_internal_with_a_generic_message_and_a_logged_traceb
         assert c.info(timeout=10).scale == 2  # still serving
     assert error.value.code == grpc.StatusCode.INTERNAL
     assert error.value.details == "internal error; the server logged the details"
-    (record,) = [r for r in caplog.records if r.name == "server.service"]
+    (record,) = [r for r in caplog.records if r.name == "server.calls"]
     assert "doomed" in record.getMessage() and record.exc_info is not None
     assert "tile outputs have shape" in str(record.exc_info[1])  # the cause, in the log only
 

@@ -39,18 +39,28 @@ class RawImage(_message.Message):
     def __init__(self, shape: _Optional[_Union[ImageShape, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class UpscaleRequest(_message.Message):
-    __slots__ = ("encoded", "raw", "output_format", "quality", "request_id")
+    __slots__ = ("encoded", "raw", "output_format", "quality", "request_id", "model", "scale", "target_width", "target_height", "outscale")
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    TARGET_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    OUTSCALE_FIELD_NUMBER: _ClassVar[int]
     encoded: bytes
     raw: RawImage
     output_format: OutputFormat
     quality: int
     request_id: str
-    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    model: str
+    scale: int
+    target_width: int
+    target_height: int
+    outscale: float
+    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., scale: _Optional[int] = ..., target_width: _Optional[int] = ..., target_height: _Optional[int] = ..., outscale: _Optional[float] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_seconds", "compute_seconds", "total_seconds")
@@ -63,7 +73,7 @@ class Timings(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class UpscaleResponse(_message.Message):
-    __slots__ = ("image", "width", "height", "channels", "scale", "format", "timings", "request_id", "tiles", "total_bytes")
+    __slots__ = ("image", "width", "height", "channels", "scale", "format", "timings", "request_id", "tiles", "total_bytes", "model", "resized")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +84,8 @@ class UpscaleResponse(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TILES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RESIZED_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     width: int
     height: int
@@ -84,21 +96,33 @@ class UpscaleResponse(_message.Message):
     request_id: str
     tiles: int
     total_bytes: int
-    def __init__(self, image: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., channels: _Optional[int] = ..., scale: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ..., tiles: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    model: str
+    resized: bool
+    def __init__(self, image: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., channels: _Optional[int] = ..., scale: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ..., tiles: _Optional[int] = ..., total_bytes: _Optional[int] = ..., model: _Optional[str] = ..., resized: _Optional[bool] = ...) -> None: ...
 
 class UpscaleStreamHeader(_message.Message):
-    __slots__ = ("raw_shape", "total_bytes", "output_format", "quality", "request_id")
+    __slots__ = ("raw_shape", "total_bytes", "output_format", "quality", "request_id", "model", "scale", "target_width", "target_height", "outscale")
     RAW_SHAPE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    TARGET_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    OUTSCALE_FIELD_NUMBER: _ClassVar[int]
     raw_shape: ImageShape
     total_bytes: int
     output_format: OutputFormat
     quality: int
     request_id: str
-    def __init__(self, raw_shape: _Optional[_Union[ImageShape, _Mapping]] = ..., total_bytes: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    model: str
+    scale: int
+    target_width: int
+    target_height: int
+    outscale: float
+    def __init__(self, raw_shape: _Optional[_Union[ImageShape, _Mapping]] = ..., total_bytes: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., scale: _Optional[int] = ..., target_width: _Optional[int] = ..., target_height: _Optional[int] = ..., outscale: _Optional[float] = ...) -> None: ...
 
 class DataChunk(_message.Message):
     __slots__ = ("offset", "data")
@@ -119,8 +143,20 @@ class UpscaleChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[UpscaleStreamHeader, _Mapping]] = ..., result: _Optional[_Union[UpscaleResponse, _Mapping]] = ..., data: _Optional[_Union[DataChunk, _Mapping]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class ModelArchitecture(_message.Message):
     __slots__ = ("g0", "d", "c", "g", "norm")
@@ -137,7 +173,7 @@ class ModelArchitecture(_message.Message):
     def __init__(self, g0: _Optional[int] = ..., d: _Optional[int] = ..., c: _Optional[int] = ..., g: _Optional[int] = ..., norm: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "scale", "architecture", "precision", "weights_sha256", "training_step", "execution_provider", "providers", "tile_size", "tile_pad", "max_batch", "max_delay_ms", "max_queue_tiles", "max_pixels", "max_request_bytes", "max_message_bytes", "input_formats", "output_formats", "self_ensemble", "tiling", "max_tile_pixels", "intra_op_threads", "decode_workers", "max_uploads", "max_buffered_bytes", "ort_spinning", "ort_cpu_arena", "tile_windows")
+    __slots__ = ("name", "scale", "architecture", "precision", "weights_sha256", "training_step", "execution_provider", "providers", "tile_size", "tile_pad", "max_batch", "max_delay_ms", "max_queue_tiles", "max_pixels", "max_request_bytes", "max_message_bytes", "input_formats", "output_formats", "self_ensemble", "tiling", "max_tile_pixels", "intra_op_threads", "decode_workers", "max_uploads", "max_buffered_bytes", "ort_spinning", "ort_cpu_arena", "tile_windows", "is_default", "server_default", "file", "version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +202,10 @@ class ModelInfo(_message.Message):
     ORT_SPINNING_FIELD_NUMBER: _ClassVar[int]
     ORT_CPU_ARENA_FIELD_NUMBER: _ClassVar[int]
     TILE_WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    SERVER_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     scale: int
     architecture: ModelArchitecture
@@ -194,4 +234,8 @@ class ModelInfo(_message.Message):
     ort_spinning: bool
     ort_cpu_arena: bool
     tile_windows: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., scale: _Optional[int] = ..., architecture: _Optional[_Union[ModelArchitecture, _Mapping]] = ..., precision: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., training_step: _Optional[int] = ..., execution_provider: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., tile_size: _Optional[int] = ..., tile_pad: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_queue_tiles: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., input_formats: _Optional[_Iterable[str]] = ..., output_formats: _Optional[_Iterable[_Union[OutputFormat, str]]] = ..., self_ensemble: _Optional[bool] = ..., tiling: _Optional[str] = ..., max_tile_pixels: _Optional[int] = ..., intra_op_threads: _Optional[int] = ..., decode_workers: _Optional[int] = ..., max_uploads: _Optional[int] = ..., max_buffered_bytes: _Optional[int] = ..., ort_spinning: _Optional[bool] = ..., ort_cpu_arena: _Optional[bool] = ..., tile_windows: _Optional[_Iterable[int]] = ...) -> None: ...
+    is_default: bool
+    server_default: bool
+    file: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., scale: _Optional[int] = ..., architecture: _Optional[_Union[ModelArchitecture, _Mapping]] = ..., precision: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., training_step: _Optional[int] = ..., execution_provider: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., tile_size: _Optional[int] = ..., tile_pad: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_queue_tiles: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., input_formats: _Optional[_Iterable[str]] = ..., output_formats: _Optional[_Iterable[_Union[OutputFormat, str]]] = ..., self_ensemble: _Optional[bool] = ..., tiling: _Optional[str] = ..., max_tile_pixels: _Optional[int] = ..., intra_op_threads: _Optional[int] = ..., decode_workers: _Optional[int] = ..., max_uploads: _Optional[int] = ..., max_buffered_bytes: _Optional[int] = ..., ort_spinning: _Optional[bool] = ..., ort_cpu_arena: _Optional[bool] = ..., tile_windows: _Optional[_Iterable[int]] = ..., is_default: _Optional[bool] = ..., server_default: _Optional[bool] = ..., file: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...

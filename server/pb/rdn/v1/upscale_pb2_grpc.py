@@ -49,6 +49,11 @@ class UpscalerStub:
                 request_serializer=server_dot_pb_dot_rdn_dot_v1_dot_upscale__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=server_dot_pb_dot_rdn_dot_v1_dot_upscale__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/rdn.v1.Upscaler/ListModels',
+                request_serializer=server_dot_pb_dot_rdn_dot_v1_dot_upscale__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=server_dot_pb_dot_rdn_dot_v1_dot_upscale__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class UpscalerServicer:
@@ -71,7 +76,15 @@ class UpscalerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """What is served: scale, architecture, limits, execution provider, batching.
+        """What is served: scale, architecture, limits, execution provider, batching; of the model
+        named in the request, else of the server's default model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """Every model served now, the default model first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +107,11 @@ def add_UpscalerServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=server_dot_pb_dot_rdn_dot_v1_dot_upscale__pb2.GetModelInfoRequest.FromString,
                     response_serializer=server_dot_pb_dot_rdn_dot_v1_dot_upscale__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=server_dot_pb_dot_rdn_dot_v1_dot_upscale__pb2.ListModelsRequest.FromString,
+                    response_serializer=server_dot_pb_dot_rdn_dot_v1_dot_upscale__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +195,33 @@ class Upscaler:
             '/rdn.v1.Upscaler/GetModelInfo',
             server_dot_pb_dot_rdn_dot_v1_dot_upscale__pb2.GetModelInfoRequest.SerializeToString,
             server_dot_pb_dot_rdn_dot_v1_dot_upscale__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rdn.v1.Upscaler/ListModels',
+            server_dot_pb_dot_rdn_dot_v1_dot_upscale__pb2.ListModelsRequest.SerializeToString,
+            server_dot_pb_dot_rdn_dot_v1_dot_upscale__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

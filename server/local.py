@@ -1,0 +1,123 @@
+"""The local API: upscale in-process with the server's pipeline (same tiling, same resize,
+same codecs), without a server and without torch.
+
+    from server.local import LocalUpscaler
+
+    upscaler = LocalUpscaler("server/models/default_x2.onnx")
+    sr = upscaler.upscale(rgb)  # H x W x 3 uint8 RGB -> 2H x 2W x 3
+    png = upscaler.upscale_bytes(open("photo.jpg", "rb").read(), "png", width=1000).image
+
+The tiles go straight to the engine instead of through the server's batcher; everything else
+is the ``Pipeline`` the server runs. Calls block; one ``LocalUpscaler`` serves one thread at a
+time (make one per thread to run several).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from server.batcher import Reservation, TileResult
+from server.chunked import chunk_tiles, to_uint8, to_unit_float
+from server.codec import decode_image, encode_image, finish_output
+from server.config import EngineConfig, LimitsConfig, TilingConfig
+from server.engine import Engine
+from server.pipeline import Pipeline, PipelineEngine, PipelineSettings
+from server.planner import make_planner
+from server.repository import model_name_of
+from server.sizing import SizeOptions, check_options, needed_factor, output_size, resize_output
+
+CPU_ONLY = EngineConfig(providers=("CPUExecutionProvider",))
+DEFAULT_TILING = TilingConfig()  # fitted tiles on a CPU, as rdn-serve
+DEFAULT_LIMITS = LimitsConfig()
+LOCAL_MAX_BATCH = 1  # tiles per engine call on a CPU (batching gains nothing there)
+
+
+class _Direct:
+    """A ``TileSource`` that runs tiles on the engine at once, in the calling thread."""
+
+    def __init__(self, engine: PipelineEngine) -> None:
+        self._engine = engine
+
+    async def submit(
+        self, tiles: np.ndarray, request_id: str = "", reservation: Reservation | None = None
+    ) -> TileResult:
+        return TileResult(outputs=self._engine.run(tiles), queue_seconds=0.0)
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """An encoded upscaled image and its size."""
+
+    image: bytes
+    width: int
+    height: int
+    resized: bool  # the model's output was resized to the requested size
+
+
+class LocalUpscaler:
+    """One ONNX model and its pipeline, run in this process."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        engine: EngineConfig = CPU_ONLY,
+        tiling: TilingConfig = DEFAULT_TILING,
+        limits: LimitsConfig = DEFAULT_LIMITS,
+        ensemble: bool = False,
+    ) -> None:
+        path = Path(model)
+        opened = Engine(path, engine)
+        planner = make_planner(tiling, opened.active_provider)
+        settings = PipelineSettings(ensemble=ensemble, chunk_tiles=chunk_tiles(LOCAL_MAX_BATCH))
+        self.pipeline = Pipeline(model_name_of(path), path, opened, planner, settings)
+        self.limits = limits
+
+    @property
+    def scale(self) -> int:
+        return self.pipeline.scale
+
+    def upscale(self, rgb: np.ndarray) -> np.ndarray:
+        """An H x W x 3 uint8 RGB array upscaled by the model's scale."""
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ValueError(f"expected an H x W x 3 uint8 array, got {rgb.shape} {rgb.dtype}")
+        height, width = rgb.shape[:2]
+        scale = self.pipeline.scale
+        out = np.empty((scale * height, scale * width, 3), np.uint8)
+        run = self.pipeline.run(
+            _Direct(self.pipeline.engine),
+            [rgb.transpose(2, 0, 1)],
+            [out.transpose(2, 0, 1)],
+            "local",
+            to_model=to_unit_float,
+            from_model=to_uint8,
+        )
+        asyncio.run(run)
+        return out
+
+    def upscale_bytes(
+        self,
+        data: bytes,
+        output_format: str = "png",
+        quality: int = 95,
+        *,
+        width: int = 0,
+        height: int = 0,
+        outscale: float = 0.0,
+    ) -> LocalResult:
+        """An image file (PNG, JPEG, WebP, BMP, TIFF) upscaled and encoded as
+        ``output_format`` ("png", "jpeg", "webp", "raw"); ``width`` and/or ``height`` or
+        ``outscale`` resize the model's output as the server does (within 1 .. its scale)."""
+        options = SizeOptions(target_width=width, target_height=height, outscale=outscale)
+        check_options(options)
+        decoded = decode_image(data, self.limits.max_pixels, self.limits.max_request_bytes)
+        in_h, in_w = decoded.rgb.shape[:2]
+        scale = self.pipeline.scale
+        size = output_size(options, in_w, in_h) or (in_w * scale, in_h * scale)
+        needed_factor(in_w, in_h, size, scale, f"the scale of {self.pipeline.name}")
+        sr = finish_output(self.upscale(decoded.rgb), decoded, scale)
+        image = encode_image(resize_output(sr, size), output_format, quality)
+        return LocalResult(image, size[0], size[1], size != (in_w * scale, in_h * scale))

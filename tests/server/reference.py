@@ -1,0 +1,36 @@
+"""The whole-image tiling path the servers used before chunked inference: every tile cut up
+front, one submission, one stitch. Tests compare the chunked path against it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rdn.ensemble import N_TRANSFORMS, inverse_transform, transform
+from server.codec import to_planar
+from server.tiling import TilePlan, merge_tiles, plan_tiles, split_tiles
+
+
+def tile_image(
+    rgb: np.ndarray, tile: int, pad: int, ensemble: bool
+) -> tuple[list[TilePlan], np.ndarray]:
+    """Plans and tiles of an H x W x 3 uint8 image; with ``ensemble`` of its 8 dihedral views."""
+    planar = to_planar(rgb)
+    views = [transform(planar[None], i)[0] for i in range(N_TRANSFORMS)] if ensemble else [planar]
+    plans = [plan_tiles(v.shape[1], v.shape[2], tile, pad) for v in views]
+    tiles = [split_tiles(v, p) for v, p in zip(views, plans, strict=True)]
+    return plans, tiles[0] if len(tiles) == 1 else np.concatenate(tiles)
+
+
+def stitch(outputs: np.ndarray, plans: list[TilePlan], scale: int) -> np.ndarray:
+    """[3, sH, sW] float32 from tile outputs; several plans = ensemble views, averaged."""
+    if len(plans) == 1:
+        return merge_tiles(outputs, plans[0], scale)
+    total: np.ndarray | None = None
+    start = 0
+    for index, plan in enumerate(plans):
+        view = merge_tiles(outputs[start : start + plan.count], plan, scale)
+        start += plan.count
+        back = inverse_transform(view[None], index)[0].astype(np.float64)
+        total = back if total is None else total + back
+    assert total is not None
+    return (total / len(plans)).astype(np.float32)
