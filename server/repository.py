@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from export.metadata import KEY_NAME, MetadataError, read_metadata, valid_model_name
+from export.metadata import KEY_NAME, KEY_SCALE, MetadataError, read_metadata, valid_model_name
 from server.errors import NotFound, RequestError, check_name
 from server.pipeline import Pipeline
 from server.sizing import SizeOptions, needed_factor, output_size, smallest_scale
@@ -95,6 +95,16 @@ def discover(config: RepositoryConfig, known: Mapping[str, Path] | None = None) 
             )
         found[name] = path
     return found
+
+
+def file_scales(paths: Iterable[Path]) -> set[int]:
+    """The scales the files' metadata declare (files without ``rdn.scale`` are left out)."""
+    scales = set()
+    for path in paths:
+        declared = read_metadata(path).get(KEY_SCALE, "")
+        if declared.isdigit():
+            scales.add(int(declared))
+    return scales
 
 
 @dataclass(frozen=True)
@@ -240,18 +250,24 @@ class ModelRepository:
                 f"--default {', '.join(unknown)}: no such model; models found: "
                 f"{', '.join(sorted(self._files))}"
             )
+        if not self.config.models:  # the server default comes from the folder: check first
+            self._check_default_scale(file_scales(self._files.values()))
         models: dict[str, Pipeline] = {}
         for name, path in self._files.items():
             models[name] = await self._load_file(name, path, warm=False)
         self._publish(models)
+        if not self.config.models:
+            self._check_default_scale({p.scale for p in models.values()})
+        return self._snapshot
+
+    def _check_default_scale(self, scales: set[int]) -> None:
         scale = self.config.default_scale
-        if not self.config.models and scale not in self._snapshot.defaults:
-            found = ", ".join(f"x{s}" for s in self._snapshot.scales)
+        if scales and scale not in scales:
+            found = ", ".join(f"x{s}" for s in sorted(scales))
             raise RepositoryError(
                 f"no x{scale} model in {self.config.model_dir} (scales found: {found}); pass "
                 "--scale with one of those, or --model"
             )
-        return self._snapshot
 
     def _primary(self, models: Mapping[str, Pipeline], defaults: Mapping[int, str]) -> str:
         if self.config.models:

@@ -6,8 +6,6 @@ import asyncio
 import json
 import logging
 import random
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -43,12 +41,9 @@ from server.engine import Engine
 from server.main import BackgroundServer
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.wire import UPLOAD_ACCEPTED_KEY
+from tests.server.cli import run_cli
 from tests.server.gated import gated_server, until
 from tests.server.loopback import NO_RETRY, loopback_config
-
-CLI_TIMEOUT = 60  # seconds per subprocess
-RDN_CLIENT = Path(sys.executable).with_name("rdn-client")  # the declared console script
-
 
 config = partial(loopback_config, grace_s=1.0)
 
@@ -284,13 +279,6 @@ def test_dns_target_with_round_robin(server: BackgroundServer, set5_dir: Path) -
 
 
 # --------------------------------------------------------------------------- the CLI
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    command = [str(RDN_CLIENT)] if RDN_CLIENT.exists() else [sys.executable, "-m", "server.client"]
-    return subprocess.run(
-        [*command, *args], capture_output=True, text=True, timeout=CLI_TIMEOUT, check=False
-    )
 
 
 def test_cli_upscales_files_into_a_folder(

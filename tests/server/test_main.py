@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -19,6 +20,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from export.metadata import KEY_NAME, read_metadata
 from server.client import (
     RetryPolicy,
     StreamAssembler,
@@ -38,8 +40,9 @@ from server.config import (
 from server.engine import Engine
 from server.logging_setup import JsonFormatter, TextFormatter
 from server.main import BackgroundServer, ServerStartError, build_parser, config_from_args
-from server.models import SCALES, default_model_path
+from server.models import MODELS_DIR
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
+from server.sizing import SizeOptions
 
 RDN_SERVE = Path(sys.executable).with_name("rdn-serve")  # the declared console script
 START_TIMEOUT = 60.0  # seconds for a subprocess to print its first lines
@@ -106,14 +109,58 @@ def test_scale_mismatch_exits_1(tiny_onnx_x2: Path) -> None:
     assert "listening on" not in done.stderr
 
 
-def test_missing_embedded_model_lists_the_available_scales() -> None:
-    missing = [s for s in SCALES if not default_model_path(s).is_file()]
-    if not missing:
-        pytest.skip("every embedded model is present")
-    done = run_serve("--scale", str(missing[0]), *FAST_FLAGS, *CPU_FLAGS)
-    line = assert_one_error_line(done, f"no embedded model for x{missing[0]}")
-    present = [s for s in SCALES if s not in missing]
-    assert "available: " + (", ".join(f"x{s}" for s in present) or "none") in line
+def test_a_scale_the_model_folder_lacks_lists_the_scales_found(
+    tiny_onnx_factory: Callable[[int], Path], tmp_path: Path
+) -> None:
+    for scale in (2, 4):
+        shutil.copy(tiny_onnx_factory(scale), tmp_path / f"tiny_x{scale}.onnx")
+    done = run_serve("--model-dir", str(tmp_path), "--scale", "3", *FAST_FLAGS, *CPU_FLAGS)
+    assert_one_error_line(done, f"no x3 model in {tmp_path}", "scales found: x2, x4")
+
+
+def test_two_files_with_one_name_exit_1_naming_both(tiny_onnx_x2: Path, tmp_path: Path) -> None:
+    for name in ("a.onnx", "b.onnx"):
+        shutil.copy(tiny_onnx_x2, tmp_path / name)
+    done = run_serve("--model-dir", str(tmp_path), *FAST_FLAGS, *CPU_FLAGS)
+    assert_one_error_line(done, "two model files are both named 'rdn_x2'", "a.onnx", "b.onnx")
+
+
+def test_without_flags_every_shipped_model_is_served_on_one_port() -> None:
+    server = ServerProcess(*FAST_FLAGS, *CPU_FLAGS, "--threads", "1", "--log-json")
+    try:
+        started = server.wait_for("listening on 127.0.0.1:")
+        port = int(str(started["message"]).split("listening on 127.0.0.1:")[1].split()[0])
+        with UpscaleClient(f"127.0.0.1:{port}") as client:
+            models = client.models(timeout=30)
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(30) == 0
+    shipped = {read_metadata(p)[KEY_NAME] for p in MODELS_DIR.glob("*.onnx")}
+    assert {"rdn_x2", "rdn_x3", "rdn_x4", "rdn_x2_photo", "rdn_x4_photo"} <= shipped
+    assert [m.name for m in models][0] == "rdn_x2" and {m.name for m in models} == shipped
+    assert "rdn_x2 (x2, default)" in str(started["message"])
+
+
+def test_sighup_rescans_the_model_folder(
+    tiny_onnx_factory: Callable[[int], Path], tmp_path: Path, set5_dir: Path
+) -> None:
+    shutil.copy(tiny_onnx_factory(2), tmp_path / "x2.onnx")
+    server = ServerProcess("--model-dir", str(tmp_path), *FAST_FLAGS, *CPU_FLAGS, "--log-json")
+    try:
+        started = server.wait_for("listening on 127.0.0.1:")
+        port = int(str(started["message"]).split("listening on 127.0.0.1:")[1].split()[0])
+        shutil.copy(tiny_onnx_factory(4), tmp_path / "x4.onnx")
+        server.process.send_signal(signal.SIGHUP)
+        server.wait_for("model repository re-scanned: 2 models served")
+        with UpscaleClient(f"127.0.0.1:{port}") as client:
+            names = [m.name for m in client.models(timeout=30)]
+            image = cv2.imread(str(set5_dir / "bird.png"), cv2.IMREAD_COLOR)[:10, :10]
+            result = client.upscale(image, "raw", timeout=30, options=SizeOptions(scale=4))
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(30) == 0
+    assert names == ["rdn_x2", "rdn_x4"]
+    assert (result.model, result.width, result.height) == ("rdn_x4", 40, 40)
 
 
 def test_require_gpu_without_cuda_exits_1(tiny_onnx_x2: Path) -> None:

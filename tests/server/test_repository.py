@@ -4,6 +4,8 @@ Triton's repository calls, and hot reload under load (real servers on 127.0.0.1)
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +19,9 @@ import onnx
 import pytest
 
 from export.metadata import KEY_NAME, read_metadata
+from server.config import TilingConfig
 from server.errors import RequestError
+from server.local import LocalUpscaler
 from server.main import BackgroundServer
 from server.pb.rdn.v1 import upscale_pb2 as pb
 from server.pb.rdn.v1 import upscale_pb2_grpc as pb_grpc
@@ -36,7 +40,8 @@ from server.sizing import (
     resize_filter,
     smallest_scale,
 )
-from tests.server.loopback import loopback_config
+from tests.server.cli import run_cli
+from tests.server.loopback import PAD, TILE, loopback_config
 from tests.server.triton_driver import tritonclient, value
 from tests.tritonclient_env import tritonclient_python
 
@@ -399,3 +404,101 @@ def test_a_file_that_fails_to_load_leaves_the_old_version_serving(
         r = stub.Upscale(pb.UpscaleRequest(encoded=png(set5_dir, 20, 20)), timeout=30)
         assert (r.model, r.width) == ("rdn_x2", 40)
         channel.close()
+
+
+# ----------------------------------------------------------------- rdn-client and local API
+
+
+def test_cli_sizes_by_scale_width_and_outscale(
+    repo_server: BackgroundServer, set5_dir: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "in.png"
+    source.write_bytes(png(set5_dir, 60, 40))
+    target = f"127.0.0.1:{repo_server.port}"
+    sizes = {}
+    for flags, name in (
+        (["--scale", "4"], "s4.png"),
+        (["--width", "100"], "w100.webp"),
+        (["--outscale", "1.5"], "o15.jpg"),
+        (["--model", "tiny_x2_alt", "--height", "70"], "alt.png"),
+    ):
+        done = run_cli(
+            "upscale", str(source), "-o", str(tmp_path / name), "--target", target, *flags
+        )
+        assert done.returncode == 0, done.stderr
+        sizes[name] = decoded_size((tmp_path / name).read_bytes())
+    assert sizes == {
+        "s4.png": (240, 160), "w100.webp": (100, 67), "o15.jpg": (90, 60), "alt.png": (105, 70),
+    }  # fmt: skip
+    assert (tmp_path / "w100.webp").read_bytes()[8:12] == b"WEBP"
+
+
+def test_cli_upscales_a_folder_recursively_and_lists_models(
+    repo_server: BackgroundServer, set5_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "in" / "deeper").mkdir(parents=True)
+    (tmp_path / "in" / "a.png").write_bytes(png(set5_dir, 20, 10))
+    (tmp_path / "in" / "deeper" / "b.png").write_bytes(png(set5_dir, 10, 20))
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    target = f"127.0.0.1:{repo_server.port}"
+    out = tmp_path / "out"
+    flat = run_cli("upscale", str(tmp_path / "in"), "-o", str(out), "--target", target)
+    assert flat.returncode == 0, flat.stderr
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["a_x2.png"]
+    deep = run_cli(
+        "upscale", str(tmp_path / "in"), "--recursive", "-o", str(out), "--target", target,
+        "--outscale", "2",
+    )  # fmt: skip
+    assert deep.returncode == 0, deep.stderr
+    assert decoded_size((out / "deeper" / "b_x2.png").read_bytes()) == (20, 40)
+    listed = run_cli("models", "--target", target)
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split("\t")[:2] for line in listed.stdout.splitlines()] == [
+        ["rdn_x2", "x2"], ["tiny_x2_alt", "x2"], ["rdn_x4", "x4"],
+    ]  # fmt: skip
+    assert "server default" in listed.stdout.splitlines()[0]
+    info = run_cli("info", "--model", "rdn_x4", "--target", target)
+    assert info.returncode == 0 and '"scale": 4' in info.stdout
+
+
+def test_cli_refuses_conflicting_sizes_in_one_line(tmp_path: Path, set5_dir: Path) -> None:
+    source = tmp_path / "in.png"
+    source.write_bytes(png(set5_dir, 20, 20))
+    done = run_cli("upscale", str(source), "-o", str(tmp_path / "o.png"), "--width", "30",
+                   "--outscale", "1.5")  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "--outscale cannot be combined with --width" in done.stderr
+
+
+def test_local_api_matches_the_server_bit_for_bit(
+    repo_server: BackgroundServer, stub: pb_grpc.UpscalerStub, model_dir: Path, set5_dir: Path
+) -> None:
+    """Same model, same tiling: the in-process pipeline gives the server's pixels, sized the
+    same way, without a server."""
+    data = png(set5_dir, 50, 35)
+    local = LocalUpscaler(
+        model_dir / "b.onnx", tiling=TilingConfig(mode="grid", tile=TILE, pad=PAD)
+    )
+    for options in ({}, {"width": 130}):
+        mine = local.upscale_bytes(data, "png", **options)
+        request = pb.UpscaleRequest(encoded=data, scale=4)
+        if options:
+            request.target_width = 130
+        theirs = stub.Upscale(request, timeout=CALL_TIMEOUT)
+        assert (mine.width, mine.height) == (theirs.width, theirs.height)
+        assert decoded_size(mine.image) == decoded_size(theirs.image)
+        assert mine.image == theirs.image
+
+
+def test_local_cli_and_no_torch_import(model_dir: Path, set5_dir: Path, tmp_path: Path) -> None:
+    source = tmp_path / "in.png"
+    source.write_bytes(png(set5_dir, 30, 20))
+    done = run_cli("upscale", str(source), "-o", str(tmp_path / "out.png"), "--local",
+                   str(model_dir / "b.onnx"), "--width", "100")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert decoded_size((tmp_path / "out.png").read_bytes()) == (100, 67)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, server.local; print('torch' in sys.modules)"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert probe.stdout.strip() == "False"
