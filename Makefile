@@ -21,9 +21,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-$(TRITON_STAMP):
+$(TRITON_STAMP): Makefile
 	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
-	$(TRITON_VENV)/bin/pip install --quiet 'tritonclient[grpc]>=2.50'
+	$(TRITON_VENV)/bin/pip install --quiet 'tritonclient[grpc,http]>=2.50'
 	touch $(TRITON_STAMP)
 
 lint: $(STAMP)

@@ -25,6 +25,7 @@ import importlib.metadata
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -262,6 +263,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         self._pool = codec_pool
         self._serving = serving
         self.access_observer = access_observer  # read by calls.unary (metrics)
+        self._context = TensorContext(batcher, codec_pool, uploads, config)
         self._server_metadata = pb.ServerMetadataResponse(
             name=SERVER_NAME, version=package_version(), extensions=list(EXTENSIONS)
         )
@@ -413,44 +415,20 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
             raise NotServing("the server is warming up or shutting down; retry shortly")
         shape = input_shape(request)
         check_outputs(request)
-        n, _, height, width = shape
-        record.set(images=n, width=width, height=height)
-        units = check_limits(shape, self._config, pipeline)
         check_data(request, shape)
-        bytes_in = int(np.prod(shape)) * FLOAT32_LE.itemsize
-        record.set(bytes_in=bytes_in)
-        scale = pipeline.scale
-        try:
-            with (
-                self._uploads.hold(bytes_in, upload=False),
-                self._batcher.reserve(units) as reservation,
-            ):
-                images = await in_pool(self._pool, input_array, request, shape)
-                # Chunk by chunk into the float32 answer (server/chunked.py): bounded memory.
-                canvas = np.empty((n, 3, scale * height, scale * width), np.float32)
-                result = await pipeline.run(
-                    self._batcher.lane(pipeline.engine),
-                    list(images),
-                    list(canvas),
-                    request.id,
-                    reservation,
-                )
-            record.set(
-                tiles=result.tiles,
-                image_pixels=n * height * width,
-                computed_pixels=result.computed_pixels,
-                waste=round(result.computed_pixels / (n * height * width), 3),
-                queue_ms=round(1e3 * result.queue_seconds, 2),
-                compute_ms=round(1e3 * result.compute_seconds, 2),
-            )
-            started = time.perf_counter()
-            data = await in_pool(self._pool, _output_bytes, canvas)
-            finished = time.perf_counter()
-        except Exception:
-            pipeline.stats.failed(time.perf_counter() - received)
-            raise
-        pipeline.stats.succeeded(n, finished - received, result, finished - started)
-        record.set(bytes_out=len(data), stitch_ms=round(1e3 * (finished - started), 2))
+        canvas = await infer_tensor(
+            self._context,
+            pipeline,
+            shape,
+            lambda: input_array(request, shape),
+            request.id,
+            record,
+            received,
+        )
+        started = time.perf_counter()
+        data = await in_pool(self._pool, _output_bytes, canvas)
+        record.set(bytes_out=len(data), stitch_ms=round(1e3 * (time.perf_counter() - started), 2))
+        n, _, out_h, out_w = canvas.shape
         return pb.ModelInferResponse(
             model_name=pipeline.name,
             model_version=MODEL_VERSION,
@@ -459,11 +437,69 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
                 pb.ModelInferResponse.InferOutputTensor(
                     name=OUTPUT_NAME,
                     datatype=DATATYPE,
-                    shape=[n, 3, scale * height, scale * width],
+                    shape=[n, 3, out_h, out_w],
                 )
             ],
             raw_output_contents=[data],
         )
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """What inferring a tensor needs from the server it runs in (gRPC or HTTP)."""
+
+    batcher: TileBatcher
+    pool: Executor
+    uploads: UploadBudget
+    config: ServerConfig
+
+
+async def infer_tensor(
+    server: TensorContext,
+    pipeline: Pipeline,
+    shape: tuple[int, int, int, int],
+    load: Callable[[], np.ndarray],
+    request_id: str,
+    record: AccessRecord,
+    received: float,
+) -> np.ndarray:
+    """Run the [N, 3, H, W] images ``load()`` returns (on the codec pool) through ``pipeline``
+    on the shared batcher; the float32 [N, 3, sH, sW] answer. Admission first: the request's
+    bytes are held and its tiles reserved, or it is refused before any work."""
+    n, _, height, width = shape
+    record.set(images=n, width=width, height=height)
+    units = check_limits(shape, server.config, pipeline)
+    bytes_in = int(np.prod(shape)) * FLOAT32_LE.itemsize
+    record.set(bytes_in=bytes_in)
+    scale = pipeline.scale
+    try:
+        with (
+            server.uploads.hold(bytes_in, upload=False),
+            server.batcher.reserve(units) as reservation,
+        ):
+            images = await in_pool(server.pool, load)
+            # Chunk by chunk into the float32 answer (server/chunked.py): bounded memory.
+            canvas = np.empty((n, 3, scale * height, scale * width), np.float32)
+            result = await pipeline.run(
+                server.batcher.lane(pipeline.engine),
+                list(images),
+                list(canvas),
+                request_id,
+                reservation,
+            )
+    except Exception:
+        pipeline.stats.failed(time.perf_counter() - received)
+        raise
+    record.set(
+        tiles=result.tiles,
+        image_pixels=n * height * width,
+        computed_pixels=result.computed_pixels,
+        waste=round(result.computed_pixels / (n * height * width), 3),
+        queue_ms=round(1e3 * result.queue_seconds, 2),
+        compute_ms=round(1e3 * result.compute_seconds, 2),
+    )
+    pipeline.stats.succeeded(n, time.perf_counter() - received, result, 0.0)
+    return canvas
 
 
 def model_config(pipeline: Pipeline) -> pb.ModelConfig:

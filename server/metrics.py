@@ -32,7 +32,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from export.metadata import KEY_PRECISION, KEY_WEIGHTS_SHA256
+from export.metadata import ModelMetadata
 from server.calls import AccessRecord
 from server.config import BatcherConfig, MetricsConfig
 from server.pb.rdn.v1 import upscale_pb2
@@ -88,7 +88,6 @@ class ModelSource(Protocol):
 
     scale: int
     active_provider: str
-    metadata: Mapping[str, str]
 
 
 class ServedModel(Protocol):
@@ -96,6 +95,7 @@ class ServedModel(Protocol):
 
     name: str
     engine: ModelSource
+    metadata: ModelMetadata | None  # parsed once when the model was opened
 
 
 # ------------------------------------------------------------------------- pure helpers
@@ -103,13 +103,13 @@ class ServedModel(Protocol):
 
 def model_labels(model: ServedModel) -> dict[str, str]:
     """Labels of ``rdn_model_info``: what is being served, on which execution provider."""
-    engine = model.engine
+    engine, meta = model.engine, model.metadata
     return {
         "model": model.name,
         "provider": engine.active_provider,
         "scale": str(engine.scale),
-        "precision": engine.metadata.get(KEY_PRECISION, "float32"),
-        "weights_sha256": engine.metadata.get(KEY_WEIGHTS_SHA256, ""),
+        "precision": meta.precision if meta else "float32",
+        "weights_sha256": meta.weights_sha256 if meta else "",
     }
 
 

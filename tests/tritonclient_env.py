@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-TRITONCLIENT = "tritonclient[grpc]"
+TRITONCLIENT = "tritonclient[grpc,http]"
 ENV_VAR = "RDN_TRITON_PYTHON"
-PROBE = "import tritonclient.grpc, tritonclient.grpc.model_config_pb2"
+PROBE = "import tritonclient.grpc, tritonclient.grpc.model_config_pb2, tritonclient.http"
 PROBE_TIMEOUT_S = 120
 INSTALL_TIMEOUT_S = 600
 

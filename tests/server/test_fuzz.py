@@ -2,7 +2,7 @@
 
 Targets: ``codec.decode_image`` (random bytes; valid files of every accepted format and layout
 with bit flips, byte overwrites, truncations, insertions and header fields set to edge values),
-``codec.decode_raw`` (random shapes and byte counts), ``service.output_spec``,
+``codec.decode_raw`` (random shapes and byte counts), ``upscaling.output_spec``,
 ``service.check_request_id`` and the stream reassembly ``service.receive_stream`` (random chunk
 sequences, driven without a server).
 
@@ -43,8 +43,9 @@ from server.codec import (
 from server.config import LimitsConfig, UploadConfig
 from server.errors import RequestError
 from server.pb.rdn.v1 import upscale_pb2
-from server.service import output_spec, receive_stream
+from server.service import receive_stream
 from server.uploads import UploadBudget
+from server.upscaling import output_spec
 from server.wire import DEFAULT_QUALITY, FORMATS
 
 EXAMPLES = int(os.environ.get("RDN_FUZZ_EXAMPLES", "300"))

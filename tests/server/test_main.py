@@ -137,7 +137,7 @@ def test_without_flags_every_shipped_model_is_served_on_one_port() -> None:
         assert server.process.wait(30) == 0
     shipped = {read_metadata(p)[KEY_NAME] for p in MODELS_DIR.glob("*.onnx")}
     assert {"rdn_x2", "rdn_x3", "rdn_x4", "rdn_x2_photo", "rdn_x4_photo"} <= shipped
-    assert [m.name for m in models][0] == "rdn_x2" and {m.name for m in models} == shipped
+    assert models[0].name == "rdn_x2" and {m.name for m in models} == shipped
     assert "rdn_x2 (x2, default)" in str(started["message"])
 
 
