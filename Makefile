@@ -8,10 +8,14 @@ TORCH_VERSION := 2.13.0
 # ModelConfig schema get an environment of their own, used by the interoperability tests.
 TRITON_VENV := .venv-triton
 TRITON_STAMP := $(TRITON_VENV)/.installed
+# Debian's Chromium and its driver, for the test that drives the HTTP page in a real browser;
+# where they cannot be installed (no root, no apt) that one test is skipped and says why.
+BROWSER_STAMP := $(VENV)/.browser
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
 .PHONY: install test lint format serve bench gpu-check proto clean
 
-install: $(STAMP) $(TRITON_STAMP)
+install: $(STAMP) $(TRITON_STAMP) $(BROWSER_STAMP)
 
 # torch first and pinned: a bare `torch` requirement would pull several GB of CUDA wheels.
 $(STAMP): pyproject.toml
@@ -26,6 +30,13 @@ $(TRITON_STAMP): Makefile
 	$(TRITON_VENV)/bin/pip install --quiet 'tritonclient[grpc,http]>=2.50'
 	touch $(TRITON_STAMP)
 
+$(BROWSER_STAMP): | $(STAMP)
+	command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && { $(APT_INSTALL) chromium chromium-driver >/dev/null \
+	       || { apt-get update -qq && $(APT_INSTALL) chromium chromium-driver >/dev/null; }; }; } \
+	  || echo "Chromium not installed: the browser test of the HTTP page will be skipped"
+	touch $(BROWSER_STAMP)
+
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
@@ -34,7 +45,7 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint $(TRITON_STAMP)
+test: lint $(TRITON_STAMP) $(BROWSER_STAMP)
 	RDN_TRITON_PYTHON=$(CURDIR)/$(TRITON_VENV)/bin/python $(BIN)/python -m pytest -q
 
 serve: $(STAMP)

@@ -40,7 +40,7 @@ _HANDLER_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]
 }
 
 
-def _digest(token: str | bytes) -> bytes:
+def token_digest(token: str | bytes) -> bytes:
     return hashlib.sha256(token.encode() if isinstance(token, str) else token).digest()
 
 
@@ -57,7 +57,7 @@ def token_problem(
     token = token.strip()
     if scheme.lower() != SCHEME or not token:
         return MISSING
-    return None if hmac.compare_digest(_digest(token), expected) else INVALID
+    return None if hmac.compare_digest(token_digest(token), expected) else INVALID
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -71,7 +71,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         if not token:
             raise ValueError("BearerTokenInterceptor needs a non-empty token")
-        self._expected = _digest(token)
+        self._expected = token_digest(token)
         self._observer = observer
         self._exempt = exempt
 

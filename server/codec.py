@@ -121,7 +121,7 @@ def sniff_format(data: bytes) -> str:
         return "tiff"
     if data[:4] in (b"II+\x00", b"MM\x00+"):
         raise ImageError(f"BigTIFF files are not accepted; send {_ACCEPTED} (classic TIFF)")
-    known = _KNOWN_OTHERS.get(data[:4])
+    known = _KNOWN_OTHERS.get(bytes(data[:4]))
     if known:
         raise ImageError(
             f"image data is a {known} file, which is not accepted; send {_ACCEPTED} "

@@ -110,3 +110,4 @@ class ServerConfig:
     self_ensemble: bool = False
     security: SecurityConfig = field(default_factory=SecurityConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    http_port: int | None = None  # the HTTP front door; None = off, 0 = any free port

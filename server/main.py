@@ -42,6 +42,7 @@ from server.config import (
 )
 from server.engine import CUDA, SWITCHES, Engine, ModelLoadError
 from server.health import NOT_SERVING, SERVING, Health
+from server.http_door import HttpFrontDoor, server_ssl_context
 from server.kserve import KServeService
 from server.logging_setup import LEVELS, configure_logging
 from server.memory import pin_mmap_threshold
@@ -96,6 +97,7 @@ class RunningServer:
         uploads: UploadBudget,
         metrics: ServerMetrics | None = None,
         metrics_endpoint: MetricsEndpoint | None = None,
+        http: HttpFrontDoor | None = None,
     ) -> None:
         self.server = server
         self.port = port
@@ -107,6 +109,7 @@ class RunningServer:
         self.uploads = uploads
         self.metrics = metrics
         self.metrics_endpoint = metrics_endpoint  # its .port is the bound /metrics port
+        self.http = http  # its .port is the bound HTTP port
         self._stopping: asyncio.Task[None] | None = None
 
     @property
@@ -130,7 +133,10 @@ class RunningServer:
 
     async def _stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        doors = [self.server.stop(grace)]
+        if self.http is not None:
+            doors.append(self.http.stop())
+        await asyncio.gather(*doors)
         await self.batcher.stop()
         self.codec_pool.shutdown(wait=False, cancel_futures=True)
         if self.metrics_endpoint is not None:  # last: the drain stays visible to scrapes
@@ -322,10 +328,36 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
                 f"cannot serve metrics on {metrics_address[0]}:{metrics_address[1]}: "
                 f"{e.strerror or e} (port taken? see --metrics-port)"
             ) from e
+    http = None
+    if config.http_port is not None:
+        http = HttpFrontDoor(
+            repository,
+            batcher,
+            config,
+            access_observer=metrics,
+            **shared,  # type: ignore[arg-type]
+        )
+        try:
+            await http.start(config.host, config.http_port, server_ssl_context(config))
+        except OSError as e:
+            raise ServerStartError(
+                f"cannot serve HTTP on {config.host}:{config.http_port}: {e.strerror or e} "
+                "(port taken? see --http-port)"
+            ) from e
     await batcher.start()
     await server.start()
     running = RunningServer(
-        server, port, health, repository, batcher, config, codec_pool, uploads, metrics, endpoint
+        server,
+        port,
+        health,
+        repository,
+        batcher,
+        config,
+        codec_pool,
+        uploads,
+        metrics,
+        endpoint,
+        http,
     )
     try:
         for pipeline in snapshot.ordered():
@@ -339,7 +371,7 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
     for service in ("", SERVICE_NAME):
         await health.set(service, SERVING)
     log.info(
-        "listening on %s (provider %s, models %s, %s tiles, pad %d, max batch %d%s; %s%s)",
+        "listening on %s (provider %s, models %s, %s tiles, pad %d, max batch %d%s; %s%s%s)",
         running.address,
         provider,
         models_summary(snapshot),
@@ -349,6 +381,7 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
         ", self-ensemble" if config.self_ensemble else "",
         describe(config.security),
         "" if endpoint is None else f"; metrics on port {endpoint.port}",
+        "" if http is None else f"; HTTP on port {http.port}",
     )
     return running
 
@@ -628,6 +661,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--self-ensemble", action="store_true", help="x8 geometric self-ensemble (8x compute)"
     )
+    p.add_argument(
+        "--http-port",
+        type=_port,
+        default=0,
+        help="also serve HTTP here (KServe v2 REST, POST /v1/upscale, the page at /); 0 = off",
+    )
     add_security_flags(p)
     add_metrics_flags(p)
     return p
@@ -690,6 +729,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         self_ensemble=args.self_ensemble,
         security=security_config_from_args(args),
         metrics=metrics_config_from_args(args),
+        http_port=args.http_port or None,
     )
 
 

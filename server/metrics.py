@@ -231,8 +231,8 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self._requests = Counter(
             f"{NAMESPACE}_requests_total",
-            "Finished calls by method and gRPC status code.",
-            ["method", "code"],
+            "Finished calls by protocol (grpc, http), method and gRPC status code.",
+            ["protocol", "method", "code"],
             registry=self.registry,
         )
         self._model_requests = Counter(
@@ -273,7 +273,7 @@ class ServerMetrics:
             registry=self.registry,
         )
         for method in METHODS:  # series exist from the start, so rate() works from zero
-            self._requests.labels(method, "OK")
+            self._requests.labels("grpc", method, "OK")
             self._total.labels(method)
         self.registry.register(BatcherCollector(batcher, models))
         if uploads is not None:
@@ -296,7 +296,8 @@ class ServerMetrics:
     def finished(self, record: AccessRecord) -> None:
         self._inflight.dec()
         fields = record.fields
-        self._requests.labels(record.method, str(fields["status"])).inc()
+        protocol = str(fields.get("protocol", "grpc"))
+        self._requests.labels(protocol, record.method, str(fields["status"])).inc()
         self._total.labels(record.method).observe(fields["total_ms"] / 1e3)
         model = fields.get("model")
         if isinstance(model, str) and model:

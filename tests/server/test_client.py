@@ -133,9 +133,12 @@ def test_make_payload_reads_the_size_of_encoded_files(set5_dir: Path) -> None:
 
 def test_output_naming(tmp_path: Path) -> None:
     src = Path("photos/cat.png")
-    assert output_path(src, tmp_path, False, 2, "jpeg") == tmp_path / "cat_x2.jpg"
-    assert output_path(src, tmp_path, False, 4, "webp") == tmp_path / "cat_x4.webp"
-    assert output_path(src, tmp_path / "big.png", True, 2, "png") == tmp_path / "big.png"
+    relative = Path("cat.png")
+    assert output_path(relative, tmp_path, False, "jpeg", "x2") == tmp_path / "cat_x2.jpg"
+    assert output_path(relative, tmp_path, False, "webp", "x4") == tmp_path / "cat_x4.webp"
+    resized = output_path(Path("a/cat.png"), tmp_path, False, "png", "1000x750")
+    assert resized == tmp_path / "a" / "cat_1000x750.png"
+    assert output_path(relative, tmp_path / "big.png", True, "png", "x2") == tmp_path / "big.png"
     assert writes_single_file([src], tmp_path / "big.png")
     assert not writes_single_file([src], tmp_path)  # an existing folder
     assert not writes_single_file([src], tmp_path / "new_folder")  # no suffix: a folder

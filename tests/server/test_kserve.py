@@ -446,7 +446,7 @@ def test_infer_calls_are_counted_in_the_servers_metrics(
 
     def count(code: str) -> float:
         value = metrics.registry.get_sample_value(
-            "rdn_requests_total", {"method": "ModelInfer", "code": code}
+            "rdn_requests_total", {"protocol": "grpc", "method": "ModelInfer", "code": code}
         )
         return value or 0.0
 

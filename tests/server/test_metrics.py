@@ -134,13 +134,24 @@ def test_requests_latencies_tiles_and_batches_are_counted(
     client.info(timeout=CALL_TIMEOUT)
 
     after = scrape_until(
-        port, lambda s: delta(before, s, "rdn_requests_total", method="GetModelInfo", code="OK") > 0
+        port,
+        lambda s: (
+            delta(
+                before, s, "rdn_requests_total", protocol="grpc", method="GetModelInfo", code="OK"
+            )
+            > 0
+        ),
     )
-    ok = {"method": "Upscale", "code": "OK"}
+    ok = {"protocol": "grpc", "method": "Upscale", "code": "OK"}
     assert delta(before, after, "rdn_requests_total", **ok) == 3
-    bad = {"method": "Upscale", "code": "INVALID_ARGUMENT"}
+    bad = {"protocol": "grpc", "method": "Upscale", "code": "INVALID_ARGUMENT"}
     assert delta(before, after, "rdn_requests_total", **bad) == 1
-    assert delta(before, after, "rdn_requests_total", method="GetModelInfo", code="OK") == 1
+    assert (
+        delta(
+            before, after, "rdn_requests_total", protocol="grpc", method="GetModelInfo", code="OK"
+        )
+        == 1
+    )
     assert delta(before, after, "rdn_tiles_computed_total") == 18
     assert delta(before, after, "rdn_engine_calls_total") == 6  # 3 x ceil(6 / max batch 4)
 
@@ -236,7 +247,7 @@ def test_cancelled_request_counts_dropped_tiles(
         until(lambda: batcher.tiles_dropped == submitted - MAX_BATCH, "the queued tiles dropped")
         gated.gate.set()
         until(lambda: batcher.tiles_computed == MAX_BATCH, "the held batch to finish")
-        cancelled = {"method": "UpscaleStream", "code": "CANCELLED"}
+        cancelled = {"protocol": "grpc", "method": "UpscaleStream", "code": "CANCELLED"}
         after = scrape_until(
             port, lambda s: delta(before, s, "rdn_requests_total", **cancelled) == 1
         )
@@ -257,7 +268,7 @@ def test_each_server_has_its_own_registry(
     ):
         assert metrics_port(other) != metrics_port(server)
         c.upscale(photo(set5_dir, 20, 20), "raw", timeout=CALL_TIMEOUT)
-        ok = {"method": "Upscale", "code": "OK"}
+        ok = {"protocol": "grpc", "method": "Upscale", "code": "OK"}
         mine = scrape_until(metrics_port(other), lambda s: value(s, "rdn_requests_total", **ok) > 0)
         assert value(mine, "rdn_requests_total", **ok) == 1
         assert value(mine, "rdn_tiles_computed_total") == 1

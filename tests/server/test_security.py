@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from server.auth import INVALID, MISSING, _digest, token_problem
+from server.auth import INVALID, MISSING, token_digest, token_problem
 from server.client import RetryPolicy, UpscaleClient, UpscaleError
 from server.config import EngineConfig, SecurityConfig, ServerConfig, TilingConfig
 from server.engine import Engine
@@ -249,7 +249,7 @@ def test_mutual_tls_needs_a_client_certificate_from_the_trusted_ca(
 
 
 def test_token_problems_pure() -> None:
-    expected = _digest(TOKEN)
+    expected = token_digest(TOKEN)
     assert token_problem([("authorization", f"Bearer {TOKEN}")], expected) is None
     assert token_problem([("authorization", f"bearer  {TOKEN} ")], expected) is None
     assert token_problem(None, expected) == MISSING

@@ -1,0 +1,600 @@
+"""The HTTP front door (``--http-port``): KServe v2 REST, ``POST /v1/upscale`` and a page at ``/``.
+
+A second door to the same pipeline: it runs on the server's event loop (aiohttp) and uses the
+repository, the tile batcher, the request-byte budget, the codec pool, the token and the
+access log / metrics that gRPC uses, so both protocols share batches and limits. Errors map from
+the same domain errors as gRPC (``calls.grpc_status``) to the HTTP status that means the same:
+INVALID_ARGUMENT 400, UNAUTHENTICATED 401, NOT_FOUND 404, RESOURCE_EXHAUSTED 413 (too large) or
+429 with ``Retry-After`` (transient), UNAVAILABLE 503, DEADLINE_EXCEEDED 504, INTERNAL 500; the
+body is ``{"error": "..."}`` as KServe's REST protocol has it.
+
+Request bodies are read chunk by chunk into one buffer of the announced size, after the size was
+checked against ``--max-request-bytes`` and held in the upload budget: an upload never sits in
+memory twice. Health probes (``/v2/health/*``) and the page need no token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+from google.protobuf import json_format
+
+from server.auth import token_digest, token_problem
+from server.batcher import TileBatcher
+from server.calls import AccessObserver, AccessRecord, check_request_id, grpc_status
+from server.config import ServerConfig
+from server.errors import NotServing, RequestError, RequestTooLarge, check_name
+from server.kserve import (
+    DATATYPE,
+    EXTENSIONS,
+    FLOAT32_LE,
+    INPUT_NAME,
+    MODEL_VERSION,
+    OUTPUT_NAME,
+    PLATFORM,
+    SERVER_NAME,
+    TENSOR_SHAPE,
+    TensorContext,
+    check_model,
+    infer_tensor,
+    model_config,
+    model_statistics,
+    package_version,
+)
+from server.pb.rdn.v1 import upscale_pb2
+from server.repository import READY, LoadFailed, ModelRepository
+from server.security import AUTH_METADATA_KEY
+from server.sizing import SizeOptions, check_options
+from server.uploads import UploadBudget
+from server.upscaling import ImageSource, UpscaleContext, output_spec, upscale_image
+from server.wire import RETRY_AFTER_KEY
+
+log = logging.getLogger(__name__)
+
+PAGE = Path(__file__).resolve().parent / "static" / "index.html"
+READ_CHUNK_BYTES = 256 * 2**10  # one read of a request body
+HEADER_LENGTH = "Inference-Header-Content-Length"  # KServe's binary tensor data extension
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+FORMAT_NUMBERS = {
+    "png": upscale_pb2.OUTPUT_FORMAT_PNG,
+    "jpeg": upscale_pb2.OUTPUT_FORMAT_JPEG,
+    "jpg": upscale_pb2.OUTPUT_FORMAT_JPEG,
+    "webp": upscale_pb2.OUTPUT_FORMAT_WEBP,
+}
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "UNAUTHENTICATED": 401,
+    "NOT_FOUND": 404,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+    "INTERNAL": 500,
+}
+OPEN_PATHS = ("/", "/v2/health/live", "/v2/health/ready")  # no token needed
+RECORD = web.RequestKey("record", AccessRecord)  # the request's access record
+
+
+def http_status(error: BaseException) -> tuple[int, str, dict[str, str]]:
+    """The HTTP status, message and extra headers for a handler error (via the gRPC mapping)."""
+    code, message, trailers = grpc_status(error)
+    retry = dict(trailers).get(RETRY_AFTER_KEY)
+    if code.name == "RESOURCE_EXHAUSTED":
+        if retry is not None:
+            return 429, message, {"Retry-After": str(max(1, math.ceil(int(retry) / 1e3)))}
+        return 413, message, {}
+    return HTTP_STATUS.get(code.name, 500), message, {}
+
+
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _int_query(request: web.Request, name: str) -> int:
+    text = request.query.get(name, "")
+    if not text:
+        return 0
+    if not text.isdigit():
+        raise RequestError(f"query {name}={text!r} must be a whole number >= 0")
+    return int(text)
+
+
+def upscale_options(request: web.Request) -> tuple[SizeOptions, int, int]:
+    """Model and size options, output format number and quality of ``POST /v1/upscale``."""
+    outscale_text = request.query.get("outscale", "")
+    try:
+        outscale = float(outscale_text) if outscale_text else 0.0
+    except ValueError:
+        raise RequestError(f"query outscale={outscale_text!r} must be a number, e.g. 1.5") from None
+    options = SizeOptions(
+        model=check_name(request.query.get("model", ""), "model"),
+        scale=_int_query(request, "scale"),
+        target_width=_int_query(request, "width"),
+        target_height=_int_query(request, "height"),
+        outscale=outscale,
+    )
+    check_options(options)
+    fmt = request.query.get("format", "png").lower()
+    if fmt not in FORMAT_NUMBERS:
+        raise RequestError(f"query format={fmt!r}: choose png, jpeg or webp")
+    return options, FORMAT_NUMBERS[fmt], _int_query(request, "quality")
+
+
+class HttpFrontDoor:
+    """The aiohttp application and its listening site."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        batcher: TileBatcher,
+        config: ServerConfig,
+        *,
+        uploads: UploadBudget,
+        codec_pool: Any,
+        serving: Callable[[], bool],
+        access_observer: AccessObserver | None = None,
+    ) -> None:
+        self._repository = repository
+        self._config = config
+        self._uploads = uploads
+        self._serving = serving
+        self._observer = access_observer
+        self._upscaling = UpscaleContext(batcher, codec_pool, config.limits)
+        self._tensors = TensorContext(batcher, codec_pool, uploads, config)
+        token = config.security.auth_token
+        self._expected = token_digest(token) if token else None
+        self._page = PAGE.read_bytes()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def application(self) -> web.Application:
+        app = web.Application(
+            client_max_size=self._config.limits.max_request_bytes,
+            middlewares=[self._guard],
+        )
+        get, post = web.get, web.post
+        app.add_routes(
+            [
+                get("/", self._index),
+                get("/v1/models", self._list_models),
+                post("/v1/upscale", self._upscale),
+                web.put("/v1/upscale", self._upscale),  # curl -T uploads with PUT
+                get("/v2/health/live", self._live),
+                get("/v2/health/ready", self._ready),
+                get("/v2", self._server_metadata),
+                get("/v2/models/stats", self._statistics),
+                get("/v2/models/{model}", self._model_metadata),
+                get("/v2/models/{model}/versions/{version}", self._model_metadata),
+                get("/v2/models/{model}/ready", self._model_ready),
+                get("/v2/models/{model}/versions/{version}/ready", self._model_ready),
+                get("/v2/models/{model}/config", self._model_config),
+                get("/v2/models/{model}/stats", self._statistics),
+                post("/v2/models/{model}/infer", self._infer),
+                post("/v2/models/{model}/versions/{version}/infer", self._infer),
+                post("/v2/repository/index", self._repository_index),
+                post("/v2/repository/models/{model}/load", self._load),
+                post("/v2/repository/models/{model}/unload", self._unload),
+            ]
+        )
+        return app
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
+        """Listen on ``host:port`` (0 = any free port); the bound port."""
+        self._runner = web.AppRunner(
+            self.application(), access_log=None, shutdown_timeout=self._config.grace_s
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, reuse_port=False)
+        await site.start()
+        server = site._server  # aiohttp exposes no public accessor for the bound sockets
+        sockets = getattr(server, "sockets", None) or ()
+        self.port = sockets[0].getsockname()[1] if sockets else port
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop accepting, give requests in flight ``--grace`` seconds, close."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- the guard: token, access record, errors ---------------------------------------------
+    @web.middleware
+    async def _guard(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        probe = request.path.startswith("/v2/health/") or request.path == "/"
+        record = None if probe else AccessRecord(f"HTTP {request.method} {name}", self._observer)
+        if record is not None:
+            record.set(protocol="http")
+            request[RECORD] = record
+        try:
+            if self._expected is not None and request.path not in OPEN_PATHS:
+                header = request.headers.get("Authorization")
+                problem = token_problem(
+                    [(AUTH_METADATA_KEY, header)] if header else [], self._expected
+                )
+                if problem is not None:
+                    if record is not None:
+                        record.set(status="UNAUTHENTICATED")
+                    return error_response(401, problem, {"WWW-Authenticate": "Bearer"})
+            return await handler(request)
+        except web.HTTPException as e:  # aiohttp's own: 404 route, 405 method, 413 body
+            if record is not None:
+                record.set(status=f"HTTP_{e.status}")
+            return error_response(e.status, e.reason)
+        except asyncio.CancelledError:
+            if record is not None:
+                record.set(status="CANCELLED")
+            raise
+        except Exception as e:
+            status, message, headers = http_status(e)
+            if record is not None:
+                record.set(status=grpc_status(e)[0].name)
+            if status == 500:
+                log.error("%s failed", name, exc_info=e)
+            return error_response(status, message, headers)
+        finally:
+            if record is not None:
+                record.log()
+
+    def _record(self, request: web.Request) -> AccessRecord:
+        """The request's access record (a throwaway for probes, which log nothing)."""
+        record = request.get(RECORD)
+        return record if record is not None else AccessRecord("probe")
+
+    def _check_serving(self) -> None:
+        if not self._serving():
+            raise NotServing("the server is warming up or shutting down; retry shortly")
+
+    async def _body(self, request: web.Request) -> bytearray:
+        """The request body, read chunk by chunk into one buffer, within the byte limit."""
+        limit = self._config.limits.max_request_bytes
+        length = request.content_length
+        if length is not None and length > limit:
+            raise RequestTooLarge(
+                f"the body is {length} bytes, over the request limit of {limit} bytes "
+                "(--max-request-bytes)"
+            )
+        buffer = bytearray(length or 0)
+        filled = 0
+        while True:
+            chunk = await request.content.read(READ_CHUNK_BYTES)
+            if not chunk:
+                break
+            end = filled + len(chunk)
+            if end > limit:
+                raise RequestTooLarge(
+                    f"the body is over the request limit of {limit} bytes (--max-request-bytes)"
+                )
+            if end > len(buffer):
+                buffer.extend(bytes(end - len(buffer)))
+            buffer[filled:end] = chunk
+            filled = end
+        del buffer[filled:]
+        return buffer
+
+    # -- the page and /v1 -----------------------------------------------------------------
+    async def _index(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._page, content_type="text/html", charset="utf-8")
+
+    async def _list_models(self, request: web.Request) -> web.Response:
+        snapshot = self._repository.snapshot
+        models = [
+            {
+                "name": p.name,
+                "scale": p.scale,
+                "file": p.path.name,
+                "default": snapshot.defaults.get(p.scale) == p.name,
+                "server_default": snapshot.primary == p.name,
+            }
+            for p in snapshot.ordered()
+        ]
+        return web.json_response({"models": models})
+
+    async def _upscale(self, request: web.Request) -> web.Response:
+        received = time.perf_counter()
+        record = self._record(request)
+        request_id = check_request_id(request.headers.get("X-Request-Id", ""))
+        record.set(request_id=request_id)
+        self._check_serving()
+        options, number, quality = upscale_options(request)
+        spec = output_spec(number, quality)
+        snapshot = self._repository.snapshot
+        snapshot.check(options)
+        length = request.content_length
+        if length is None:
+            length = self._config.limits.max_request_bytes  # chunked: hold the most it may be
+        if length == 0:
+            raise RequestError("the body is empty; send the image file as the request body")
+        with self._uploads.hold(min(length, self._config.limits.max_request_bytes), upload=True):
+            data = await self._body(request)
+            record.set(bytes_in=len(data))
+            done = await upscale_image(
+                self._upscaling,
+                ImageSource(data),  # type: ignore[arg-type]  # bytes-like: not copied
+                spec,
+                options,
+                snapshot,
+                request_id,
+                received,
+                record,
+                unary=False,
+            )
+            del data
+        answer = done.response
+        headers = {
+            "X-Model": answer.model,
+            "X-Width": str(answer.width),
+            "X-Height": str(answer.height),
+            "X-Scale": str(answer.scale),
+            "X-Tiles": str(answer.tiles),
+            "X-Compute-Seconds": f"{answer.timings.compute_seconds:.4f}",
+            "X-Total-Seconds": f"{time.perf_counter() - received:.4f}",
+            "X-Request-Id": request_id,
+            "Access-Control-Expose-Headers": "*",
+        }
+        return web.Response(body=done.image, content_type=CONTENT_TYPES[spec.name], headers=headers)
+
+    # -- KServe v2 REST ---------------------------------------------------------------------
+    async def _live(self, request: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        ready = self._serving()
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+    async def _server_metadata(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"name": SERVER_NAME, "version": package_version(), "extensions": list(EXTENSIONS)}
+        )
+
+    def _pipeline(self, request: web.Request) -> Any:
+        return check_model(
+            request.match_info["model"],
+            request.match_info.get("version", ""),
+            self._repository.snapshot,
+        )
+
+    async def _model_metadata(self, request: web.Request) -> web.Response:
+        pipeline = self._pipeline(request)
+        self._record(request).set(model=pipeline.name)
+        tensor = {"datatype": DATATYPE, "shape": list(TENSOR_SHAPE)}
+        return web.json_response(
+            {
+                "name": pipeline.name,
+                "versions": [MODEL_VERSION],
+                "platform": PLATFORM,
+                "inputs": [{"name": INPUT_NAME, **tensor}],
+                "outputs": [{"name": OUTPUT_NAME, **tensor}],
+            }
+        )
+
+    async def _model_ready(self, request: web.Request) -> web.Response:
+        try:
+            self._pipeline(request)
+        except LookupError:
+            return web.json_response({"ready": False}, status=404)
+        ready = self._serving()
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+    async def _model_config(self, request: web.Request) -> web.Response:
+        config = model_config(self._pipeline(request))
+        return web.json_response(
+            json_format.MessageToDict(config, preserving_proto_field_name=True)
+        )
+
+    async def _statistics(self, request: web.Request) -> web.Response:
+        snapshot = self._repository.snapshot
+        pipelines = (
+            [self._pipeline(request)] if "model" in request.match_info else snapshot.ordered()
+        )
+        stats = [
+            json_format.MessageToDict(model_statistics(p), preserving_proto_field_name=True)
+            for p in pipelines
+        ]
+        return web.json_response({"model_stats": stats})
+
+    async def _repository_index(self, request: web.Request) -> web.Response:
+        body = await self._json_body(request, allow_empty=True)
+        ready_only = bool(body.get("ready", False))
+        models = [
+            {
+                "name": e.name,
+                "version": MODEL_VERSION if e.state == READY else "",
+                "state": e.state,
+                "reason": e.reason,
+            }
+            for e in self._repository.index()
+            if e.state == READY or not ready_only
+        ]
+        return web.json_response(models)
+
+    async def _load(self, request: web.Request) -> web.Response:
+        body = await self._json_body(request, allow_empty=True)
+        if body.get("parameters"):
+            raise RequestError(
+                "load parameters are not supported: models load from the repository's files "
+                "(--model-dir / --model); send none"
+            )
+        name = check_name(request.match_info["model"], "model name")
+        try:
+            await self._repository.load(name)
+        except LoadFailed as e:
+            raise RequestError(str(e)) from e
+        self._record(request).set(model=name)
+        return web.json_response({})
+
+    async def _unload(self, request: web.Request) -> web.Response:
+        name = check_name(request.match_info["model"], "model name")
+        await self._repository.unload(name)
+        self._record(request).set(model=name)
+        return web.json_response({})
+
+    async def _json_body(self, request: web.Request, allow_empty: bool = False) -> dict[str, Any]:
+        data = await self._body(request)
+        if not data and allow_empty:
+            return {}
+        try:
+            body = json.loads(bytes(data))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RequestError(f"the body is not JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise RequestError("the body must be a JSON object")
+        return body
+
+    async def _infer(self, request: web.Request) -> web.Response:
+        received = time.perf_counter()
+        record = self._record(request)
+        pipeline = self._pipeline(request)
+        record.set(model=pipeline.name)
+        self._check_serving()
+        data = await self._body(request)
+        header_text = request.headers.get(HEADER_LENGTH)
+        header_length = len(data) if header_text is None else _header_length(header_text, data)
+        body = _parse_json(bytes(data[:header_length]))
+        request_id = check_request_id(str(body.get("id", "")))
+        record.set(request_id=request_id)
+        shape, load = parse_infer_input(body, memoryview(data)[header_length:])
+        binary = wants_binary(body)
+        canvas = await infer_tensor(
+            self._tensors, pipeline, shape, load, request_id, record, received
+        )
+        output: dict[str, Any] = {
+            "name": OUTPUT_NAME,
+            "datatype": DATATYPE,
+            "shape": list(canvas.shape),
+        }
+        answer: dict[str, Any] = {
+            "model_name": pipeline.name,
+            "model_version": MODEL_VERSION,
+            "outputs": [output],
+        }
+        if request_id:
+            answer["id"] = request_id
+        if not binary:
+            output["data"] = canvas.ravel().tolist()
+            return web.json_response(answer)
+        raw = canvas.astype(FLOAT32_LE, copy=False).tobytes()
+        output["parameters"] = {"binary_data_size": len(raw)}
+        head = json.dumps(answer).encode()
+        record.set(bytes_out=len(raw))
+        return web.Response(
+            body=head + raw,
+            content_type="application/octet-stream",
+            headers={HEADER_LENGTH: str(len(head))},
+        )
+
+
+def _header_length(text: str, data: bytearray) -> int:
+    if not text.isdigit() or int(text) > len(data):
+        raise RequestError(
+            f"{HEADER_LENGTH}: {text!r} must be the byte length of the JSON header that starts "
+            f"the body (the body has {len(data)} bytes)"
+        )
+    return int(text)
+
+
+def _parse_json(text: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(f"the inference request is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise RequestError("the inference request must be a JSON object")
+    return body
+
+
+def wants_binary(body: dict[str, Any]) -> bool:
+    """The binary data extension: the output requested with ``binary_data``, or
+    ``binary_data_output`` on the request."""
+    parameters = body.get("parameters") or {}
+    if isinstance(parameters, dict) and parameters.get("binary_data_output"):
+        return True
+    for output in body.get("outputs") or []:
+        if not isinstance(output, dict) or output.get("name") != OUTPUT_NAME:
+            raise RequestError(
+                f"unknown output {output!r}; the model has one output {OUTPUT_NAME!r}"
+            )
+        if (output.get("parameters") or {}).get("binary_data"):
+            return True
+    return False
+
+
+def parse_infer_input(
+    body: dict[str, Any], rest: memoryview
+) -> tuple[tuple[int, int, int, int], Callable[[], np.ndarray]]:
+    """The checked [N, 3, H, W] shape of the request's one input and a loader of its data
+    (JSON numbers, or the binary bytes after the header)."""
+    inputs = body.get("inputs")
+    accepted = f"one input {INPUT_NAME!r} {DATATYPE} [N, 3, H, W] (RGB planes in [0, 1])"
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise RequestError(f"the request must carry {accepted}")
+    tensor = inputs[0]
+    if tensor.get("name") != INPUT_NAME or tensor.get("datatype") != DATATYPE:
+        raise RequestError(
+            f"input {tensor.get('name')!r} {tensor.get('datatype')!r}: expected {accepted}"
+        )
+    shape = tensor.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 4
+        or not all(isinstance(d, int) and d >= 1 for d in shape)
+        or shape[1] != 3
+    ):
+        raise RequestError(f"input shape {shape!r}: expected [N, 3, H, W] with N, H, W >= 1")
+    n, _, h, w = shape
+    count = n * 3 * h * w
+    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        if size != count * FLOAT32_LE.itemsize or len(rest) != size:
+            raise RequestError(
+                f"binary_data_size {size} with {len(rest)} bytes after the header: the input "
+                f"{shape} {DATATYPE} needs exactly {count * FLOAT32_LE.itemsize} bytes"
+            )
+
+        def from_binary() -> np.ndarray:
+            array = np.frombuffer(rest, FLOAT32_LE).astype(np.float32, copy=False)
+            return array.reshape(n, 3, h, w)
+
+        return (n, 3, h, w), from_binary
+    values = tensor.get("data")
+    if not isinstance(values, list):
+        raise RequestError(f"input {INPUT_NAME!r} carries no data: send `data` or binary data")
+
+    def from_json() -> np.ndarray:
+        try:
+            array = np.asarray(values, np.float32)
+        except (ValueError, TypeError) as e:
+            raise RequestError(f"input data is not a list of numbers: {e}") from None
+        if array.size != count:
+            raise RequestError(f"input data holds {array.size} values; shape {shape} needs {count}")
+        return array.reshape(n, 3, h, w)
+
+    return (n, 3, h, w), from_json
+
+
+def server_ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """TLS for the HTTP port from the gRPC flags (``--tls-cert``, ``--tls-key``,
+    ``--tls-client-ca``); None for plaintext."""
+    security = config.security
+    if security.tls_cert is None or security.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(security.tls_cert, security.tls_key)
+    if security.tls_client_ca is not None:
+        context.load_verify_locations(cafile=security.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
