@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from rdn.checkpoint import (
@@ -97,7 +98,10 @@ RESUME_MUST_MATCH = (
     "channel_shuffle",
     "degradation",
     "photo_ranges",
+    "schedule",
+    "ema",
 )
+SCHEDULES = ("step", "cosine")
 
 
 class UsageError(ValueError):
@@ -118,6 +122,8 @@ class TrainConfig:
     patch_size: int = 48  # LR patch side; the HR patch is scale times larger
     lr: float = 1e-4  # resolved from DEFAULT_LR[preset] unless given
     lr_half_every: int = 200_000  # resolved to steps // 3 unless given; 0: constant
+    schedule: str = "step"  # step: halved every lr_half_every; cosine: to 0 at the last step
+    ema: float = 0.0  # decay of an exponential moving average of the weights; 0: none
     bn_freeze_after: int = 300_000  # resolved to steps // 2 unless given
     val_every: int = 1000
     save_every: int = 1000
@@ -154,6 +160,11 @@ class TrainConfig:
         need(
             isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0,
             f"lr must be a positive number, got {self.lr!r}",
+        )
+        need(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}: {self.schedule!r}")
+        need(
+            isinstance(self.ema, int | float) and 0 <= self.ema < 1,
+            f"ema must be a decay in [0, 1), e.g. 0.999 (0: off), got {self.ema!r}",
         )
         for name in ("skip_bad_images", "channel_shuffle"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false")
@@ -233,8 +244,13 @@ def default_lr_half_every(steps: int) -> int:
     return max(1, steps // 3)
 
 
-def lr_at(step: int, base_lr: float, half_every: int) -> float:
-    """Learning rate of step ``step`` (0-based): halved every ``half_every`` steps (0: never)."""
+def lr_at(
+    step: int, base_lr: float, half_every: int, schedule: str = "step", steps: int = 0
+) -> float:
+    """Learning rate of step ``step`` (0-based): with ``step``, halved every ``half_every``
+    steps (0: never); with ``cosine``, from ``base_lr`` down to 0 at step ``steps``."""
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
     if half_every <= 0:
         return base_lr
     return base_lr * 0.5 ** (step // half_every)
@@ -287,6 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, help=f"LR patch side (default {d.patch_size})")
     p.add_argument("--lr", type=float, help=f"base learning rate (default per preset {DEFAULT_LR})")
     p.add_argument("--lr-half-every", type=int, help="default steps/3; 0: never")
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        help="step: halve every --lr-half-every (default); cosine: decay to 0 at --steps",
+    )
+    p.add_argument(
+        "--ema",
+        type=float,
+        help="keep an exponential moving average of the weights with this decay (e.g. 0.999): "
+        "validation, best.pt and so rdn-export use it (default 0: off)",
+    )
     p.add_argument(
         "--bn-freeze-after",
         type=int,
@@ -448,11 +475,14 @@ def train_loop(
     state: RunState,
     ctx: Dist,
     extra_payload: dict[str, Any],
+    ema: AveragedModel | None = None,
 ) -> RunState:
     """Train from ``state.step`` to ``cfg.steps``: freeze BN, log, validate, checkpoint.
 
     ``model`` is what the forward pass runs (DDP-wrapped or not), ``raw_model`` the RDN
-    inside it (for freezing, validation and checkpoints). Only rank 0 writes files.
+    inside it (for freezing, validation and checkpoints). With ``ema``, the moving average
+    is updated after every step and is what validation scores and best.pt holds; last.pt
+    holds both. Only rank 0 writes files.
     """
     out = Path(cfg.out)
     criterion = nn.L1Loss()
@@ -460,16 +490,24 @@ def train_loop(
     progress = Progress(metrics, state.step, cfg.steps, cfg.log_every, ctx, device)
     has_bn = bool(batchnorm_layers(raw_model))
 
-    def payload() -> dict[str, Any]:
+    scored = raw_model if ema is None else ema.module  # what validation and best.pt use
+
+    def payload(weights: RDN = raw_model) -> dict[str, Any]:
         return make_payload(
-            raw_model,
+            weights,
             step=state.step,
             optimizer=optimizer.state_dict(),
-            schedule={"kind": "step", "base_lr": cfg.lr, "half_every": cfg.lr_half_every},
+            schedule={
+                "kind": cfg.schedule,
+                "base_lr": cfg.lr,
+                "half_every": cfg.lr_half_every,
+                "ema": cfg.ema,
+            },
             rng=rng_state(),
             train_config=cfg.to_dict(),
             best={"val_psnr_y": state.best_psnr, "step": state.best_step},
             world_size=ctx.world_size,
+            **({} if ema is None else {"ema": ema.state_dict()}),
             **extra_payload,
         )
 
@@ -478,13 +516,17 @@ def train_loop(
         for step, (lr_images, hr_images) in enumerate(loader, start=state.step):
             if has_bn and step == cfg.bn_freeze_after:
                 n = freeze_batchnorm(raw_model)
+                if ema is not None:
+                    freeze_batchnorm(ema.module)
                 log.info("step %d: froze %d BatchNorm layers into eval mode", step, n)
-            lr = lr_at(step, cfg.lr, cfg.lr_half_every)
+            lr = lr_at(step, cfg.lr, cfg.lr_half_every, cfg.schedule, cfg.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             lr_images = lr_images.to(device, non_blocking=True)
             hr_images = hr_images.to(device, non_blocking=True)
             loss = train_one_step(model, criterion, optimizer, lr_images, hr_images)
+            if ema is not None:
+                ema.update_parameters(raw_model)
             state.step = done = step + 1
             progress.step_done(done, loss, lr)
             if not ctx.is_main:
@@ -498,9 +540,7 @@ def train_loop(
                     cfg.degradation,
                 )
                 started = time.perf_counter()
-                result = validate(
-                    raw_model, Path(cfg.val), cfg.scale, device, cfg.degradation_spec()
-                )
+                result = validate(scored, Path(cfg.val), cfg.scale, device, cfg.degradation_spec())
                 progress.write({"step": done, **result})
                 log.info(
                     "step %d: validation PSNR %.3f dB SSIM %.4f in %.1f s (best before: %.3f at "
@@ -514,11 +554,24 @@ def train_loop(
                 )
                 if result["val_psnr_y"] > state.best_psnr:
                     state.best_psnr, state.best_step = result["val_psnr_y"], done
-                    save_checkpoint(out / BEST, payload())
+                    save_checkpoint(out / BEST, payload(scored))
             if done % cfg.save_every == 0 or done == cfg.steps:
                 save_checkpoint(out / LAST, payload())
+                if cfg.val is None and ema is not None:  # no validation: best = the average
+                    save_checkpoint(out / BEST, payload(scored))
     progress.close()
     return state
+
+
+def make_ema(model: RDN, decay: float) -> AveragedModel | None:
+    """torch's exponential moving average of ``model``'s weights and buffers (None for decay
+    0); a copy of the model that follows it after every optimizer step."""
+    if decay <= 0:
+        return None
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    if batchnorm_frozen(model):
+        freeze_batchnorm(ema.module)
+    return ema
 
 
 def load_resumable(path: Path) -> dict[str, Any]:
@@ -636,9 +689,14 @@ def run(cfg: TrainConfig, ckpt: dict[str, Any] | None, ctx: Dist) -> int:
             stale.unlink(missing_ok=True)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    ema = make_ema(model, cfg.ema)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
+        if ema is not None:
+            if "ema" not in ckpt:
+                raise CheckpointError(f"checkpoint {last}: ema={cfg.ema} but no average stored")
+            ema.load_state_dict(ckpt["ema"])
     log.info(
         "model %s: %d parameters; %d steps, batch %d x %d process(es), patch %d, lr %.2e "
         "halved every %d, BN frozen after %d, degradation %s, device %s",
@@ -665,7 +723,9 @@ def run(cfg: TrainConfig, ckpt: dict[str, Any] | None, ctx: Dist) -> int:
     loader = _build_loader(dataset, cfg, ctx, state.step, device)
     extra = {"data_images": names}
     if state.step < cfg.steps:
-        state = train_loop(wrapped, model, optimizer, loader, device, cfg, state, ctx, extra)
+        state = train_loop(
+            wrapped, model, optimizer, loader, device, cfg, state, ctx, extra, ema=ema
+        )
     else:
         log.info("already at step %d of %d: nothing to train", state.step, cfg.steps)
 
@@ -674,7 +734,7 @@ def run(cfg: TrainConfig, ckpt: dict[str, Any] | None, ctx: Dist) -> int:
         append_metrics(
             out / METRICS, {"step": state.step, "event": "end", "rank_state_sha256": hashes}
         )
-        if cfg.val is None or not (out / BEST).exists():
+        if (cfg.val is None and ema is None) or not (out / BEST).exists():
             # No validation set: the final weights are the best we can name.
             final = load_checkpoint(last)
             save_checkpoint(out / BEST, final)

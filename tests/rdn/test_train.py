@@ -432,3 +432,40 @@ def test_init_from_a_shipped_onnx_model_starts_from_its_weights(tmp_path: Path) 
     result = run_cli(*args, "--steps", "1", "--init", bad, "--out", tmp_path / "r2")
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1 and "bad.onnx" in result.stderr
+
+
+def test_cosine_schedule_decays_to_zero_at_the_last_step() -> None:
+    assert lr_at(0, 1e-3, 100, "cosine", 1000) == 1e-3
+    assert lr_at(500, 1e-3, 100, "cosine", 1000) == pytest.approx(5e-4)
+    assert lr_at(1000, 1e-3, 100, "cosine", 1000) == pytest.approx(0.0)
+    assert lr_at(250, 1e-3, 100, "cosine", 1000) > lr_at(750, 1e-3, 100, "cosine", 1000)
+
+
+def test_ema_is_what_validation_scores_best_holds_and_resume_restores(tmp_path: Path) -> None:
+    """--ema: best.pt holds the average (what rdn-export exports), last.pt the raw weights and
+    the average; 3 + 3 resumed steps give exactly the average of 6 steps."""
+    args = [*TINY, "--ema", "0.5", "--bn-freeze-after", "2", "--lr-half-every", "2", "--seed", "3"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main([*args, "--steps", "6", "--out", str(full)]) == 0
+    assert main([*args, "--steps", "3", "--out", str(split)]) == 0
+    assert main(["--resume", "--steps", "6", "--out", str(split)]) == 0
+    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(split / "last.pt")
+    assert max_abs_diff(a["model"], b["model"]) == 0.0
+    average, resumed = (
+        {k[len("module.") :]: v for k, v in c["ema"].items() if k.startswith("module.")}
+        for c in (a, b)
+    )
+    assert max_abs_diff(average, resumed) == 0.0
+    assert max_abs_diff(average, a["model"]) > 0  # an average, not the last weights
+    best = load_checkpoint(full / "best.pt")
+    assert max_abs_diff(best["model"], average) == 0.0
+    assert best["bn_frozen"] is True and a["schedule"]["ema"] == 0.5
+
+
+def test_resume_refuses_another_ema_or_schedule(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main([*TINY, "--steps", "1", "--ema", "0.9", "--out", str(run)]) == 0
+    result = run_cli("--resume", "--out", run, "--steps", "2", "--ema", "0.99")
+    assert result.returncode == 1 and "ema=0.9, now 0.99" in result.stderr
+    result = run_cli("--resume", "--out", run, "--steps", "2", "--schedule", "cosine")
+    assert result.returncode == 1 and "schedule='step', now 'cosine'" in result.stderr
