@@ -92,13 +92,15 @@ def plan_chunks(
 
 
 def to_unit_float(tiles: np.ndarray) -> np.ndarray:
-    """uint8 tiles -> float32 in [0, 1], the same arithmetic as ``codec.to_planar``."""
+    """uint8 tiles -> float32 in [0, 1], the same arithmetic as whole-image inference's
+    ``to_planar`` (tests/server/reference.py)."""
     return np.multiply(tiles, np.float32(1 / 255), dtype=np.float32)
 
 
 def to_uint8(values: np.ndarray) -> np.ndarray:
     """float [0, 1] -> uint8, rounded and clipped with the same arithmetic as
-    ``codec.from_planar`` (which also moves channels last; this keeps the layout)."""
+    ``from_planar`` of tests/server/reference.py (which also moves channels last; this keeps
+    the layout)."""
     scaled = np.multiply(values, np.float32(255), dtype=np.float32)
     scaled += np.float32(0.5)
     np.clip(scaled, 0, 255.5, out=scaled)

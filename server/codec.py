@@ -565,21 +565,6 @@ def decode_raw(
 # --- model input/output -------------------------------------------------------------------------
 
 
-def to_planar(rgb: np.ndarray) -> np.ndarray:
-    """H x W x 3 uint8 -> float32 [3, H, W] in [0, 1] (the model's input layout)."""
-    planar = np.empty((3, *rgb.shape[:2]), np.float32)
-    np.multiply(rgb.transpose(2, 0, 1), np.float32(1 / 255), out=planar, dtype=np.float32)
-    return planar
-
-
-def from_planar(chw: np.ndarray) -> np.ndarray:
-    """float [3, H, W] in [0, 1] -> H x W x 3 uint8, rounded to nearest and clipped."""
-    scaled = np.multiply(chw, np.float32(255), dtype=np.float32)
-    scaled += np.float32(0.5)
-    np.clip(scaled, 0, 255.5, out=scaled)  # then truncation == round half up
-    return scaled.transpose(1, 2, 0).astype(np.uint8, order="C")
-
-
 def finish_output(sr_rgb: np.ndarray, decoded: DecodedImage, scale: int) -> np.ndarray:
     """Give the upscaled RGB the input's channel layout: grey -> 1 channel, RGBA -> alpha
     upscaled separately (bicubic, clipped) and re-attached. Returns sH x sW x C uint8."""

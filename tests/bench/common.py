@@ -30,7 +30,6 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from server.codec import to_planar
 from server.config import (
     BatcherConfig,
     EngineConfig,
@@ -42,6 +41,7 @@ from server.engine import Engine
 from server.models import default_model_path
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.tiling import plan_tiles, split_tiles
+from tests.server.reference import to_planar
 
 log = logging.getLogger("bench")
 

@@ -37,7 +37,6 @@ from PIL import Image
 
 from rdn.imaging import list_images, read_rgb
 from server.client import AsyncUpscaleClient, RetryPolicy
-from server.codec import from_planar, to_planar
 from server.models import default_model_path
 from tests.bench.common import (
     SET5,
@@ -49,6 +48,7 @@ from tests.bench.common import (
     setup_logging,
     stop_server,
 )
+from tests.server.reference import from_planar, to_planar
 
 BENCH = "service_vs_whole_image"
 TARGET_RATIO = 0.9

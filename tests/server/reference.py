@@ -1,13 +1,28 @@
-"""The whole-image tiling path the servers used before chunked inference: every tile cut up
-front, one submission, one stitch. Tests compare the chunked path against it."""
+"""Reference paths tests and benchmarks compare the server against: the value conversions of
+whole-image inference (``to_planar`` / ``from_planar``), and the tiling path the servers used
+before chunked inference (every tile cut up front, one submission, one stitch)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from rdn.ensemble import N_TRANSFORMS, inverse_transform, transform
-from server.codec import to_planar
 from server.tiling import TilePlan, merge_tiles, plan_tiles, split_tiles
+
+
+def to_planar(rgb: np.ndarray) -> np.ndarray:
+    """H x W x 3 uint8 -> float32 [3, H, W] in [0, 1] (the model's input layout)."""
+    planar = np.empty((3, *rgb.shape[:2]), np.float32)
+    np.multiply(rgb.transpose(2, 0, 1), np.float32(1 / 255), out=planar, dtype=np.float32)
+    return planar
+
+
+def from_planar(chw: np.ndarray) -> np.ndarray:
+    """float [3, H, W] in [0, 1] -> H x W x 3 uint8, rounded to nearest and clipped."""
+    scaled = np.multiply(chw, np.float32(255), dtype=np.float32)
+    scaled += np.float32(0.5)
+    np.clip(scaled, 0, 255.5, out=scaled)  # then truncation == round half up
+    return scaled.transpose(1, 2, 0).astype(np.uint8, order="C")
 
 
 def tile_image(

@@ -23,11 +23,10 @@ from server.chunked import (
     to_uint8,
     to_unit_float,
 )
-from server.codec import from_planar
 from server.config import BatcherConfig, EngineConfig
 from server.engine import Engine
 from server.tiling import plan_tiles
-from tests.server.reference import stitch, tile_image
+from tests.server.reference import from_planar, stitch, tile_image
 
 WAIT = 10.0  # seconds: bound on every await that must finish
 TILE, PAD = 8, 2

@@ -25,9 +25,8 @@ from server.codec import (
     decode_raw,
     encode_image,
     finish_output,
-    from_planar,
-    to_planar,
 )
+from tests.server.reference import from_planar, to_planar
 
 MAX_PIXELS = 4096 * 4096 + 1
 MAX_BYTES = 64 * 2**20

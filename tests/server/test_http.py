@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,10 +25,10 @@ from server.pb.inference import grpc_service_pb2 as kpb
 from server.pb.inference import grpc_service_pb2_grpc as kpb_grpc
 from tests.server.browser import chromium_driver, drive_page
 from tests.server.loopback import loopback_config
+from tests.server.triton_driver import HTTP_SCRIPT, tritonclient
 from tests.tritonclient_env import tritonclient_python
 
 CALL_TIMEOUT = 60.0
-HTTP_SCRIPT = Path(__file__).with_name("kserve_http_script.py")
 TOKEN = "http-door-secret-0123456789"
 
 
@@ -203,15 +202,7 @@ def triton_python(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
 
 
 def http_client(python: str, port: int, actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    done = subprocess.run(
-        [python, str(HTTP_SCRIPT), f"127.0.0.1:{port}"],
-        input=json.dumps(actions),
-        capture_output=True,
-        text=True,
-        timeout=2 * CALL_TIMEOUT,
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+    return tritonclient(python, port, actions, HTTP_SCRIPT)
 
 
 def test_tritonclient_http_infers_and_manages_the_repository(

@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
-from server.codec import to_planar
 from server.config import (
     BatcherConfig,
     EngineConfig,
@@ -40,6 +39,7 @@ from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.tiling import merge_tiles, plan_tiles, split_tiles
 from server.wire import RETRY_AFTER_KEY
 from tests.server.loopback import CPU, PAD, TILE, loopback_config
+from tests.server.reference import to_planar
 from tests.server.triton_driver import tritonclient, value
 from tests.tritonclient_env import tritonclient_python
 

@@ -32,7 +32,7 @@ from server.client import (
     UpscaleError,
     UpscaleResult,
 )
-from server.codec import decode_image, from_planar, to_planar
+from server.codec import decode_image
 from server.config import BatcherConfig, LimitsConfig, TilingConfig
 from server.engine import Engine
 from server.main import BackgroundServer
@@ -40,6 +40,7 @@ from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.tiling import merge_tiles, plan_tiles, split_tiles
 from tests.server.gated import call_held_at_the_gate, gated_server, until
 from tests.server.loopback import MAX_BATCH, NO_RETRY, PAD, TILE, loopback_config
+from tests.server.reference import from_planar, to_planar
 
 CALL_TIMEOUT = 60.0  # seconds: generous bound so a broken server fails the test, not hangs it
 

@@ -1,4 +1,4 @@
-"""Runs ``kserve_client_script.py`` (real tritonclient, its own interpreter) against a server.
+"""Runs the tritonclient drivers (real tritonclient, its own interpreter) against a server.
 
 Shared by the KServe and model repository tests: ``tritonclient(python, port, actions)``.
 """
@@ -10,14 +10,18 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-SCRIPT = Path(__file__).with_name("kserve_client_script.py")
+SCRIPT = Path(__file__).with_name("kserve_client_script.py")  # tritonclient.grpc
+HTTP_SCRIPT = Path(__file__).with_name("kserve_http_script.py")  # tritonclient.http
 CALL_TIMEOUT = 60.0  # the script bounds each call by this; the whole run by twice
 
 
-def tritonclient(python: str, port: int, actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run ``actions`` with tritonclient in a subprocess; one result object per action."""
+def tritonclient(
+    python: str, port: int, actions: list[dict[str, Any]], script: Path = SCRIPT
+) -> list[dict[str, Any]]:
+    """Run ``actions`` with tritonclient (``script``: the gRPC or the HTTP driver) in a
+    subprocess; one result object per action."""
     done = subprocess.run(
-        [python, str(SCRIPT), f"127.0.0.1:{port}"],
+        [python, str(script), f"127.0.0.1:{port}"],
         input=json.dumps(actions),
         capture_output=True,
         text=True,
