@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 from rdn.checkpoint import (
@@ -403,11 +403,15 @@ def stored_train_config(stored: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_resumable(stored: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
-    """Refuse a resume whose settings would change the weights the run computes."""
-    for name in RESUME_MUST_MATCH:
-        if stored.get(name) != getattr(cfg, name):
+    """Refuse a resume whose settings would change the weights the run computes (a setting
+    older checkpoints lack counts as its default; a cosine schedule also fixes ``steps``)."""
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    names = (*RESUME_MUST_MATCH, "steps") if cfg.schedule == "cosine" else RESUME_MUST_MATCH
+    for name in names:
+        was = stored.get(name, fields[name])
+        if was != getattr(cfg, name):
             raise CheckpointError(
-                f"checkpoint {path}: was trained with {name}={stored.get(name)!r}, now "
+                f"checkpoint {path}: was trained with {name}={was!r}, now "
                 f"{getattr(cfg, name)!r}; resume keeps these fixed - start a new --out with "
                 f"--init {path} to change them"
             )
@@ -563,12 +567,27 @@ def train_loop(
     return state
 
 
+def ema_decay(decay: float, updates: int) -> float:
+    """The decay of the update after ``updates`` others: ``decay``, warmed up as
+    (1 + n) / (10 + n) so the average does not start dominated by the initial weights
+    (0.999 ** 500 = 0.61: a short run's plain average scored 17 dB where its weights scored
+    32.8 at step 500)."""
+    return min(decay, (1 + updates) / (10 + updates))
+
+
 def make_ema(model: RDN, decay: float) -> AveragedModel | None:
-    """torch's exponential moving average of ``model``'s weights and buffers (None for decay
-    0); a copy of the model that follows it after every optimizer step."""
+    """torch's averaged copy of ``model`` (weights and buffers), updated after every optimizer
+    step with ``ema_decay``; None for decay 0."""
     if decay <= 0:
         return None
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    def average(
+        averaged: torch.Tensor, current: torch.Tensor, updates: torch.Tensor
+    ) -> torch.Tensor:
+        kept = ema_decay(decay, int(updates))
+        return kept * averaged + (1 - kept) * current
+
+    ema = AveragedModel(model, avg_fn=average, use_buffers=True)
     if batchnorm_frozen(model):
         freeze_batchnorm(ema.module)
     return ema
@@ -699,7 +718,7 @@ def run(cfg: TrainConfig, ckpt: dict[str, Any] | None, ctx: Dist) -> int:
             ema.load_state_dict(ckpt["ema"])
     log.info(
         "model %s: %d parameters; %d steps, batch %d x %d process(es), patch %d, lr %.2e "
-        "halved every %d, BN frozen after %d, degradation %s, device %s",
+        "%s, BN frozen after %d, degradation %s, EMA %s, device %s",
         model.config,
         sum(p.numel() for p in model.parameters()),
         cfg.steps,
@@ -707,9 +726,10 @@ def run(cfg: TrainConfig, ckpt: dict[str, Any] | None, ctx: Dist) -> int:
         ctx.world_size,
         cfg.patch_size,
         cfg.lr,
-        cfg.lr_half_every,
+        "cosine to 0" if cfg.schedule == "cosine" else f"halved every {cfg.lr_half_every}",
         cfg.bn_freeze_after,
         cfg.degradation,
+        cfg.ema or "off",
         device,
     )
     if batchnorm_layers(model) and cfg.bn_freeze_after >= cfg.steps:

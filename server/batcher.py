@@ -37,15 +37,17 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from server.config import BatcherConfig
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class TileEngine(Protocol):
@@ -274,6 +276,13 @@ class TileBatcher:
         self._check_room(tiles)
         self._held += tiles
         return Reservation(self, tiles)
+
+    async def run_exclusive(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` on the engine thread, between batches: work such as a new
+        model's warm-up then never runs beside an engine call."""
+        if self._executor is None:
+            raise BatcherStopped("tile batcher is not running")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     def lane(self, engine: TileEngine) -> Lane:
         """A ``submit`` that runs tiles through ``engine`` (one model of many) on this

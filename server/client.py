@@ -37,6 +37,7 @@ from server.security import (
 )
 from server.sizing import SizeOptions
 from server.wire import DEFAULT_QUALITY, HTTP2_MAX_FRAME_BYTES, RETRY_AFTER_KEY, UPLOAD_ACCEPTED_KEY
+from server.wire import FORMAT_NUMBERS as FORMATS
 from server.wire import FORMATS as FORMAT_NAMES
 
 log = logging.getLogger("rdn.client")
@@ -50,13 +51,6 @@ MAX_CHANNELS = 4  # RGBA
 UNKNOWN_INPUT_ANSWER_BYTES = 2**32  # cap on an answer when the input's size could not be read
 ENCODING_SLACK_BYTES = 2**20  # a PNG may be a little larger than its raw pixels
 
-FORMATS: dict[str, int] = {
-    "png": upscale_pb2.OUTPUT_FORMAT_PNG,
-    "jpeg": upscale_pb2.OUTPUT_FORMAT_JPEG,
-    "jpg": upscale_pb2.OUTPUT_FORMAT_JPEG,
-    "webp": upscale_pb2.OUTPUT_FORMAT_WEBP,
-    "raw": upscale_pb2.OUTPUT_FORMAT_RAW,
-}
 EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "raw": ".raw"}
 CLI_FORMATS = ("png", "jpeg", "webp")
 

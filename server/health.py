@@ -10,6 +10,7 @@ up a status change (no lock is held while writing).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import grpc
@@ -18,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+WATCH_END_WAIT_S = 1.0  # longest a drain waits for open Watch streams to send their last status
 
 
 class Health(health_pb2_grpc.HealthServicer):
@@ -27,6 +29,9 @@ class Health(health_pb2_grpc.HealthServicer):
         self._status: dict[str, int] = {"": SERVING}
         self._changed = asyncio.Event()  # replaced by a fresh one after each change
         self._draining = False
+        self._watches = 0  # Watch handlers running
+        self._no_watches = asyncio.Event()  # set while none runs
+        self._no_watches.set()
 
     def serving(self, service: str = "") -> bool:
         """Whether ``service`` ("" = the server) is SERVING: warmed up and not draining."""
@@ -41,16 +46,23 @@ class Health(health_pb2_grpc.HealthServicer):
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
-        last: int | None = None
-        while True:
-            changed = self._changed
-            status = self._status.get(request.service, SERVICE_UNKNOWN)
-            if status != last:
-                await context.write(health_pb2.HealthCheckResponse(status=status))
-                last = status
-            if self._draining:
-                return
-            await changed.wait()
+        self._watches += 1
+        self._no_watches.clear()
+        try:
+            last: int | None = None
+            while True:
+                changed = self._changed
+                status = self._status.get(request.service, SERVICE_UNKNOWN)
+                if status != last:
+                    await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last = status
+                if self._draining:
+                    return
+                await changed.wait()
+        finally:
+            self._watches -= 1
+            if not self._watches:
+                self._no_watches.set()
 
     async def set(self, service: str, status: int) -> None:
         """Set ``service``'s status (ignored once draining: it stays NOT_SERVING)."""
@@ -58,13 +70,18 @@ class Health(health_pb2_grpc.HealthServicer):
             self._update(service, status)
 
     async def enter_graceful_shutdown(self) -> None:
-        """Every service NOT_SERVING for good; open Watch streams send it and end."""
+        """Every service NOT_SERVING for good; open Watch streams send it and end. Returns
+        once they have (at most WATCH_END_WAIT_S), so the server's stop that follows does not
+        cut a stream before its last message is out."""
         if self._draining:
             return
         self._draining = True
         for service in list(self._status):
             self._status[service] = NOT_SERVING
         self._notify()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(WATCH_END_WAIT_S):
+                await self._no_watches.wait()
 
     def _update(self, service: str, status: int) -> None:
         self._status[service] = status

@@ -21,7 +21,7 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from google.protobuf import json_format
 
 from server.auth import token_digest, token_problem
 from server.batcher import TileBatcher
-from server.calls import AccessObserver, AccessRecord, check_request_id, grpc_status
+from server.calls import AccessObserver, AccessRecord, check_request_id, grpc_status, in_pool
 from server.config import ServerConfig
 from server.errors import NotServing, RequestError, RequestTooLarge, check_name
 from server.kserve import (
@@ -44,6 +44,7 @@ from server.kserve import (
     PLATFORM,
     SERVER_NAME,
     TENSOR_SHAPE,
+    UNSUPPORTED_PARAMETERS,
     TensorContext,
     check_model,
     infer_tensor,
@@ -51,32 +52,30 @@ from server.kserve import (
     model_statistics,
     package_version,
 )
-from server.pb.rdn.v1 import upscale_pb2
 from server.repository import READY, LoadFailed, ModelRepository
 from server.security import AUTH_METADATA_KEY
 from server.sizing import SizeOptions, check_options
-from server.uploads import UploadBudget
+from server.uploads import Hold, UploadBudget, timed
 from server.upscaling import ImageSource, UpscaleContext, output_spec, upscale_image
-from server.wire import RETRY_AFTER_KEY
+from server.wire import FORMAT_NUMBERS, RETRY_AFTER_KEY
 
 log = logging.getLogger(__name__)
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 READ_CHUNK_BYTES = 256 * 2**10  # one read of a request body
+CONTROL_BODY_BYTES = 64 * 2**10  # the JSON body of a repository call
+# JSON numbers cost about 4x their text once parsed: larger tensors travel as binary data.
+JSON_TENSOR_BYTES = 8 * 2**20
+JSON_BYTES_PER_VALUE = 20  # a float32 written by json.dumps, with its separator
+METHODS = ("GET", "HEAD", "POST", "PUT")  # others are counted as OTHER in metrics
 HEADER_LENGTH = "Inference-Header-Content-Length"  # KServe's binary tensor data extension
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-FORMAT_NUMBERS = {
-    "png": upscale_pb2.OUTPUT_FORMAT_PNG,
-    "jpeg": upscale_pb2.OUTPUT_FORMAT_JPEG,
-    "jpg": upscale_pb2.OUTPUT_FORMAT_JPEG,
-    "webp": upscale_pb2.OUTPUT_FORMAT_WEBP,
-}
 HTTP_STATUS = {
     "INVALID_ARGUMENT": 400,
     "UNAUTHENTICATED": 401,
     "NOT_FOUND": 404,
     "UNAVAILABLE": 503,
-    "DEADLINE_EXCEEDED": 504,
+    "DEADLINE_EXCEEDED": 408,  # the client's upload was too slow
     "INTERNAL": 500,
 }
 OPEN_PATHS = ("/", "/v2/health/live", "/v2/health/ready")  # no token needed
@@ -100,13 +99,19 @@ def error_response(
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
+def _whole_number(text: str, what: str) -> int:
+    try:
+        value = int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else -1
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise RequestError(f"{what}={text[:40]!r} must be a whole number >= 0")
+    return value
+
+
 def _int_query(request: web.Request, name: str) -> int:
     text = request.query.get(name, "")
-    if not text:
-        return 0
-    if not text.isdigit():
-        raise RequestError(f"query {name}={text!r} must be a whole number >= 0")
-    return int(text)
+    return _whole_number(text, f"query {name}") if text else 0
 
 
 def upscale_options(request: web.Request) -> tuple[SizeOptions, int, int]:
@@ -125,8 +130,8 @@ def upscale_options(request: web.Request) -> tuple[SizeOptions, int, int]:
     )
     check_options(options)
     fmt = request.query.get("format", "png").lower()
-    if fmt not in FORMAT_NUMBERS:
-        raise RequestError(f"query format={fmt!r}: choose png, jpeg or webp")
+    if fmt not in CONTENT_TYPES and fmt != "jpg":
+        raise RequestError(f"query format={fmt[:40]!r}: choose png, jpeg or webp")
     return options, FORMAT_NUMBERS[fmt], _int_query(request, "quality")
 
 
@@ -197,9 +202,8 @@ class HttpFrontDoor:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, reuse_port=False)
         await site.start()
-        server = site._server  # aiohttp exposes no public accessor for the bound sockets
-        sockets = getattr(server, "sockets", None) or ()
-        self.port = sockets[0].getsockname()[1] if sockets else port
+        addresses = self._runner.addresses
+        self.port = int(addresses[0][1]) if addresses else port
         return self.port
 
     async def stop(self) -> None:
@@ -216,7 +220,8 @@ class HttpFrontDoor:
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "unmatched"
         probe = request.path.startswith("/v2/health/") or request.path == "/"
-        record = None if probe else AccessRecord(f"HTTP {request.method} {name}", self._observer)
+        verb = request.method if request.method in METHODS else "OTHER"  # bounded label values
+        record = None if probe else AccessRecord(f"HTTP {verb} {name}", self._observer)
         if record is not None:
             record.set(protocol="http")
             request[RECORD] = record
@@ -259,32 +264,38 @@ class HttpFrontDoor:
         if not self._serving():
             raise NotServing("the server is warming up or shutting down; retry shortly")
 
-    async def _body(self, request: web.Request) -> bytearray:
-        """The request body, read chunk by chunk into one buffer, within the byte limit."""
-        limit = self._config.limits.max_request_bytes
+    async def _body(self, request: web.Request, limit: int) -> tuple[bytearray, Hold]:
+        """The request body and its hold on the request-byte budget (release it when the
+        request ends). The announced size (``limit`` when none is announced) is checked and
+        held before any byte is read; the body is read in pieces into one buffer, under the
+        upload idle timeout and deadline, like an UpscaleStream upload."""
         length = request.content_length
         if length is not None and length > limit:
-            raise RequestTooLarge(
-                f"the body is {length} bytes, over the request limit of {limit} bytes "
-                "(--max-request-bytes)"
+            flag = (
+                " (--max-request-bytes)" if limit == self._config.limits.max_request_bytes else ""
             )
-        buffer = bytearray(length or 0)
-        filled = 0
-        while True:
-            chunk = await request.content.read(READ_CHUNK_BYTES)
-            if not chunk:
-                break
-            end = filled + len(chunk)
-            if end > limit:
-                raise RequestTooLarge(
-                    f"the body is over the request limit of {limit} bytes (--max-request-bytes)"
-                )
-            if end > len(buffer):
-                buffer.extend(bytes(end - len(buffer)))
-            buffer[filled:end] = chunk
-            filled = end
-        del buffer[filled:]
-        return buffer
+            raise RequestTooLarge(
+                f"the body is {length} bytes, over the limit of {limit} bytes for this "
+                f"request{flag}"
+            )
+        hold = self._uploads.hold(limit if length is None else length, upload=True)
+        try:
+            buffer = bytearray(length or 0)
+            filled = 0
+            async for chunk in timed(_pieces(request), self._uploads.config):
+                end = filled + len(chunk)
+                if end > limit:
+                    raise RequestTooLarge(f"the body is over the limit of {limit} bytes")
+                if end > len(buffer):
+                    buffer.extend(bytes(end - len(buffer)))
+                buffer[filled:end] = chunk
+                filled = end
+            del buffer[filled:]
+            hold.end_upload()  # its bytes stay held until the request ends; the slot is free
+            return buffer, hold
+        except BaseException:
+            hold.release()
+            raise
 
     # -- the page and /v1 -----------------------------------------------------------------
     async def _index(self, request: web.Request) -> web.Response:
@@ -314,13 +325,10 @@ class HttpFrontDoor:
         spec = output_spec(number, quality)
         snapshot = self._repository.snapshot
         snapshot.check(options)
-        length = request.content_length
-        if length is None:
-            length = self._config.limits.max_request_bytes  # chunked: hold the most it may be
-        if length == 0:
-            raise RequestError("the body is empty; send the image file as the request body")
-        with self._uploads.hold(min(length, self._config.limits.max_request_bytes), upload=True):
-            data = await self._body(request)
+        data, hold = await self._body(request, self._config.limits.max_request_bytes)
+        with hold:
+            if not data:
+                raise RequestError("the body is empty; send the image file as the request body")
             record.set(bytes_in=len(data))
             done = await upscale_image(
                 self._upscaling,
@@ -344,7 +352,6 @@ class HttpFrontDoor:
             "X-Compute-Seconds": f"{answer.timings.compute_seconds:.4f}",
             "X-Total-Seconds": f"{time.perf_counter() - received:.4f}",
             "X-Request-Id": request_id,
-            "Access-Control-Expose-Headers": "*",
         }
         return web.Response(body=done.image, content_type=CONTENT_TYPES[spec.name], headers=headers)
 
@@ -385,7 +392,7 @@ class HttpFrontDoor:
     async def _model_ready(self, request: web.Request) -> web.Response:
         try:
             self._pipeline(request)
-        except LookupError:
+        except (LookupError, RequestError):
             return web.json_response({"ready": False}, status=404)
         ready = self._serving()
         return web.json_response({"ready": ready}, status=200 if ready else 503)
@@ -444,16 +451,10 @@ class HttpFrontDoor:
         return web.json_response({})
 
     async def _json_body(self, request: web.Request, allow_empty: bool = False) -> dict[str, Any]:
-        data = await self._body(request)
-        if not data and allow_empty:
-            return {}
-        try:
-            body = json.loads(bytes(data))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RequestError(f"the body is not JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise RequestError("the body must be a JSON object")
-        return body
+        """A repository call's small JSON body."""
+        data, hold = await self._body(request, CONTROL_BODY_BYTES)
+        with hold:
+            return {} if not data and allow_empty else _parse_json(bytes(data))
 
     async def _infer(self, request: web.Request) -> web.Response:
         received = time.perf_counter()
@@ -461,36 +462,37 @@ class HttpFrontDoor:
         pipeline = self._pipeline(request)
         record.set(model=pipeline.name)
         self._check_serving()
-        data = await self._body(request)
-        header_text = request.headers.get(HEADER_LENGTH)
-        header_length = len(data) if header_text is None else _header_length(header_text, data)
-        body = _parse_json(bytes(data[:header_length]))
-        request_id = check_request_id(str(body.get("id", "")))
-        record.set(request_id=request_id)
-        shape, load = parse_infer_input(body, memoryview(data)[header_length:])
-        binary = wants_binary(body)
-        canvas = await infer_tensor(
-            self._tensors, pipeline, shape, load, request_id, record, received
+        data, hold = await self._body(request, self._config.limits.max_request_bytes)
+        with hold:
+            header_text = request.headers.get(HEADER_LENGTH)
+            split = len(data) if header_text is None else _header_length(header_text, data)
+            if header_text is None and split > JSON_TENSOR_BYTES:
+                raise RequestTooLarge(
+                    f"a JSON inference request of {split} bytes is over {JSON_TENSOR_BYTES}; send "
+                    f"the tensor as binary data ({HEADER_LENGTH}, binary_data_size)"
+                )
+            body = await in_pool(self._tensors.pool, _parse_json, bytes(data[:split]))
+            request_id = check_request_id(str(body.get("id", "")))
+            record.set(request_id=request_id)
+            shape, load = parse_infer_input(body, memoryview(data)[split:])
+            binary = wants_binary(body)
+            if not binary:
+                n, _, h, w = shape
+                values = n * 3 * (pipeline.scale * h) * (pipeline.scale * w)
+                if JSON_BYTES_PER_VALUE * values > JSON_TENSOR_BYTES:
+                    raise RequestTooLarge(
+                        f"the output would be {values} JSON numbers; request it as binary data "
+                        '(outputs: [{"name": "sr", "parameters": {"binary_data": true}}])'
+                    )
+            canvas = await infer_tensor(
+                self._tensors, pipeline, shape, load, request_id, record, received
+            )
+        head, raw = await in_pool(
+            self._tensors.pool, infer_answer, pipeline.name, request_id, canvas, binary
         )
-        output: dict[str, Any] = {
-            "name": OUTPUT_NAME,
-            "datatype": DATATYPE,
-            "shape": list(canvas.shape),
-        }
-        answer: dict[str, Any] = {
-            "model_name": pipeline.name,
-            "model_version": MODEL_VERSION,
-            "outputs": [output],
-        }
-        if request_id:
-            answer["id"] = request_id
+        record.set(bytes_out=len(head) + len(raw))
         if not binary:
-            output["data"] = canvas.ravel().tolist()
-            return web.json_response(answer)
-        raw = canvas.astype(FLOAT32_LE, copy=False).tobytes()
-        output["parameters"] = {"binary_data_size": len(raw)}
-        head = json.dumps(answer).encode()
-        record.set(bytes_out=len(raw))
+            return web.Response(body=head, content_type="application/json")
         return web.Response(
             body=head + raw,
             content_type="application/octet-stream",
@@ -498,8 +500,42 @@ class HttpFrontDoor:
         )
 
 
+async def _pieces(request: web.Request) -> AsyncIterator[bytes]:
+    """The request body in pieces of at most READ_CHUNK_BYTES, as they arrive."""
+    while True:
+        piece = await request.content.read(READ_CHUNK_BYTES)
+        if not piece:
+            return
+        yield piece
+
+
+def infer_answer(
+    model: str, request_id: str, canvas: np.ndarray, binary: bool
+) -> tuple[bytes, bytes]:
+    """Worker thread: the JSON header of an inference answer and its binary output (empty
+    when the output travels as JSON numbers in the header)."""
+    output: dict[str, Any] = {
+        "name": OUTPUT_NAME,
+        "datatype": DATATYPE,
+        "shape": list(canvas.shape),
+    }
+    answer: dict[str, Any] = {
+        "model_name": model,
+        "model_version": MODEL_VERSION,
+        "outputs": [output],
+    }
+    if request_id:
+        answer["id"] = request_id
+    if not binary:
+        output["data"] = canvas.ravel().tolist()
+        return json.dumps(answer).encode(), b""
+    raw = canvas.astype(FLOAT32_LE, copy=False).tobytes()
+    output["parameters"] = {"binary_data_size": len(raw)}
+    return json.dumps(answer).encode(), raw
+
+
 def _header_length(text: str, data: bytearray) -> int:
-    if not text.isdigit() or int(text) > len(data):
+    if _whole_number(text, HEADER_LENGTH) > len(data):
         raise RequestError(
             f"{HEADER_LENGTH}: {text!r} must be the byte length of the JSON header that starts "
             f"the body (the body has {len(data)} bytes)"
@@ -517,20 +553,34 @@ def _parse_json(text: bytes) -> dict[str, Any]:
     return body
 
 
+def _parameters(holder: dict[str, Any], where: str) -> dict[str, Any]:
+    """The ``parameters`` object of ``holder``, checked: an object, without the ones this
+    server refuses (shared memory, classification), as gRPC ModelInfer refuses them."""
+    parameters = holder.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise RequestError(f"{where}: parameters must be a JSON object")
+    for key in parameters:
+        if key in UNSUPPORTED_PARAMETERS:
+            raise RequestError(
+                f"{where} sets parameter {key!r}, which this server does not support (no shared "
+                "memory, no classification); send the tensor data in the request"
+            )
+    return parameters
+
+
 def wants_binary(body: dict[str, Any]) -> bool:
     """The binary data extension: the output requested with ``binary_data``, or
     ``binary_data_output`` on the request."""
-    parameters = body.get("parameters") or {}
-    if isinstance(parameters, dict) and parameters.get("binary_data_output"):
-        return True
-    for output in body.get("outputs") or []:
+    binary = bool(_parameters(body, "the request").get("binary_data_output"))
+    outputs = body.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise RequestError("outputs must be a list")
+    for output in outputs:
         if not isinstance(output, dict) or output.get("name") != OUTPUT_NAME:
-            raise RequestError(
-                f"unknown output {output!r}; the model has one output {OUTPUT_NAME!r}"
-            )
-        if (output.get("parameters") or {}).get("binary_data"):
-            return True
-    return False
+            shown = str(output)[:80]
+            raise RequestError(f"unknown output {shown}; the model has one output {OUTPUT_NAME!r}")
+        binary = binary or bool(_parameters(output, f"output {OUTPUT_NAME!r}").get("binary_data"))
+    return binary
 
 
 def parse_infer_input(
@@ -557,9 +607,9 @@ def parse_infer_input(
         raise RequestError(f"input shape {shape!r}: expected [N, 3, H, W] with N, H, W >= 1")
     n, _, h, w = shape
     count = n * 3 * h * w
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    size = _parameters(tensor, f"input {INPUT_NAME!r}").get("binary_data_size")
     if size is not None:
-        if size != count * FLOAT32_LE.itemsize or len(rest) != size:
+        if not isinstance(size, int) or size != count * FLOAT32_LE.itemsize or len(rest) != size:
             raise RequestError(
                 f"binary_data_size {size} with {len(rest)} bytes after the header: the input "
                 f"{shape} {DATATYPE} needs exactly {count * FLOAT32_LE.itemsize} bytes"

@@ -11,7 +11,7 @@ Triton's extensions for the model repository are here too: RepositoryIndex, expl
 control (RepositoryModelLoad / RepositoryModelUnload: a hot swap, calls in flight finish on the
 version they started with), ModelConfig and ModelStatistics.
 
-Errors go through ``service.grpc_status`` like Upscale's: a malformed request answers
+Errors go through ``calls.grpc_status`` like Upscale's: a malformed request answers
 INVALID_ARGUMENT naming the field and what is accepted, an unknown model or version NOT_FOUND,
 an oversized request or a full queue RESOURCE_EXHAUSTED. ServerLive, ServerReady and ModelReady
 are probes: they write no access log line. Request-level parameters (priority, timeout ...)
@@ -256,10 +256,8 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         access_observer: AccessObserver | None = None,
     ) -> None:
         self._repository = repository
-        self._batcher = batcher
         self._config = config
         self._health = health
-        self._uploads = uploads
         self._pool = codec_pool
         self._serving = serving
         self.access_observer = access_observer  # read by calls.unary (metrics)

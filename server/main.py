@@ -233,6 +233,7 @@ class _PipelineFactory:
     def __init__(self, config: ServerConfig, preloaded: Engine | None) -> None:
         self.config = config
         self._preloaded = preloaded
+        self.batcher: TileBatcher | None = None  # once it exists, warm-ups run on its thread
 
     async def open(self, path: Path, name: str, version: int) -> Pipeline:
         if self._preloaded is not None and path == self.config.model:
@@ -254,8 +255,12 @@ class _PipelineFactory:
             "warming up %s: %d engine calls (tile shape x batch size)", pipeline.name, len(shapes)
         )
         for window, size in shapes:
-            # one shape per thread call: a stop waits for one batch at most
-            await asyncio.to_thread(pipeline.engine.warmup, window, [size])
+            # one shape per call: a stop waits for one batch at most; on the engine thread,
+            # between batches, so a reload never computes beside the models being served
+            if self.batcher is not None and self.batcher.running:
+                await self.batcher.run_exclusive(pipeline.engine.warmup, window, [size])
+            else:
+                await asyncio.to_thread(pipeline.engine.warmup, window, [size])
 
 
 async def build_server(config: ServerConfig, engine: Engine | None = None) -> RunningServer:
@@ -272,6 +277,7 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
     config = factory.config  # with the provider's choices made
     provider = snapshot.default().engine.active_provider
     batcher = TileBatcher(None, config.batcher, snapshot.default().planner.unit_pixels)
+    factory.batcher = batcher
     health = Health()
     for service in ("", SERVICE_NAME):
         await health.set(service, NOT_SERVING)
@@ -340,6 +346,11 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
         try:
             await http.start(config.host, config.http_port, server_ssl_context(config))
         except OSError as e:
+            await http.stop()
+            await server.stop(0)
+            codec_pool.shutdown(wait=False)
+            if endpoint is not None:
+                endpoint.close()
             raise ServerStartError(
                 f"cannot serve HTTP on {config.host}:{config.http_port}: {e.strerror or e} "
                 "(port taken? see --http-port)"
@@ -771,6 +782,7 @@ class EarlySignals:
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._record)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a re-scan before start-up ends: ignored
 
     def _record(self, signum: int, frame: object) -> None:
         self.received = True

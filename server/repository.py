@@ -307,10 +307,11 @@ class ModelRepository:
             entries.append(IndexEntry(name, self._files.get(name), UNAVAILABLE, reason))
         return entries
 
-    def _rescan_files(self) -> None:
-        """Re-read the folder's file names (explicit files stay); a bad file is logged."""
+    async def _rescan_files(self) -> None:
+        """Re-read the folder's file names (explicit files stay), in a worker thread (every
+        file's metadata is parsed); a bad file is logged."""
         try:
-            found = discover(self.config, known=self._files)
+            found = await asyncio.to_thread(discover, self.config, self._files)
         except RepositoryError as e:
             log.error("model repository re-scan: %s; keeping the previous file list", e)
             return
@@ -321,7 +322,7 @@ class ModelRepository:
         name, ``LoadFailed`` (old version still serving) when the file does not load."""
         check_name(name, "model name")
         async with self._lock:
-            self._rescan_files()
+            await self._rescan_files()
             path = self._files.get(name)
             if path is None:
                 known = ", ".join(sorted(self._files)) or "none"
@@ -366,7 +367,7 @@ class ModelRepository:
         """SIGHUP: reload every file of the repository, load new ones, stop serving the ones
         whose file is gone. A file that fails keeps its old version serving."""
         async with self._lock:
-            self._rescan_files()
+            await self._rescan_files()
             models: dict[str, Pipeline] = {}
             for name, path in self._files.items():
                 if name in self._unloaded:

@@ -4,8 +4,8 @@ A request may name a ``model`` or a ``scale`` and at most one sizing option: ``t
 and/or ``target_height`` (one given: the other follows the aspect ratio) or ``outscale``. The
 factor each axis needs must lie in [1, largest model scale]; the model run is the named one, else
 the given scale's default, else the default of the smallest scale that reaches the factor.
-Its output is then resized to the exact size: area filter when shrinking (it averages, no
-aliasing), Lanczos when enlarging.
+Its output is then resized to the exact size with the area filter (it averages, no aliasing):
+the model chosen always reaches the size on both axes, so the resize only ever shrinks.
 """
 
 from __future__ import annotations
@@ -105,13 +105,13 @@ def smallest_scale(factor: float, scales: Iterable[int]) -> int:
 
 
 def resize_filter(model_size: tuple[int, int], size: tuple[int, int]) -> int | None:
-    """OpenCV interpolation from the model's output size to ``size``: None when equal, area
-    when no axis grows, Lanczos otherwise."""
+    """OpenCV interpolation from the model's output size to ``size``: None when equal, else
+    area (``needed_factor`` keeps every axis within the model's reach, so nothing grows)."""
     if model_size == size:
         return None
-    if size[0] <= model_size[0] and size[1] <= model_size[1]:
-        return cv2.INTER_AREA
-    return cv2.INTER_LANCZOS4
+    if size[0] > model_size[0] or size[1] > model_size[1]:
+        raise ValueError(f"{size} is larger than the model's output {model_size} on an axis")
+    return cv2.INTER_AREA
 
 
 def resize_output(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

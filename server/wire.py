@@ -14,6 +14,13 @@ FORMATS: dict[int, str] = {  # OutputFormat -> codec format name
     upscale_pb2.OUTPUT_FORMAT_WEBP: "webp",
     upscale_pb2.OUTPUT_FORMAT_RAW: "raw",
 }
+FORMAT_NUMBERS: dict[str, int] = {  # format name (as users type it) -> OutputFormat
+    "png": upscale_pb2.OUTPUT_FORMAT_PNG,
+    "jpeg": upscale_pb2.OUTPUT_FORMAT_JPEG,
+    "jpg": upscale_pb2.OUTPUT_FORMAT_JPEG,
+    "webp": upscale_pb2.OUTPUT_FORMAT_WEBP,
+    "raw": upscale_pb2.OUTPUT_FORMAT_RAW,
+}
 ACCEPTED_FORMATS = "0 UNSPECIFIED (= PNG), 1 PNG, 2 JPEG, 3 WEBP, 4 RAW"
 RESPONSE_OVERHEAD_BYTES = 4096  # room in a message for the response fields besides the data
 

@@ -31,6 +31,7 @@ from rdn.train import (
     UsageError,
     default_bn_freeze_after,
     default_lr_half_every,
+    ema_decay,
     lr_at,
     main,
     make_train_config,
@@ -469,3 +470,9 @@ def test_resume_refuses_another_ema_or_schedule(tmp_path: Path) -> None:
     assert result.returncode == 1 and "ema=0.9, now 0.99" in result.stderr
     result = run_cli("--resume", "--out", run, "--steps", "2", "--schedule", "cosine")
     assert result.returncode == 1 and "schedule='step', now 'cosine'" in result.stderr
+
+
+def test_ema_decay_warms_up_to_the_asked_decay() -> None:
+    assert ema_decay(0.999, 0) == 0.1  # the first update is mostly the current weights
+    assert ema_decay(0.999, 90) == pytest.approx(91 / 100)
+    assert ema_decay(0.999, 10**6) == 0.999

@@ -3,7 +3,7 @@
 Targets: ``codec.decode_image`` (random bytes; valid files of every accepted format and layout
 with bit flips, byte overwrites, truncations, insertions and header fields set to edge values),
 ``codec.decode_raw`` (random shapes and byte counts), ``upscaling.output_spec``,
-``service.check_request_id`` and the stream reassembly ``service.receive_stream`` (random chunk
+``calls.check_request_id`` and the stream reassembly ``service.receive_stream`` (random chunk
 sequences, driven without a server).
 
 Property: every input either gives a well-formed result (shapes, dtypes and limits consistent)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from server.batcher import QueueFull
-from server.config import LimitsConfig, MetricsConfig, SecurityConfig
+from server.config import LimitsConfig, MetricsConfig, SecurityConfig, UploadConfig
 from server.errors import NotServing, RequestTooLarge
 from server.http_door import http_status
 from server.main import BackgroundServer
@@ -113,6 +113,7 @@ def test_http_and_grpc_answers_are_the_same_pixels(web: BackgroundServer, set5_d
         ("/v1/upscale?model=nope", None, 404, "unknown model 'nope'"),
         ("/v1/upscale?format=gif", None, 400, "choose png, jpeg or webp"),
         ("/v1/upscale?width=abc", None, 400, "must be a whole number"),
+        ("/v1/upscale?width=%C2%B2", None, 400, "must be a whole number"),
         ("/v1/upscale?width=10&outscale=2", None, 400, "at most one sizing option"),
         ("/v2/models/nope", None, 404, "unknown model 'nope'"),
         ("/no/such/path", None, 404, "Not Found"),
@@ -133,9 +134,100 @@ def test_a_body_over_the_request_limit_is_413_before_it_is_read(
     tiny_onnx_x2: Path, set5_dir: Path
 ) -> None:
     config = loopback_config(tiny_onnx_x2, http_port=0, limits=LimitsConfig(max_request_bytes=1000))
+    data = png(set5_dir, 60, 60)
     with BackgroundServer(config) as bg:
-        status, _, answer = call(bg, "POST", "/v1/upscale", png(set5_dir, 60, 60))
-    assert status == 413 and "over the request limit of 1000 bytes" in json.loads(answer)["error"]
+        announced = call(bg, "POST", "/v1/upscale", data)
+        connection = http.client.HTTPConnection("127.0.0.1", bg.running.http.port, timeout=30)
+        connection.request("POST", "/v1/upscale", body=iter([data[:600], data[600:]]),
+                           encode_chunked=True)  # fmt: skip
+        chunked = connection.getresponse()
+        chunked_body = chunked.read()
+        connection.close()
+        held = bg.running.uploads.held_bytes
+    assert announced[0] == 413
+    assert "over the limit of 1000 bytes" in json.loads(announced[2])["error"]
+    assert chunked.status == 413 and "over the limit of 1000" in json.loads(chunked_body)["error"]
+    assert held == 0
+
+
+def test_a_stalled_upload_times_out_and_frees_its_bytes(tiny_onnx_x2: Path, set5_dir: Path) -> None:
+    config = loopback_config(
+        tiny_onnx_x2, http_port=0, uploads=UploadConfig(idle_timeout_s=0.5, deadline_s=5)
+    )
+    with BackgroundServer(config) as bg:
+        connection = http.client.HTTPConnection("127.0.0.1", bg.running.http.port, timeout=30)
+        connection.putrequest("POST", "/v1/upscale")
+        connection.putheader("Content-Length", "5000")
+        connection.endheaders(b"\x89PNG")  # 4 of 5000 bytes, then silence
+        answer = connection.getresponse()
+        body = json.loads(answer.read())
+        connection.close()
+        held, uploads = bg.running.uploads.held_bytes, bg.running.uploads.uploads
+    assert answer.status == 408 and "--upload-idle-timeout" in body["error"]
+    assert (held, uploads) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "lr",
+                        "datatype": "FP32",
+                        "shape": [1, 3, 2, 2],
+                        "data": [0] * 12,
+                        "parameters": "x",
+                    }
+                ]
+            },
+            "parameters must be a JSON object",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "lr",
+                        "datatype": "FP32",
+                        "shape": [1, 3, 2, 2],
+                        "data": [0] * 12,
+                        "parameters": {"shared_memory_region": "r"},
+                    }
+                ]
+            },
+            "does not support",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "lr",
+                        "datatype": "FP32",
+                        "shape": [1, 3, 200, 200],
+                        "data": [0] * 120000,
+                    }
+                ]
+            },
+            "request it as binary data",
+        ),
+        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3, 2, 2]}]}, "expected one"),
+        (
+            {
+                "inputs": [
+                    {"name": "lr", "datatype": "FP32", "shape": [1, 3, 2, 2], "data": [0] * 12}
+                ],
+                "outputs": [{"name": "y"}],
+            },
+            "unknown output",
+        ),
+    ],
+)
+def test_bad_inference_requests_are_400_or_413(
+    web: BackgroundServer, body: dict[str, Any], fragment: str
+) -> None:
+    status, _, answer = call(web, "POST", "/v2/models/rdn_x2/infer", json.dumps(body).encode())
+    assert status in (400, 413) and fragment in json.loads(answer)["error"], answer
 
 
 def test_statuses_map_like_grpc() -> None:

@@ -118,10 +118,12 @@ def test_smallest_scale_that_reaches_the_factor() -> None:
     assert smallest_scale(2.0000000001, (2, 4)) == 2  # a float's rounding is not a scale
 
 
-def test_shrinking_uses_area_and_enlarging_lanczos() -> None:
+def test_the_resize_only_shrinks_with_the_area_filter() -> None:
     assert resize_filter((120, 80), (120, 80)) is None
     assert resize_filter((120, 80), (90, 60)) == cv2.INTER_AREA
-    assert resize_filter((120, 80), (130, 80)) == cv2.INTER_LANCZOS4
+    assert resize_filter((120, 80), (120, 50)) == cv2.INTER_AREA
+    with pytest.raises(ValueError, match="larger than the model's output"):
+        resize_filter((120, 80), (130, 80))
 
 
 @pytest.mark.parametrize(
