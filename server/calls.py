@@ -48,6 +48,12 @@ def check_request_id(request_id: str) -> str:
     return request_id
 
 
+def check_serving(serving: Callable[[], bool]) -> None:
+    """Raise ``NotServing`` (UNAVAILABLE, 503) unless ``serving()``: warm-up over, not draining."""
+    if not serving():
+        raise NotServing("the server is warming up or shutting down; retry shortly")
+
+
 def grpc_status(error: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
     """The status code, client-facing message and trailing metadata for a handler error.
 

@@ -31,9 +31,16 @@ from google.protobuf import json_format
 
 from server.auth import token_digest, token_problem
 from server.batcher import TileBatcher
-from server.calls import AccessObserver, AccessRecord, check_request_id, grpc_status, in_pool
+from server.calls import (
+    AccessObserver,
+    AccessRecord,
+    check_request_id,
+    check_serving,
+    grpc_status,
+    in_pool,
+)
 from server.config import ServerConfig
-from server.errors import NotServing, RequestError, RequestTooLarge, check_name
+from server.errors import RequestError, RequestTooLarge, check_name
 from server.kserve import (
     DATATYPE,
     EXTENSIONS,
@@ -52,6 +59,7 @@ from server.kserve import (
     model_statistics,
     package_version,
 )
+from server.pipeline import Pipeline
 from server.repository import READY, LoadFailed, ModelRepository
 from server.security import AUTH_METADATA_KEY
 from server.sizing import SizeOptions, check_options
@@ -260,10 +268,6 @@ class HttpFrontDoor:
         record = request.get(RECORD)
         return record if record is not None else AccessRecord("probe")
 
-    def _check_serving(self) -> None:
-        if not self._serving():
-            raise NotServing("the server is warming up or shutting down; retry shortly")
-
     async def _body(self, request: web.Request, limit: int) -> tuple[bytearray, Hold]:
         """The request body and its hold on the request-byte budget (release it when the
         request ends). The announced size (``limit`` when none is announced) is checked and
@@ -320,7 +324,7 @@ class HttpFrontDoor:
         record = self._record(request)
         request_id = check_request_id(request.headers.get("X-Request-Id", ""))
         record.set(request_id=request_id)
-        self._check_serving()
+        check_serving(self._serving)
         options, number, quality = upscale_options(request)
         spec = output_spec(number, quality)
         snapshot = self._repository.snapshot
@@ -332,7 +336,7 @@ class HttpFrontDoor:
             record.set(bytes_in=len(data))
             done = await upscale_image(
                 self._upscaling,
-                ImageSource(data),  # type: ignore[arg-type]  # bytes-like: not copied
+                ImageSource(data),  # the buffer itself: not copied
                 spec,
                 options,
                 snapshot,
@@ -368,7 +372,7 @@ class HttpFrontDoor:
             {"name": SERVER_NAME, "version": package_version(), "extensions": list(EXTENSIONS)}
         )
 
-    def _pipeline(self, request: web.Request) -> Any:
+    def _pipeline(self, request: web.Request) -> Pipeline:
         return check_model(
             request.match_info["model"],
             request.match_info.get("version", ""),
@@ -461,7 +465,7 @@ class HttpFrontDoor:
         record = self._record(request)
         pipeline = self._pipeline(request)
         record.set(model=pipeline.name)
-        self._check_serving()
+        check_serving(self._serving)
         data, hold = await self._body(request, self._config.limits.max_request_bytes)
         with hold:
             header_text = request.headers.get(HEADER_LENGTH)

@@ -33,9 +33,16 @@ import numpy as np
 from grpc_health.v1 import health_pb2
 
 from server.batcher import TileBatcher
-from server.calls import AccessObserver, AccessRecord, check_request_id, in_pool, unary
+from server.calls import (
+    AccessObserver,
+    AccessRecord,
+    check_request_id,
+    check_serving,
+    in_pool,
+    unary,
+)
 from server.config import ServerConfig
-from server.errors import NotFound, NotServing, RequestError, RequestTooLarge, check_name
+from server.errors import NotFound, RequestError, RequestTooLarge, check_name
 from server.pb.inference import grpc_service_pb2 as pb
 from server.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from server.pipeline import Pipeline
@@ -409,8 +416,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         record.set(request_id=check_request_id(request.id))
         pipeline = check_model(request.model_name, request.model_version, self._repository.snapshot)
         record.set(model=request.model_name)
-        if not self._serving():
-            raise NotServing("the server is warming up or shutting down; retry shortly")
+        check_serving(self._serving)
         shape = input_shape(request)
         check_outputs(request)
         check_data(request, shape)

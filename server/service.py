@@ -21,13 +21,20 @@ import grpc
 
 from export.metadata import KEY_CONFIG
 from server.batcher import TileBatcher
-from server.calls import AccessObserver, AccessRecord, check_request_id, streaming, unary
+from server.calls import (
+    AccessObserver,
+    AccessRecord,
+    check_request_id,
+    check_serving,
+    streaming,
+    unary,
+)
 from server.codec import (
     INPUT_FORMATS,
     RAW_CHANNELS,
 )
 from server.config import LimitsConfig, ServerConfig
-from server.errors import NotServing, RequestError, RequestTooLarge, StreamEnded
+from server.errors import RequestError, RequestTooLarge, StreamEnded
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.pipeline import Pipeline
 from server.repository import ModelRepository, Snapshot
@@ -88,10 +95,6 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         self.access_observer = access_observer  # read by the unary / streaming wrappers
         self._context = UpscaleContext(batcher, codec_pool, config.limits)
 
-    def _check_serving(self) -> None:
-        if not self._serving():
-            raise NotServing("the server is warming up or shutting down; retry shortly")
-
     @unary
     async def Upscale(
         self,
@@ -102,7 +105,7 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         received = time.perf_counter()
         request_id = check_request_id(request.request_id)
         record.set(request_id=request_id)
-        self._check_serving()
+        check_serving(self._serving)
         log.debug("Upscale started (request_id=%r)", request_id)
         spec = output_spec(request.output_format, request.quality)
         options = size_options(request)
@@ -148,7 +151,7 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         record: AccessRecord,
     ) -> AsyncIterator[upscale_pb2.UpscaleChunk]:
         received = time.perf_counter()
-        self._check_serving()
+        check_serving(self._serving)
         limits = self._config.limits
         snapshot = self._repository.snapshot
 

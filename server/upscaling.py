@@ -81,7 +81,7 @@ class Upscaled:
 class ImageSource:
     """A request's image bytes: an encoded file, or raw pixels of ``raw_shape`` (H, W, C)."""
 
-    data: bytes
+    data: bytes | bytearray  # bytearray: an HTTP body, read into one buffer
     raw_shape: tuple[int, int, int] | None = None
 
 
