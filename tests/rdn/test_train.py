@@ -277,6 +277,36 @@ def test_validation_writes_metrics_and_best_checkpoint(tmp_path: Path, set5_dir:
     assert best["step"] == best_row["step"]
 
 
+def test_validation_on_several_degradations_picks_best_by_their_mean(
+    tmp_path: Path, set5_dir: Path
+) -> None:
+    val = tmp_path / "val"
+    val.mkdir()
+    Image.fromarray(read_rgb(set5_dir / "bird.png")[:64, :64]).save(val / "bird.png")
+    base = [*TINY, "--steps", "2", "--val", str(val), "--val-every", "1"]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    config = tmp_path / "val.toml"
+    config.write_text('val_degradation = ["bicubic", "jpeg:50"]\n')
+    run = tmp_path / "run"
+    assert main(["--config", str(config), *base, "--out", str(run)]) == 0
+    plain = [r for r in metrics_rows(tmp_path / "plain") if "val_psnr_y" in r]
+    rows = [r for r in metrics_rows(run) if "val_psnr_y" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row, alone in zip(rows, plain, strict=True):
+        by = row["val_by_degradation"]
+        assert list(by) == ["bicubic", "jpeg:50"]
+        assert by["bicubic"] == alone["val_psnr_y"]  # the same weights, the same protocol
+        assert by["jpeg:50"] != by["bicubic"]
+        assert row["val_psnr_y"] == pytest.approx((by["bicubic"] + by["jpeg:50"]) / 2)
+    best_row = max(rows, key=lambda r: r["val_psnr_y"])
+    best = load_checkpoint(run / "best.pt")
+    assert best["best"] == {"val_psnr_y": best_row["val_psnr_y"], "step": best_row["step"]}
+    assert best["train_config"]["val_degradation"] == ("bicubic", "jpeg:50")
+    result = run_cli(*TINY, "--val-degradation", "jpeg:500", "--out", tmp_path / "bad")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "jpeg" in result.stderr
+
+
 def test_without_val_best_is_the_final_weights(tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert main([*TINY, "--steps", "2", "--out", str(run)]) == 0
