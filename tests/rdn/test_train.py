@@ -35,6 +35,7 @@ from rdn.train import (
     lr_at,
     main,
     make_train_config,
+    read_toml_config,
 )
 
 BIN = Path(sys.executable).parent
@@ -446,6 +447,17 @@ def test_photo_ranges_come_from_the_config_table_and_bad_ones_exit_2(tmp_path: P
     assert result.stderr.strip().splitlines() == [
         "rdn-train: error: photo range jpeg_quality must be 0 <= low <= high: (60.0, 40.0)"
     ]
+
+
+@pytest.mark.parametrize(
+    "config",
+    sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.toml")),
+    ids=lambda path: path.name,
+)
+def test_every_shipped_config_is_a_valid_training_config(config: Path) -> None:
+    cfg = make_train_config(read_toml_config(config))
+    assert cfg.data is not None and cfg.val is not None and cfg.preset == "small"
+    assert Path(cfg.out).parent == config.parent.parent / "runs"  # runs/ is git-ignored
 
 
 def test_init_from_a_shipped_onnx_model_starts_from_its_weights(tmp_path: Path) -> None:
