@@ -178,6 +178,14 @@ class TrainConfig:
             f"val_degradation must be a list of specs, got {self.val_degradation!r}",
         )
         need(
+            len(set(self.val_degradation)) == len(self.val_degradation),
+            f"val_degradation names a spec twice: {list(self.val_degradation)}",
+        )
+        need(
+            not self.val_degradation or self.val is not None,
+            "val_degradation needs a --val folder of images to score",
+        )
+        need(
             self.photo_ranges is None or isinstance(self.photo_ranges, dict),
             f"photo_ranges must be a table, got {self.photo_ranges!r}",
         )
@@ -232,7 +240,8 @@ def make_train_config(options: dict[str, Any]) -> TrainConfig:
     try:
         if isinstance(options.get("degradation"), str):
             options["degradation"] = parse_degradation(options["degradation"]).spec
-        if isinstance(options.get("val_degradation"), list | tuple):  # TOML and flags give lists
+        # TOML and flags give lists, a resumed run's stored config a tuple
+        if isinstance(options.get("val_degradation"), list | tuple):
             options["val_degradation"] = tuple(
                 parse_degradation(spec).spec if isinstance(spec, str) else spec
                 for spec in options["val_degradation"]
@@ -477,7 +486,7 @@ def validate(
     folder: Path,
     scale: int,
     device: torch.device,
-    degradations: Sequence[Degradation | None] = (None,),
+    degradations: Sequence[Degradation],
 ) -> dict[str, Any]:
     """Mean PSNR/SSIM (Y channel) on ``folder``: rdn-eval's protocol and its seed 0 for each
     degradation, so the numbers compare with ``rdn-eval --degradation`` (which draws ``photo``
@@ -498,7 +507,7 @@ def validate(
             ).summary()
         except EvalError as e:
             raise DataError(f"validation: {e}") from e
-        psnr["bicubic" if degradation is None else degradation.spec] = float(result["model_psnr_y"])
+        psnr[degradation.spec] = float(result["model_psnr_y"])
         ssim.append(float(result["model_ssim_y"]))
     scores: dict[str, Any] = {
         "val_psnr_y": sum(psnr.values()) / len(psnr),
@@ -609,6 +618,13 @@ def train_loop(
     return state
 
 
+def validation_identity(config: dict[str, Any]) -> tuple[Any, tuple[str, ...]]:
+    """What a validation score measures: the folder and the (canonical) specs it scores, from a
+    train_config dict (stored ones hold canonical specs too)."""
+    specs = config.get("val_degradation") or (config.get("degradation", "bicubic"),)
+    return config.get("val"), tuple(specs)
+
+
 def describe_by_degradation(psnr: dict[str, float]) -> str:
     """`` (mean of bicubic 36.100, jpeg:50 31.200)`` for a log line; empty for one spec."""
     if not psnr:
@@ -698,6 +714,16 @@ def run(cfg: TrainConfig, ckpt: dict[str, Any] | None, ctx: Dist) -> int:
             best_psnr=float(ckpt.get("best", {}).get("val_psnr_y", -math.inf)),
             best_step=int(ckpt.get("best", {}).get("step", -1)),
         )
+        was_scored_on = validation_identity(stored_train_config(ckpt["train_config"]))
+        if was_scored_on != validation_identity(cfg.to_dict()) and state.best_step >= 0:
+            log.warning(
+                "validation changed since best.pt was chosen (%s, now %s): its %.3f dB does not "
+                "compare, so the next validation replaces best.pt",
+                was_scored_on,
+                validation_identity(cfg.to_dict()),
+                state.best_psnr,
+            )
+            state.best_psnr, state.best_step = -math.inf, -1
         if state.step > cfg.bn_freeze_after and not batchnorm_frozen(model):
             raise CheckpointError(
                 f"checkpoint {last}: step {state.step} is past bn_freeze_after="

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -306,6 +307,58 @@ def test_validation_on_several_degradations_picks_best_by_their_mean(
     result = run_cli(*TINY, "--val-degradation", "jpeg:500", "--out", tmp_path / "bad")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "jpeg" in result.stderr
+
+
+def test_val_degradation_flags_replace_the_config_list_and_bad_lists_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    val = tmp_path / "val"
+    val.mkdir()
+    Image.fromarray(np.full((48, 48, 3), 90, np.uint8)).save(val / "grey.png")
+    config = tmp_path / "val.toml"
+    config.write_text('val_degradation = ["bicubic", "jpeg:50"]\nsteps = 1\n')
+    run = tmp_path / "run"
+    flags = ["--val-degradation", "noise:10", "--val-degradation", "JPEG:75"]
+    assert main(["--config", str(config), *TINY, "--val", str(val), *flags, "--out", str(run)]) == 0
+    stored = load_checkpoint(run / "last.pt")["train_config"]
+    assert stored["val_degradation"] == ("noise:10", "jpeg:75")  # canonical specs, in order
+    capsys.readouterr()
+    assert main([*TINY, "--val", str(val), *flags[:2], *flags[:2], "--out", str(run / "x")]) == 2
+    assert "val_degradation names a spec twice" in capsys.readouterr().err
+    assert main([*TINY, *flags[:2], "--out", str(run / "y")]) == 2
+    assert "val_degradation needs a --val folder" in capsys.readouterr().err
+
+
+def test_resume_with_another_validation_restarts_the_choice_of_best(
+    tmp_path: Path, set5_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    val = tmp_path / "val"
+    val.mkdir()
+    Image.fromarray(read_rgb(set5_dir / "bird.png")[:64, :64]).save(val / "bird.png")
+    run = tmp_path / "run"
+    shipped = Path(__file__).resolve().parents[2] / "server" / "models" / "default_x2.onnx"
+    small = ["--preset", "small", "--batch-size", "2", "--patch-size", "16", "--lr", "1e-9"]
+    base = [
+        *small,
+        "--init",
+        str(shipped),
+        "--val",
+        str(val),
+        "--val-every",
+        "1",
+        "--out",
+        str(run),
+    ]
+    assert main([*base, "--steps", "1"]) == 0
+    caplog.set_level(logging.WARNING, logger="rdn.train")
+    assert main([*base, "--resume", "--steps", "2", "--val-degradation", "dn"]) == 0
+    first, second = [r for r in metrics_rows(run) if "val_psnr_y" in r]
+    # sigma-30 noise scores far below clean inputs: compared with step 1's clean score, step 2
+    # could never become best.pt; scored on another protocol, it must
+    assert second["val_psnr_y"] < first["val_psnr_y"] - 1
+    assert "validation changed since best.pt was chosen" in caplog.text
+    best = load_checkpoint(run / "best.pt")
+    assert best["step"] == 2 and best["best"]["val_psnr_y"] == second["val_psnr_y"]
 
 
 def test_without_val_best_is_the_final_weights(tmp_path: Path) -> None:
