@@ -36,7 +36,8 @@ def model_from_onnx(path: Path) -> tuple[RDN, ModelMetadata]:
         proto = onnx.load(str(path))
         meta = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
     except (OSError, MetadataError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
-        raise OnnxImportError(f"model {path}: cannot be read as an rdn export ({e})") from e
+        cause = " ".join(str(e).split())  # the checker's messages span lines; errors are one
+        raise OnnxImportError(f"model {path}: cannot be read as an rdn export ({cause})") from e
     except Exception as e:  # protobuf's DecodeError and friends: not an ONNX file
         raise OnnxImportError(f"model {path}: not an ONNX model ({type(e).__name__})") from e
     if meta.precision != "float32":

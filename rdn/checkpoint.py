@@ -86,9 +86,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         # weights_only=False: the payload holds plain dicts, lists and numpy RNG state.
         data = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # torch raises many types for truncated or foreign files
+        cause = " ".join(str(e).split())  # some (pickle's) span lines; errors are one line
         raise CheckpointError(
-            f"checkpoint {path}: cannot be read ({type(e).__name__}: {e}); truncated or not a "
-            "torch file?"
+            f"checkpoint {path}: cannot be read ({type(e).__name__}: {cause}); truncated or not "
+            "a torch file?"
         ) from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(

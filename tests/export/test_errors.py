@@ -22,6 +22,8 @@ def make_bad_checkpoint(kind: str, good: Path, folder: Path) -> Path:
         path.write_bytes(data[: len(data) // 2])
     elif kind == "random_bytes":
         path.write_bytes(os.urandom(4096))
+    elif kind == "pickle_persistent_id":  # pickle's error for it spans two lines
+        path.write_bytes(b"Pabc\n.")
     elif kind == "plain_dict":
         torch.save({"model": {}, "epoch": 3}, path)
     elif kind == "wrong_weights":  # right format, weights of another architecture
@@ -47,7 +49,15 @@ def files_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
-BAD_KINDS = ("truncated", "random_bytes", "plain_dict", "wrong_weights", "missing", "directory")
+BAD_KINDS = (
+    "truncated",
+    "random_bytes",
+    "pickle_persistent_id",
+    "plain_dict",
+    "wrong_weights",
+    "missing",
+    "directory",
+)
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
