@@ -788,6 +788,32 @@ class EarlySignals:
         self.received = True
 
 
+class Rescans:
+    """SIGHUP: re-scan the model folder and swap what changed; requests that arrive before the
+    server is up wait for it (one re-scan then covers them all)."""
+
+    def __init__(self) -> None:
+        self._running: RunningServer | None = None
+        self._pending = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def request(self) -> None:
+        if self._running is None:
+            log.info("SIGHUP during start-up: the model repository is re-scanned once it is up")
+            self._pending = True
+            return
+        log.info("SIGHUP: re-scanning the model repository")
+        task = asyncio.ensure_future(self._running.repository.rescan())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def attach(self, running: RunningServer) -> None:
+        self._running = running
+        if self._pending:
+            self._pending = False
+            self.request()
+
+
 async def serve(
     config: ServerConfig, scale: int | None = None, early: EarlySignals | None = None
 ) -> int:
@@ -802,6 +828,11 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     if early is not None and early.received:
         stop.set()
+    # SIGHUP from here on is never lost: one that arrives while the server starts (after its
+    # start-up scan may have read the folder, or just after "listening on" was logged) re-scans
+    # as soon as the server is up.
+    rescans = Rescans()
+    loop.add_signal_handler(signal.SIGHUP, rescans.request)
     stopped = asyncio.ensure_future(stop.wait())
     starting = asyncio.ensure_future(_start(config, scale))
     await asyncio.wait([starting, stopped], return_when="FIRST_COMPLETED")
@@ -814,15 +845,7 @@ async def serve(
     if running is None:
         stopped.cancel()
         return 1
-    reloads: set[asyncio.Task[None]] = set()
-
-    def rescan() -> None:  # SIGHUP: re-scan the model files, swap what changed
-        log.info("SIGHUP: re-scanning the model repository")
-        task = asyncio.ensure_future(running.repository.rescan())
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, rescan)
+    rescans.attach(running)
     terminated = asyncio.ensure_future(running.wait_for_termination())
     await asyncio.wait([terminated, stopped], return_when="FIRST_COMPLETED")
     log.info("shutting down: new calls refused, in-flight calls get up to %.1f s", config.grace_s)
