@@ -22,6 +22,7 @@ import math
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +154,7 @@ class HttpFrontDoor:
         config: ServerConfig,
         *,
         uploads: UploadBudget,
-        codec_pool: Any,
+        codec_pool: Executor,
         serving: Callable[[], bool],
         access_observer: AccessObserver | None = None,
     ) -> None:

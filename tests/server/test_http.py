@@ -167,60 +167,29 @@ def test_a_stalled_upload_times_out_and_frees_its_bytes(tiny_onnx_x2: Path, set5
     assert (held, uploads) == (0, 0)
 
 
+def lr_input(side: int = 2, **extra: Any) -> dict[str, Any]:
+    """One KServe JSON input tensor named lr, zeros, [1, 3, side, side], plus ``extra``."""
+    shape = [1, 3, side, side]
+    return {
+        "name": "lr",
+        "datatype": "FP32",
+        "shape": shape,
+        "data": [0] * (3 * side * side),
+        **extra,
+    }
+
+
 @pytest.mark.parametrize(
     "body, fragment",
     [
+        ({"inputs": [lr_input(parameters="x")]}, "parameters must be a JSON object"),
         (
-            {
-                "inputs": [
-                    {
-                        "name": "lr",
-                        "datatype": "FP32",
-                        "shape": [1, 3, 2, 2],
-                        "data": [0] * 12,
-                        "parameters": "x",
-                    }
-                ]
-            },
-            "parameters must be a JSON object",
-        ),
-        (
-            {
-                "inputs": [
-                    {
-                        "name": "lr",
-                        "datatype": "FP32",
-                        "shape": [1, 3, 2, 2],
-                        "data": [0] * 12,
-                        "parameters": {"shared_memory_region": "r"},
-                    }
-                ]
-            },
+            {"inputs": [lr_input(parameters={"shared_memory_region": "r"})]},
             "does not support",
         ),
-        (
-            {
-                "inputs": [
-                    {
-                        "name": "lr",
-                        "datatype": "FP32",
-                        "shape": [1, 3, 200, 200],
-                        "data": [0] * 120000,
-                    }
-                ]
-            },
-            "request it as binary data",
-        ),
+        ({"inputs": [lr_input(200)]}, "request it as binary data"),
         ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3, 2, 2]}]}, "expected one"),
-        (
-            {
-                "inputs": [
-                    {"name": "lr", "datatype": "FP32", "shape": [1, 3, 2, 2], "data": [0] * 12}
-                ],
-                "outputs": [{"name": "y"}],
-            },
-            "unknown output",
-        ),
+        ({"inputs": [lr_input()], "outputs": [{"name": "y"}]}, "unknown output"),
     ],
 )
 def test_bad_inference_requests_are_400_or_413(
