@@ -2,6 +2,8 @@
 
     rdn-export --checkpoint CKPT --output model.onnx [--opset N] [--fp16] [--no-verify]
                [--verify-image PNG] [--triton-repo DIR [--model-name NAME] [--max-batch B]]
+               [--int8 --calibrate DIR [--calibrate-limit N] [--int8-max-loss DB]
+                [--allow-int8-loss]]
 
 Progress goes to stderr one line per fact; the last line on stdout names what was written.
 Errors are one line on stderr: exit 2 for usage errors, 1 for failures.
@@ -60,6 +62,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
 def _model_name(text: str) -> str:
     if not valid_model_name(text):
         raise argparse.ArgumentTypeError(
@@ -102,6 +114,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="the name rdn-serve serves it under (default rdn_x{scale}, with the training "
         "degradation appended when not bicubic: rdn_x2_photo)",
     )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="write a QDQ int8 model (integer convolutions on CPUs); a --qat checkpoint keeps "
+        "its trained ranges, a float one is calibrated on --calibrate",
+    )
+    p.add_argument(
+        "--calibrate",
+        type=Path,
+        help="with --int8: folder of photos to calibrate on and to measure the int8 model's "
+        "Y-PSNR loss against the float one",
+    )
+    p.add_argument(
+        "--calibrate-limit",
+        type=_positive,
+        default=ExportOptions.calibrate_limit,
+        help=f"photos of --calibrate used (default {ExportOptions.calibrate_limit})",
+    )
+    p.add_argument(
+        "--int8-max-loss",
+        type=_nonnegative_float,
+        default=ExportOptions.int8_max_loss,
+        help=f"refuse an int8 model losing more Y-PSNR dB (default {ExportOptions.int8_max_loss})",
+    )
+    p.add_argument(
+        "--allow-int8-loss",
+        action="store_true",
+        help="write the int8 model even when it loses more than --int8-max-loss",
+    )
     p.add_argument("--triton-repo", type=Path, help="also write a Triton model repository here")
     p.add_argument(
         "--model-name", help=f"Triton model name (default {defaults.name!r}; needs --triton-repo)"
@@ -119,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.triton_repo is None and (args.model_name is not None or args.max_batch is not None):
         parser.error("--model-name and --max-batch need --triton-repo")
+    if args.int8 and args.calibrate is None:
+        parser.error("--int8 needs --calibrate DIR (photos to calibrate on and to verify with)")
+    if args.int8 and args.fp16:
+        parser.error("--int8 and --fp16 exclude each other")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
     triton = None
@@ -134,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         verify=args.verify,
         verify_image=args.verify_image,
         name=args.name or "",
+        int8=args.int8,
+        calibrate=args.calibrate,
+        calibrate_limit=args.calibrate_limit,
+        int8_max_loss=args.int8_max_loss,
+        allow_int8_loss=args.allow_int8_loss,
     )
     try:
         if triton is not None:  # fail before the export, not after
@@ -152,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     diff = (
         "not verified" if report.max_abs_diff is None else f"max |diff| {report.max_abs_diff:.3g}"
     )
+    if report.int8_loss is not None:
+        diff += f", int8 loses {report.int8_loss.loss_db:.3f} dB Y-PSNR"
     print(f"{report.output} x{report.scale} {report.precision} opset {report.opset} {diff}")
     return 0
 

@@ -35,6 +35,9 @@ KEY_INPUT = "rdn.input"
 KEY_OUTPUT = "rdn.output"
 KEY_TRAINING = "rdn.training"
 KEY_NAME = "rdn.name"  # optional: the name a server serves the model under
+# int8 models: Y-PSNR (dB) the int8 file lost against its float model at export, and on what
+KEY_INT8_LOSS = "rdn.int8_loss_db"
+KEY_INT8_VERIFIED_ON = "rdn.int8_verified_on"
 
 REQUIRED_KEYS = (
     KEY_METADATA_VERSION,
@@ -49,7 +52,9 @@ REQUIRED_KEYS = (
     KEY_INPUT,
     KEY_OUTPUT,
 )
-PRECISIONS = ("float32", "float16")
+PRECISIONS = ("float32", "float16", "int8")
+INT8_SUFFIX = "_int8"  # an int8 twin is named after its float model: rdn_x2 -> rdn_x2_int8
+INT8_MAX_LOSS_DB = 0.10  # Y-PSNR an int8 twin may lose against its float model to replace it
 
 # Checkpoint entries that are the model itself or bulky training state, never metadata.
 _NOT_TRAINING_METADATA = frozenset({"format", "version", "config", "model", "step", "optimizer"})
@@ -76,6 +81,8 @@ class ModelMetadata:
     output_name: str = "sr"
     training: Mapping[str, Any] = field(default_factory=dict)
     name: str = ""  # "" = unnamed: a server names it after its file
+    int8_loss_db: float | None = None  # int8 only: measured at export (export.int8.int8_loss)
+    int8_verified_on: str = ""  # int8 only: the photos that loss was measured on
 
     def to_props(self) -> dict[str, str]:
         """The ``metadata_props`` entries, all strings."""
@@ -96,6 +103,9 @@ class ModelMetadata:
             props[KEY_TRAINING] = _dumps(dict(self.training))
         if self.name:
             props[KEY_NAME] = self.name
+        if self.int8_loss_db is not None:
+            props[KEY_INT8_LOSS] = f"{self.int8_loss_db:.4f}"
+            props[KEY_INT8_VERIFIED_ON] = self.int8_verified_on
         return props
 
     @classmethod
@@ -132,6 +142,8 @@ class ModelMetadata:
                 output_name=props[KEY_OUTPUT],
                 training=json.loads(props.get(KEY_TRAINING, "{}")),
                 name=props.get(KEY_NAME, ""),
+                int8_loss_db=float(props[KEY_INT8_LOSS]) if KEY_INT8_LOSS in props else None,
+                int8_verified_on=props.get(KEY_INT8_VERIFIED_ON, ""),
             )
         except ValueError as e:  # bad int/float, bad JSON, wrong number of range values
             raise MetadataError(f"{source}: malformed rdn.* metadata ({e}); re-export it") from e

@@ -22,7 +22,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,20 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from export.int8 import (
+    DEFAULT_MAX_LOSS_DB,
+    Int8Error,
+    Int8Loss,
+    int8_loss,
+    quantize_graph,
+    verification_photos,
+)
 from export.metadata import ModelMetadata, default_model_name, training_metadata
 from export.subpixel import fold_rgb_before_shuffle
 from rdn.checkpoint import CheckpointError, atomic_write, load_model
+from rdn.int8 import calibrate, calibration_batches, int8_model
 from rdn.model import RDN
+from rdn.quant import float_mode, is_calibrated
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +83,11 @@ class ExportOptions:
     verify_image: Path | None = None  # RGB image for the real-image check; None: astronaut
     tolerance: float | None = None  # max |diff| allowed; None: FP32_/FP16_TOLERANCE
     name: str = ""  # the name servers use (rdn.name); "" = rdn_x{scale}[_{degradation}]
+    int8: bool = False  # QDQ int8 model (export.int8); needs ``calibrate``
+    calibrate: Path | None = None  # photos: calibration (float checkpoints) and the loss check
+    calibrate_limit: int = 32  # photos of ``calibrate`` used, in name order
+    int8_max_loss: float = DEFAULT_MAX_LOSS_DB  # refuse an int8 file losing more (Y-PSNR dB)
+    allow_int8_loss: bool = False  # write it anyway
 
 
 @dataclass(frozen=True)
@@ -84,7 +99,7 @@ class ExportReport:
     fold_max_abs_diff: float | None  # folded vs unfolded torch model (None when not verified)
     tolerance: float
     opset: int
-    precision: str  # "float32" | "float16" (weights)
+    precision: str  # "float32" | "float16" | "int8" (weights)
     scale: int
     config: Mapping[str, Any]
     step: int
@@ -98,6 +113,7 @@ class ExportReport:
     verify_seconds: float
     size_bytes: int
     metadata: Mapping[str, str] = field(default_factory=dict)
+    int8_loss: Int8Loss | None = None  # int8: float and int8 Y-PSNR on the --calibrate photos
 
 
 def check_opset(opset: int) -> None:
@@ -194,7 +210,14 @@ def export_onnx(
     checkpoint, output = Path(checkpoint), Path(output)
     check_opset(options.opset)
     check_writable(output)
-    precision = "float16" if options.fp16 else "float32"
+    if options.int8 and options.fp16:
+        raise ExportError("--int8 and --fp16 exclude each other: choose one precision")
+    if options.int8 and options.calibrate is None:
+        raise ExportError(
+            "--int8 needs --calibrate DIR: photos to calibrate on and to verify the int8 model "
+            "against the float one"
+        )
+    precision = "int8" if options.int8 else "float16" if options.fp16 else "float32"
     tolerance = options.tolerance
     if tolerance is None:
         tolerance = FP16_TOLERANCE if options.fp16 else FP32_TOLERANCE
@@ -210,7 +233,14 @@ def export_onnx(
         ) from e
     config = model.config
     n_bn = count_batchnorms(model)
-    folded = fold_rgb_before_shuffle(fold_batchnorm(model))
+    if options.int8:
+        model = _int8_ready(model, options)
+    elif config.quant != "none":
+        raise ExportError(
+            f"checkpoint {checkpoint}: a quantization-aware (--qat) model; export it with --int8"
+        )
+    with float_mode(model):  # an int8 model's float graph first; quantized below
+        folded = fold_rgb_before_shuffle(fold_batchnorm(model))
     logger.info(
         "loaded %s: RDN x%d (G0=%d D=%d C=%d G=%d norm=%s), step %s, %d BatchNorms folded",
         checkpoint, config.scale, config.G0, config.D, config.C, config.G, config.norm,
@@ -226,7 +256,8 @@ def export_onnx(
 
     verify_start = time.perf_counter()
     inputs = verification_inputs(options.verify_image) if options.verify else []
-    expected = [_run_torch(model, x) for _, x in inputs]
+    with float_mode(model):
+        expected = [_run_torch(model, x) for _, x in inputs]
     fold_diff = _check_fold(folded, inputs, expected, min(tolerance, FP32_TOLERANCE), output)
     verify_seconds = time.perf_counter() - verify_start
 
@@ -243,19 +274,25 @@ def export_onnx(
         training=training,
         name=options.name or default_model_name(config.scale, degradation),
     )
+    float_metadata = replace(metadata, precision="float32") if options.int8 else metadata
     export_start = time.perf_counter()
-    proto = build_onnx(folded, metadata, options.opset)
+    proto = build_onnx(folded, float_metadata, options.opset)
     export_seconds = time.perf_counter() - export_start
     model_bytes = proto.SerializeToString()
 
     verify_start = time.perf_counter()
     max_diff, provider, notes = _check_onnx(
-        model_bytes, metadata, inputs, expected, tolerance, output
+        model_bytes, float_metadata, inputs, expected, tolerance, output
     )
     verify_seconds += time.perf_counter() - verify_start
     if not options.verify:
         notes = (*notes, "verification skipped (--no-verify)")
         logger.info("verify: skipped (--no-verify)")
+    loss = None
+    if options.int8:
+        verify_start = time.perf_counter()
+        model_bytes, metadata, loss = _quantize(proto, model, metadata, options)
+        verify_seconds += time.perf_counter() - verify_start
 
     try:
         # A kill inside an earlier atomic write of this output left its hidden temp file.
@@ -290,7 +327,61 @@ def export_onnx(
         verify_seconds=verify_seconds,
         size_bytes=len(model_bytes),
         metadata=metadata.to_props(),
+        int8_loss=loss,
     )
+
+
+def _int8_ready(model: RDN, options: ExportOptions) -> RDN:
+    """``model``'s int8 twin with its activation ranges: from --qat training, or calibrated
+    now on the --calibrate photos."""
+    assert options.calibrate is not None
+    twin = int8_model(model).eval()
+    if is_calibrated(twin):
+        logger.info("int8: activation ranges from quantization-aware training")
+        return twin
+    try:
+        batches = calibration_batches(
+            options.calibrate, model.config.scale, limit=options.calibrate_limit
+        )
+    except (OSError, ValueError) as e:
+        raise ExportError(f"--calibrate {options.calibrate}: {e}") from e
+    seen = calibrate(twin, batches)
+    logger.info("int8: calibrated on %d batches of %s", seen, options.calibrate)
+    return twin
+
+
+def _quantize(
+    float_proto: onnx.ModelProto, model: RDN, metadata: ModelMetadata, options: ExportOptions
+) -> tuple[bytes, ModelMetadata, Int8Loss]:
+    """The QDQ int8 file's bytes, its metadata with the measured loss, and the loss; raises
+    ExportError when the loss is over the bound (unless allowed)."""
+    assert options.calibrate is not None
+    try:
+        quantized = quantize_graph(float_proto, model)
+        photos = verification_photos(options.calibrate, options.calibrate_limit)
+        int8_bytes = quantized.SerializeToString()
+        loss = int8_loss(float_proto.SerializeToString(), int8_bytes, photos, metadata.scale)
+    except (Int8Error, OSError, ValueError) as e:
+        raise ExportError(f"int8: {e}") from e
+    logger.info(
+        "int8: Y-PSNR %.3f dB (float %.3f): %.3f dB lost on %d photos of %s (bound %.2f)",
+        loss.int8_psnr_y, loss.float_psnr_y, loss.loss_db, loss.images, options.calibrate,
+        options.int8_max_loss,
+    )  # fmt: skip
+    if loss.loss_db > options.int8_max_loss and not options.allow_int8_loss:
+        raise ExportError(
+            f"int8 model loses {loss.loss_db:.3f} dB Y-PSNR against the float one on "
+            f"{options.calibrate}, over --int8-max-loss {options.int8_max_loss:g}; fine-tune it "
+            "with rdn-train --qat, or pass --allow-int8-loss to write it anyway"
+        )
+    metadata = replace(
+        metadata,
+        int8_loss_db=loss.loss_db,
+        int8_verified_on=f"{loss.images} photos of {options.calibrate.name}",
+    )
+    del quantized.metadata_props[:]
+    set_metadata(quantized, metadata.to_props())
+    return quantized.SerializeToString(), metadata, loss
 
 
 def build_onnx(folded: RDN, metadata: ModelMetadata, opset: int) -> onnx.ModelProto:

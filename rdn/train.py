@@ -61,6 +61,7 @@ from rdn.distributed import (
     threads_per_rank,
 )
 from rdn.imaging import ImageReadError, list_images
+from rdn.int8 import QAT_MOMENTUM, calibrate, folded_state
 from rdn.model import (
     NORMS,
     PRESETS,
@@ -72,6 +73,7 @@ from rdn.model import (
     freeze_batchnorm,
 )
 from rdn.progress import Progress, append_metrics
+from rdn.quant import configure
 
 log = logging.getLogger("rdn.train")
 
@@ -80,6 +82,7 @@ log = logging.getLogger("rdn.train")
 DEFAULT_LR: dict[str, float] = {"paper": 1e-4, "medium": 1e-4, "small": 2e-3, "tiny": 4e-3}
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+QAT_CALIBRATION = 16  # training batches whose activation extremes start a --qat run
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
 
 # Fields a resumed run must share with the stored run: they decide the weights it computes.
@@ -100,6 +103,8 @@ RESUME_MUST_MATCH = (
     "photo_ranges",
     "schedule",
     "ema",
+    "qat",
+    "qat_observe_steps",
 )
 SCHEDULES = ("step", "cosine")
 
@@ -140,6 +145,10 @@ class TrainConfig:
     # mean; empty: the training degradation alone.
     val_degradation: tuple[str, ...] = ()
     photo_ranges: dict[str, Any] | None = None  # the photo chain's ranges; None: PhotoRanges()
+    # Quantization-aware fine-tuning of an int8 twin (rdn.quant): needs --init; activation
+    # ranges are calibrated on the first batches, then follow the data until qat_observe_steps.
+    qat: bool = False
+    qat_observe_steps: int = 0  # resolved to steps // 2 unless given
     out: str = "runs/rdn"
 
     def __post_init__(self) -> None:
@@ -150,7 +159,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "patch_size", "val_every", "save_every", "log_every"):
             value = getattr(self, name)
             need(_is_int(value) and value >= 1, f"{name} must be a positive integer, got {value!r}")
-        for name in ("lr_half_every", "bn_freeze_after", "seed", "cache_mb"):
+        for name in ("lr_half_every", "bn_freeze_after", "seed", "cache_mb", "qat_observe_steps"):
             value = getattr(self, name)
             need(_is_int(value) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")
         need(_is_int(self.workers) and self.workers >= -1, f"workers must be >= -1: {self.workers}")
@@ -169,7 +178,8 @@ class TrainConfig:
             isinstance(self.ema, int | float) and 0 <= self.ema < 1,
             f"ema must be a decay in [0, 1), e.g. 0.999 (0: off), got {self.ema!r}",
         )
-        for name in ("skip_bad_images", "channel_shuffle"):
+        need(not self.qat or self.init is not None, "--qat fine-tunes a trained model: give --init")
+        for name in ("skip_bad_images", "channel_shuffle", "qat"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false")
         need(isinstance(self.degradation, str), f"degradation must be a spec: {self.degradation!r}")
         need(
@@ -206,6 +216,8 @@ class TrainConfig:
         return tuple(parse_degradation(spec, ranges) for spec in specs)
 
     def model_config(self) -> RDNConfig:
+        if self.qat:  # BatchNorm folded into the convs: the int8 graph has none
+            return RDNConfig.from_preset(self.preset, scale=self.scale, norm="none", quant="int8")
         return RDNConfig.from_preset(self.preset, scale=self.scale, norm=self.norm)
 
     def to_dict(self) -> dict[str, Any]:
@@ -256,6 +268,8 @@ def make_train_config(options: dict[str, Any]) -> TrainConfig:
         options["bn_freeze_after"] = default_bn_freeze_after(steps) if _is_int(steps) else 0
     if "lr_half_every" not in options:
         options["lr_half_every"] = default_lr_half_every(steps) if _is_int(steps) else 0
+    if "qat_observe_steps" not in options:
+        options["qat_observe_steps"] = steps // 2 if _is_int(steps) else 0
     try:
         return TrainConfig(**options)
     except TypeError as e:
@@ -383,6 +397,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="validate on this degradation of the --val images (repeatable: best.pt follows the "
         "mean PSNR over all given; default: the training --degradation)",
+    )
+    p.add_argument(
+        "--qat",
+        action="store_true",
+        help="quantization-aware fine-tuning of the --init model's int8 twin (BatchNorm folded; "
+        "export with rdn-export --int8)",
+    )
+    p.add_argument(
+        "--qat-observe-steps",
+        type=int,
+        help="with --qat: activation ranges follow the data until this step, then stay "
+        "(default steps/2)",
     )
     p.add_argument("--out", help=f"run directory (default {d.out})")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
@@ -573,6 +599,9 @@ def train_loop(
                 if ema is not None:
                     freeze_batchnorm(ema.module)
                 log.info("step %d: froze %d BatchNorm layers into eval mode", step, n)
+            if cfg.qat:
+                observing = step < cfg.qat_observe_steps
+                configure(raw_model, active=True, observe=observing, momentum=QAT_MOMENTUM)
             lr = lr_at(step, cfg.lr, cfg.lr_half_every, cfg.schedule, cfg.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -594,6 +623,8 @@ def train_loop(
                     ", ".join(spec.spec for spec in val_specs),
                 )
                 started = time.perf_counter()
+                if cfg.qat:  # validation images must not move the activation ranges
+                    configure(raw_model, active=True, observe=False)
                 result = validate(scored, Path(cfg.val), cfg.scale, device, val_specs)
                 progress.write({"step": done, **result})
                 log.info(
@@ -667,6 +698,11 @@ def load_resumable(path: Path) -> dict[str, Any]:
     if not isinstance(ckpt["train_config"], dict):
         raise CheckpointError(f"checkpoint {path}: no train_config; not from rdn-train")
     return ckpt
+
+
+def qat_init_state(init: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """The ``--init`` weights with BatchNorm folded: what an int8 twin starts from."""
+    return folded_state(model_from_checkpoint(init, path))
 
 
 def load_init(path: Path) -> dict[str, Any]:
@@ -744,6 +780,8 @@ def run(cfg: TrainConfig, ckpt: dict[str, Any] | None, ctx: Dist) -> int:
         state = RunState()
         if cfg.init is not None:
             init = load_init(Path(cfg.init))
+            if cfg.qat:
+                init = {**init, "model": qat_init_state(init, Path(cfg.init))}
             loaded, skipped = load_matching(model, init["model"])
             if not loaded:
                 raise CheckpointError(
@@ -782,6 +820,12 @@ def run(cfg: TrainConfig, ckpt: dict[str, Any] | None, ctx: Dist) -> int:
         for stale in out.glob(".*.pt.*.tmp"):  # left by a kill during an atomic write
             stale.unlink(missing_ok=True)
     model.to(device)
+    if cfg.qat and ckpt is None:
+        # the first QAT_CALIBRATION batches of the step-0 stream, whatever cfg.steps is
+        first = dataclasses.replace(cfg, steps=QAT_CALIBRATION)
+        calibration = _build_loader(dataset, first, ctx, 0, device)
+        seen = calibrate(model, (lr_images for lr_images, _ in calibration))
+        log.info("--qat: activation ranges calibrated on %d training batches", seen)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     ema = make_ema(model, cfg.ema)
     if ckpt is not None:

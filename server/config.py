@@ -96,6 +96,7 @@ class ServerConfig:
     model_dir: Path | None = None  # every *.onnx in it is served too
     defaults: tuple[str, ...] = ()  # model names made the default of their scale
     default_scale: int = 2  # without ``model``: whose default answers plain requests
+    precision: str = "auto"  # which twin a scale's default is (RepositoryConfig.precision)
     host: str = "0.0.0.0"
     port: int = 50051
     grace_s: float = 10.0

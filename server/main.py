@@ -28,7 +28,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from export.metadata import MetadataError
+from export.metadata import INT8_MAX_LOSS_DB, MetadataError
 from server.auth import auth_interceptors
 from server.batcher import TileBatcher
 from server.chunked import chunk_tiles
@@ -75,6 +75,7 @@ log = logging.getLogger("rdn.serve")
 
 T = TypeVar("T")
 DEFAULT_SCALE = 2
+PRECISION_CHOICES = ("auto", "int8", "fp32")  # --precision: see RepositoryConfig.precision
 MIN_MESSAGE_BYTES = 64 * 2**10  # below this even a stream chunk barely fits
 
 
@@ -223,6 +224,7 @@ def repository_config(config: ServerConfig) -> RepositoryConfig:
         models=first + tuple(config.models),
         defaults=config.defaults,
         default_scale=config.default_scale,
+        precision=config.precision,
     )
 
 
@@ -550,6 +552,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"whose default model answers requests that name no model, scale or size (default "
         f"{DEFAULT_SCALE}); with --model, checked against the first model",
     )
+    p.add_argument(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        default=d.precision,
+        help="which model answers a request naming only a scale when an int8 twin "
+        "(rdn_x2_int8 beside rdn_x2) is served: auto (default) the int8 one on a CPU if its "
+        f"export measured at most {INT8_MAX_LOSS_DB} dB loss, the float one on CUDA; int8; fp32",
+    )
     p.add_argument("--host", default=d.host, help="address to bind")
     p.add_argument("--port", type=_port, default=d.port, help="port to bind; 0 = any free port")
     p.add_argument(
@@ -701,6 +711,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model_dir=model_dir,
         defaults=tuple(args.default),
         default_scale=args.scale or DEFAULT_SCALE,
+        precision=args.precision,
         host=args.host,
         port=args.port,
         grace_s=args.grace,

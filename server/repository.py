@@ -23,7 +23,16 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from export.metadata import KEY_NAME, KEY_SCALE, MetadataError, read_metadata, valid_model_name
+from export.metadata import (
+    INT8_MAX_LOSS_DB,
+    INT8_SUFFIX,
+    KEY_NAME,
+    KEY_SCALE,
+    MetadataError,
+    read_metadata,
+    valid_model_name,
+)
+from server.engine import CPU as CPU_PROVIDER
 from server.errors import NotFound, RequestError, check_name
 from server.pipeline import Pipeline
 from server.sizing import SizeOptions, needed_factor, output_size, smallest_scale
@@ -50,6 +59,9 @@ class RepositoryConfig:
     models: tuple[Path, ...] = ()  # explicit files; the first is the server default
     defaults: tuple[str, ...] = ()  # names made the default of their scale
     default_scale: int = 2  # the server default's scale when no explicit file is given
+    # Which twin a scale's default is: "auto" the int8 one on a CPU when its measured loss is
+    # within INT8_MAX_LOSS_DB, "int8" the int8 one whenever it is served, "fp32" never.
+    precision: str = "auto"
 
 
 def model_name_of(path: Path) -> str:
@@ -186,17 +198,44 @@ class Snapshot:
         return pipeline, size
 
 
-def choose_defaults(models: Mapping[str, Pipeline], chosen: tuple[str, ...]) -> dict[int, str]:
+def choose_defaults(
+    models: Mapping[str, Pipeline], chosen: tuple[str, ...], precision: str = "auto"
+) -> dict[int, str]:
     """Scale -> default model name: a ``chosen`` name of that scale, else ``rdn_x{scale}``,
-    else the first of that scale by name."""
+    else the first float model of that scale by name (an int8 one where there is none); then,
+    unless chosen by name, that model's int8 twin ``{name}_int8`` where ``precision`` says so
+    (``int8_preferred``)."""
     defaults: dict[int, str] = {}
-    for name in sorted(models):
+    for name in sorted(models, key=lambda n: (is_int8(models[n]), n)):
         scale = models[name].scale
         current = defaults.get(scale)
+        if current is not None and is_int8(models[name]) and name not in chosen:
+            continue
         preferred = name in chosen or (name == f"rdn_x{scale}" and current not in chosen)
         if current is None or preferred:
             defaults[scale] = name
+    for scale, name in defaults.items():
+        twin = models.get(f"{name}{INT8_SUFFIX}")
+        if name not in chosen and twin is not None and int8_preferred(twin, precision):
+            defaults[scale] = twin.name
     return defaults
+
+
+def is_int8(pipeline: Pipeline) -> bool:
+    meta = pipeline.metadata
+    return meta is not None and meta.precision == "int8"
+
+
+def int8_preferred(twin: Pipeline, precision: str) -> bool:
+    """Whether an int8 twin answers for its float model: always with --precision int8; with
+    auto, on a CPU when the loss its export measured is within INT8_MAX_LOSS_DB."""
+    if not is_int8(twin) or precision == "fp32":
+        return False
+    if precision == "int8":
+        return True
+    loss = twin.metadata.int8_loss_db if twin.metadata else None
+    on_cpu = twin.engine.active_provider == CPU_PROVIDER
+    return on_cpu and loss is not None and loss <= INT8_MAX_LOSS_DB
 
 
 @dataclass(frozen=True)
@@ -279,7 +318,7 @@ class ModelRepository:
         return defaults[min(defaults)] if defaults else ""
 
     def _publish(self, models: dict[str, Pipeline]) -> None:
-        defaults = choose_defaults(models, self.config.defaults)
+        defaults = choose_defaults(models, self.config.defaults, self.config.precision)
         self._snapshot = Snapshot(models, defaults, self._primary(models, defaults))
 
     async def _load_file(self, name: str, path: Path, warm: bool = True) -> Pipeline:

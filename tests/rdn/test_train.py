@@ -565,3 +565,29 @@ def test_ema_decay_warms_up_to_the_asked_decay() -> None:
     assert ema_decay(0.999, 0) == 0.1  # the first update is mostly the current weights
     assert ema_decay(0.999, 90) == pytest.approx(91 / 100)
     assert ema_decay(0.999, 10**6) == 0.999
+
+
+def test_qat_fine_tunes_an_int8_twin_and_resumes_bit_exact(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """--qat: BatchNorm folded, ranges calibrated at the start and observed until
+    qat_observe_steps, then fixed; 2 + 2 resumed steps equal 4 steps, ranges included."""
+    args = [*TINY, "--qat", "--init", str(tiny_checkpoint), "--qat-observe-steps", "3"]
+    args += ["--lr", "1e-3", "--lr-half-every", "0", "--seed", "2"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main([*args, "--steps", "4", "--out", str(full)]) == 0
+    assert main([*args, "--steps", "2", "--out", str(split)]) == 0
+    assert main(["--resume", "--steps", "4", "--out", str(split)]) == 0
+    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(split / "last.pt")
+    assert a["config"]["quant"] == "int8" and a["config"]["norm"] == "none"
+    assert max_abs_diff(a["model"], b["model"]) == 0.0
+    counts = {k: int(v) for k, v in a["model"].items() if k.endswith(".count")}
+    assert counts and set(counts.values()) == {16 + 3}  # calibration batches + observed steps
+    start = load_checkpoint(tiny_checkpoint)
+    moved = a["model"]["sfe2.weight"] - start["model"]["sfe2.weight"]
+    assert moved.abs().max() > 0  # trained
+
+
+def test_qat_without_init_is_a_usage_error() -> None:
+    result = run_cli(*TINY, "--qat", "--steps", "1")
+    assert result.returncode == 2 and "--qat fine-tunes a trained model" in result.stderr
