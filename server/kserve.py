@@ -517,7 +517,16 @@ def model_config(pipeline: Pipeline) -> pb.ModelConfig:
         input=[pb.ModelInput(name=INPUT_NAME, data_type=pb.TYPE_FP32, dims=TENSOR_SHAPE)],
         output=[pb.ModelOutput(name=OUTPUT_NAME, data_type=pb.TYPE_FP32, dims=TENSOR_SHAPE)],
         default_model_filename=pipeline.path.name,
+        parameters={
+            "precision": pb.ModelParameter(string_value=model_precision(pipeline)),
+            "scale": pb.ModelParameter(string_value=str(pipeline.scale)),
+        },
     )
+
+
+def model_precision(pipeline: Pipeline) -> str:
+    """The weights' precision its metadata states: float32, float16 or int8."""
+    return pipeline.metadata.precision if pipeline.metadata else "float32"
 
 
 def _duration(pair: tuple[int, int]) -> pb.StatisticDuration:

@@ -76,6 +76,19 @@ def common_argv(args: argparse.Namespace, model: Path) -> list[str]:
     return [*argv, "--quick"] if args.quick else argv
 
 
+INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")  # what int8 runs on
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's flags that decide int8 and float32 speed (from /proc/cpuinfo; [] elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    present = set(re.findall(r"^flags\s*:(.*)$", text, re.MULTILINE)[0].split()) if text else set()
+    return [flag for flag in INT8_FLAGS if flag in present]
+
+
 def setup_logging() -> None:
     """Benchmarks log to stderr so stdout carries only JSON lines."""
     logging.basicConfig(

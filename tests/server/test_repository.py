@@ -160,6 +160,7 @@ def test_names_come_from_metadata_else_the_file_stem(model_dir: Path, tmp_path: 
 class _Scaled:
     def __init__(self, scale: int) -> None:
         self.scale = scale
+        self.metadata = None  # float32, as a model without precision metadata
 
 
 def test_default_per_scale_prefers_the_chosen_then_rdn_x_then_the_first_name() -> None:
