@@ -17,6 +17,8 @@ from tests.bench.common import add_common_arguments, bench_model, common_argv, s
 # Each is a module of this package with main(argv) -> int.
 BENCHES = (
     "service_vs_whole_image",
+    "service_int8_vs_whole_image",
+    "int8_vs_fp32",
     "service_vs_engine",
     "idle_latency",
     "engine_vs_gemm",

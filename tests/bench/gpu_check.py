@@ -10,6 +10,9 @@ Each check prints one JSON line:
    ``rdn-export --fp16`` does) against float32, both on CUDA, whole Set5 LR images: the largest
    difference on the 0-255 scale, the PSNR of the float16 output against the float32 one, and
    ms per image of each.
+   ``int8``: the same against the shipped int8 twin (rdn_x2_int8.onnx), on CUDA as well
+   (onnxruntime's CUDA provider runs its QuantizeLinear / DequantizeLinear pairs around
+   float convolutions: a check of agreement and cost, not of integer speed).
 4. ``batching_gain`` (tests/bench/batching_gain.py) on CUDA: max batch 8 against 1, 8 clients.
 5. ``service_vs_whole_image`` with ``--provider cuda`` at x2 and x4: the service and the
    whole-image loop both on the GPU.
@@ -39,6 +42,7 @@ from server.engine import CPU, CUDA, Engine
 from server.models import default_model_path
 from tests.bench import batching_gain, service_vs_whole_image
 from tests.bench.common import SET5, emit, setup_logging
+from tests.bench.int8_vs_fp32 import twin_of
 from tests.bench.tiling_accuracy import psnr_u8
 
 REPEATS = 20
@@ -86,14 +90,25 @@ def check_io_binding(model: Path, repeats: int) -> dict[str, object]:
 
 
 def check_fp16(model: Path, repeats: int) -> dict[str, object]:
+    half_bytes = to_float16(onnx.load(str(model))).SerializeToString()
+    return check_against_fp32(model, half_bytes, "fp16", repeats)
+
+
+def check_int8(model: Path, repeats: int) -> dict[str, object]:
+    return check_against_fp32(model, twin_of(model).read_bytes(), "int8", repeats)
+
+
+def check_against_fp32(
+    model: Path, other_bytes: bytes, label: str, repeats: int
+) -> dict[str, object]:
+    """The float32 model against another precision of it, both on CUDA, whole Set5 LR images."""
     import cv2
 
-    half_bytes = to_float16(onnx.load(str(model))).SerializeToString()
     options = ort.SessionOptions()
     fp32 = ort.InferenceSession(str(model), options, providers=[CUDA, CPU])
-    fp16 = ort.InferenceSession(half_bytes, options, providers=[CUDA, CPU])
-    if fp32.get_providers()[0] != CUDA or fp16.get_providers()[0] != CUDA:
-        raise RuntimeError("a float32 or float16 session did not start on CUDA")
+    other = ort.InferenceSession(other_bytes, options, providers=[CUDA, CPU])
+    if fp32.get_providers()[0] != CUDA or other.get_providers()[0] != CUDA:
+        raise RuntimeError(f"a float32 or {label} session did not start on CUDA")
     name = fp32.get_inputs()[0].name
     worst, psnrs, ms32, ms16 = 0.0, [], [], []
     for path in sorted(SET5.glob("*.png")):
@@ -101,19 +116,19 @@ def check_fp16(model: Path, repeats: int) -> dict[str, object]:
         lr = cv2.resize(rgb, (rgb.shape[1] // 2, rgb.shape[0] // 2), interpolation=cv2.INTER_AREA)
         x = (lr.astype(np.float32) / 255).transpose(2, 0, 1)[None].copy()
         a = np.clip(fp32.run(None, {name: x})[0], 0, 1) * 255
-        b = np.clip(fp16.run(None, {name: x})[0], 0, 1) * 255
+        b = np.clip(other.run(None, {name: x})[0], 0, 1) * 255
         worst = max(worst, float(np.abs(a - b).max()))
         psnrs.append(psnr_u8(b, a))  # capped at 100 dB: strict JSON has no inf
         ms32.append(timed_ms(lambda x=x: fp32.run(None, {name: x}), repeats))
-        ms16.append(timed_ms(lambda x=x: fp16.run(None, {name: x}), repeats))
+        ms16.append(timed_ms(lambda x=x: other.run(None, {name: x}), repeats))
     return {
-        "bench": "fp16",
+        "bench": label,
         "model": model.name,
         "images": len(psnrs),
         "max_abs_diff_255": round(worst, 3),
-        "min_psnr_fp16_vs_fp32_db": round(min(psnrs), 2),
+        f"min_psnr_{label}_vs_fp32_db": round(min(psnrs), 2),
         "fp32_ms_per_image": round(statistics.mean(ms32), 3),
-        "fp16_ms_per_image": round(statistics.mean(ms16), 3),
+        f"{label}_ms_per_image": round(statistics.mean(ms16), 3),
     }
 
 
@@ -136,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 5 if args.quick else REPEATS
     emit(check_io_binding(model, repeats))
     emit(check_fp16(model, repeats))
+    emit(check_int8(model, repeats))
     quick = ["--quick"] if args.quick else []
     code = batching_gain.main(["--max-batch", "8", *quick])
     rounds = ["--rounds", "1" if args.quick else "2"]
