@@ -367,3 +367,36 @@ def test_malformed_heads_are_400_with_one_log_line(serve: Serve, head: bytes) ->
     new = serve.text().splitlines()[lines_before:]
     assert len(new) <= 1, new
     assert_clean_log(serve)
+
+
+@pytest.mark.parametrize(
+    "fields, fragment",
+    [
+        ({"outscale": 1e308}, "over x4"),
+        ({"outscale": 5e-324}, "each axis must lie in"),
+        ({"outscale": float("nan")}, "finite number"),
+        ({"target_width": 2**32 - 1}, "each axis must lie in"),
+        ({"model": "\u0661\u200b\U0001f600"}, "unknown model"),
+        ({"request_id": "\u0661" * 128}, ""),
+    ],
+)
+def test_malformed_grpc_options_are_invalid_argument(
+    serve: Serve, fields: dict[str, object], fragment: str
+) -> None:
+    """The same options through rdn.v1 Upscale: INVALID_ARGUMENT or NOT_FOUND (outscale=1e308
+    overflowed to infinity and answered INTERNAL), or an answer; never INTERNAL."""
+    import grpc
+
+    from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{serve.grpc_port}") as channel:
+        stub = upscale_pb2_grpc.UpscalerStub(channel)
+        request = upscale_pb2.UpscaleRequest(encoded=png(), **fields)  # type: ignore[arg-type]
+        try:
+            stub.Upscale(request, timeout=CALL_TIMEOUT_S)
+            code, details = grpc.StatusCode.OK, ""
+        except grpc.RpcError as e:
+            code, details = e.code(), e.details() or ""
+    allowed = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+    assert (code in allowed and fragment in details) or (code, fragment) == (grpc.StatusCode.OK, "")
+    assert_clean_log(serve)
