@@ -60,8 +60,10 @@ class UploadConfig:
 
     idle_timeout_s: float = 30.0  # longest pause between two messages of one upload
     deadline_s: float = 300.0  # longest whole upload, header to last byte
-    max_concurrent: int = 16  # UpscaleStream uploads in progress at once
+    max_concurrent: int = 16  # uploads (UpscaleStream, HTTP bodies) in progress at once
     max_buffered_bytes: int = 256 * 2**20  # request bytes held by all calls together
+    # After the first idle_timeout_s, an upload must average this many bytes/s (0 = no minimum)
+    min_rate_bytes_s: float = 16 * 2**10
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,18 @@ class MetricsConfig:
     port: int | None = None  # None = off; 0 = any free port (tests read the bound one)
     host: str = "127.0.0.1"  # scrapes come from this machine unless --metrics-host says so
     idle_timeout_s: float = 10.0  # a silent HTTP connection is closed (it holds a thread)
+
+
+@dataclass(frozen=True)
+class HttpLimitsConfig:
+    """Connection limits of the HTTP door (``--http-port``)."""
+
+    # A connection must send a complete request head within this many seconds of opening or
+    # of its previous answer, else it is closed (slow heads and idle keep-alive alike)
+    idle_timeout_s: float = 5.0
+    # Open HTTP connections; more are closed at once. Lowered at start to leave descriptors
+    # for gRPC and files (server/http_limits.py)
+    max_connections: int = 512
 
 
 @dataclass(frozen=True)
@@ -112,3 +126,4 @@ class ServerConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     http_port: int | None = None  # the HTTP front door; None = off, 0 = any free port
+    http_limits: HttpLimitsConfig = field(default_factory=HttpLimitsConfig)

@@ -8,25 +8,25 @@ INVALID_ARGUMENT 400, UNAUTHENTICATED 401, NOT_FOUND 404, RESOURCE_EXHAUSTED 413
 429 with ``Retry-After`` (transient), UNAVAILABLE 503, DEADLINE_EXCEEDED 504, INTERNAL 500; the
 body is ``{"error": "..."}`` as KServe's REST protocol has it.
 
-Request bodies are read chunk by chunk into one buffer of the announced size, after the size was
-checked against ``--max-request-bytes`` and held in the upload budget: an upload never sits in
-memory twice. Health probes (``/v2/health/*``) and the page need no token.
+Request bodies are read chunk by chunk into one growing buffer, after their announced size was
+checked against ``--max-request-bytes`` and held in the upload budget (server/http_body.py):
+an upload never sits in memory twice. Connections are capped and timed (server/http_limits.py).
+Health probes (``/v2/health/*``) and the page need no token.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
+import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from aiohttp import web
 from google.protobuf import json_format
 
@@ -42,17 +42,31 @@ from server.calls import (
 )
 from server.config import ServerConfig
 from server.errors import RequestError, RequestTooLarge, check_name
+from server.http_body import (
+    ClientGone,
+    UnsupportedEncoding,
+    check_encoding,
+    json_cost,
+    one_line,
+    parse_json,
+    read_body,
+)
+from server.http_limits import (
+    ConnectionGate,
+    GatedSite,
+    HeadErrorLog,
+    connection_cap,
+    open_file_limit,
+)
 from server.kserve import (
     DATATYPE,
     EXTENSIONS,
-    FLOAT32_LE,
     INPUT_NAME,
     MODEL_VERSION,
     OUTPUT_NAME,
     PLATFORM,
     SERVER_NAME,
     TENSOR_SHAPE,
-    UNSUPPORTED_PARAMETERS,
     TensorContext,
     check_model,
     infer_tensor,
@@ -60,24 +74,32 @@ from server.kserve import (
     model_statistics,
     package_version,
 )
+from server.kserve_rest import (
+    HEADER_LENGTH,
+    JSON_BYTES_PER_VALUE,
+    JSON_TENSOR_BYTES,
+    header_length,
+    infer_answer,
+    infer_request_id,
+    parse_infer_input,
+    wants_binary,
+)
 from server.pipeline import Pipeline
 from server.repository import READY, LoadFailed, ModelRepository
 from server.security import AUTH_METADATA_KEY
 from server.sizing import SizeOptions, check_options
-from server.uploads import Hold, UploadBudget, timed
+from server.uploads import Hold, UploadBudget
 from server.upscaling import ImageSource, UpscaleContext, output_spec, upscale_image
 from server.wire import FORMAT_NUMBERS, RETRY_AFTER_KEY
 
 log = logging.getLogger(__name__)
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
-READ_CHUNK_BYTES = 256 * 2**10  # one read of a request body
 CONTROL_BODY_BYTES = 64 * 2**10  # the JSON body of a repository call
-# JSON numbers cost about 4x their text once parsed: larger tensors travel as binary data.
-JSON_TENSOR_BYTES = 8 * 2**20
-JSON_BYTES_PER_VALUE = 20  # a float32 written by json.dumps, with its separator
 METHODS = ("GET", "HEAD", "POST", "PUT")  # others are counted as OTHER in metrics
-HEADER_LENGTH = "Inference-Header-Content-Length"  # KServe's binary tensor data extension
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away (never delivered)
+# A query number: plain ASCII decimal, as JSON writes it (no "nan", "inf", "1_0" or "١")
+DECIMAL = re.compile(r"[0-9]{1,20}(\.[0-9]{0,20})?([eE][+-]?[0-9]{1,3})?|\.[0-9]{1,20}")
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 HTTP_STATUS = {
     "INVALID_ARGUMENT": 400,
@@ -93,6 +115,8 @@ RECORD = web.RequestKey("record", AccessRecord)  # the request's access record
 
 def http_status(error: BaseException) -> tuple[int, str, dict[str, str]]:
     """The HTTP status, message and extra headers for a handler error (via the gRPC mapping)."""
+    if isinstance(error, UnsupportedEncoding):
+        return 415, str(error), {}
     code, message, trailers = grpc_status(error)
     retry = dict(trailers).get(RETRY_AFTER_KEY)
     if code.name == "RESOURCE_EXHAUSTED":
@@ -114,7 +138,7 @@ def _whole_number(text: str, what: str) -> int:
     except ValueError:
         value = -1
     if value < 0:
-        raise RequestError(f"{what}={text[:40]!r} must be a whole number >= 0")
+        raise RequestError(f"{what}={one_line(text, 40)!r} must be a whole number >= 0")
     return value
 
 
@@ -123,13 +147,30 @@ def _int_query(request: web.Request, name: str) -> int:
     return _whole_number(text, f"query {name}") if text else 0
 
 
+def _decimal_query(request: web.Request, name: str) -> float:
+    text = request.query.get(name, "")
+    if not text:
+        return 0.0
+    if DECIMAL.fullmatch(text) is None:
+        raise RequestError(f"query {name}={one_line(text, 40)!r} must be a number, e.g. 1.5")
+    return float(text)
+
+
+def http_request_id(request: web.Request) -> str:
+    """The ``X-Request-Id`` header, checked before any work: it is echoed in the answer's
+    headers, so it must be printable text (aiohttp hands undecodable bytes over as surrogates)."""
+    text = request.headers.get("X-Request-Id", "")
+    if not text.isprintable():
+        raise RequestError(
+            f"X-Request-Id {one_line(text, 40)!r} is not printable UTF-8 text; send letters, "
+            "digits and punctuation"
+        )
+    return check_request_id(text)
+
+
 def upscale_options(request: web.Request) -> tuple[SizeOptions, int, int]:
     """Model and size options, output format number and quality of ``POST /v1/upscale``."""
-    outscale_text = request.query.get("outscale", "")
-    try:
-        outscale = float(outscale_text) if outscale_text else 0.0
-    except ValueError:
-        raise RequestError(f"query outscale={outscale_text!r} must be a number, e.g. 1.5") from None
+    outscale = _decimal_query(request, "outscale")
     options = SizeOptions(
         model=check_name(request.query.get("model", ""), "model"),
         scale=_int_query(request, "scale"),
@@ -140,7 +181,7 @@ def upscale_options(request: web.Request) -> tuple[SizeOptions, int, int]:
     check_options(options)
     fmt = request.query.get("format", "png").lower()
     if fmt not in CONTENT_TYPES and fmt != "jpg":
-        raise RequestError(f"query format={fmt[:40]!r}: choose png, jpeg or webp")
+        raise RequestError(f"query format={one_line(fmt, 40)!r}: choose png, jpeg or webp")
     return options, FORMAT_NUMBERS[fmt], _int_query(request, "quality")
 
 
@@ -169,6 +210,9 @@ class HttpFrontDoor:
         self._expected = token_digest(token) if token else None
         self._page = PAGE.read_bytes()
         self._runner: web.AppRunner | None = None
+        self.gate = ConnectionGate(
+            connection_cap(config.http_limits.max_connections, open_file_limit())
+        )
         self.port = 0
 
     # -- lifetime ---------------------------------------------------------------------------
@@ -205,14 +249,29 @@ class HttpFrontDoor:
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
         """Listen on ``host:port`` (0 = any free port); the bound port."""
+        idle = self._config.http_limits.idle_timeout_s
         self._runner = web.AppRunner(
-            self.application(), access_log=None, shutdown_timeout=self._config.grace_s
+            self.application(),
+            access_log=None,
+            shutdown_timeout=self._config.grace_s,
+            keepalive_timeout=idle,  # slow heads and idle connections (server/http_limits.py)
+            handler_cancellation=True,  # a client that goes away cancels its request
+            logger=HeadErrorLog(logging.getLogger("aiohttp.server"), {}),
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, reuse_port=False)
+        site = GatedSite(
+            self._runner, host, port, self.gate, ssl_context=ssl_context, handshake_timeout_s=idle
+        )
         await site.start()
-        addresses = self._runner.addresses
-        self.port = int(addresses[0][1]) if addresses else port
+        if self.gate.cap < self._config.http_limits.max_connections:
+            log.warning(
+                "HTTP connections capped at %d, under --http-max-connections %d, to keep file "
+                "descriptors for gRPC (open-file limit %d)",
+                self.gate.cap,
+                self._config.http_limits.max_connections,
+                open_file_limit(),
+            )
+        self.port = site.port
         return self.port
 
     async def stop(self) -> None:
@@ -249,6 +308,10 @@ class HttpFrontDoor:
             if record is not None:
                 record.set(status=f"HTTP_{e.status}")
             return error_response(e.status, e.reason)
+        except ClientGone as e:  # logged by the access record, CANCELLED, as gRPC has it
+            if record is not None:
+                record.set(status="CANCELLED")
+            return error_response(CLIENT_CLOSED, str(e))
         except asyncio.CancelledError:
             if record is not None:
                 record.set(status="CANCELLED")
@@ -270,37 +333,9 @@ class HttpFrontDoor:
         return record if record is not None else AccessRecord("probe")
 
     async def _body(self, request: web.Request, limit: int) -> tuple[bytearray, Hold]:
-        """The request body and its hold on the request-byte budget (release it when the
-        request ends). The announced size (``limit`` when none is announced) is checked and
-        held before any byte is read; the body is read in pieces into one buffer, under the
-        upload idle timeout and deadline, like an UpscaleStream upload."""
-        length = request.content_length
-        if length is not None and length > limit:
-            flag = (
-                " (--max-request-bytes)" if limit == self._config.limits.max_request_bytes else ""
-            )
-            raise RequestTooLarge(
-                f"the body is {length} bytes, over the limit of {limit} bytes for this "
-                f"request{flag}"
-            )
-        hold = self._uploads.hold(limit if length is None else length, upload=True)
-        try:
-            buffer = bytearray(length or 0)
-            filled = 0
-            async for chunk in timed(_pieces(request), self._uploads.config):
-                end = filled + len(chunk)
-                if end > limit:
-                    raise RequestTooLarge(f"the body is over the limit of {limit} bytes")
-                if end > len(buffer):
-                    buffer.extend(bytes(end - len(buffer)))
-                buffer[filled:end] = chunk
-                filled = end
-            del buffer[filled:]
-            hold.end_upload()  # its bytes stay held until the request ends; the slot is free
-            return buffer, hold
-        except BaseException:
-            hold.release()
-            raise
+        """The request body and its hold on the request-byte budget (server/http_body.py)."""
+        flag = " (--max-request-bytes)" if limit == self._config.limits.max_request_bytes else ""
+        return await read_body(request, limit, self._uploads, flag)
 
     # -- the page and /v1 -----------------------------------------------------------------
     async def _index(self, request: web.Request) -> web.Response:
@@ -323,9 +358,10 @@ class HttpFrontDoor:
     async def _upscale(self, request: web.Request) -> web.Response:
         received = time.perf_counter()
         record = self._record(request)
-        request_id = check_request_id(request.headers.get("X-Request-Id", ""))
+        request_id = http_request_id(request)
         record.set(request_id=request_id)
         check_serving(self._serving)
+        check_encoding(request)
         options, number, quality = upscale_options(request)
         spec = output_spec(number, quality)
         snapshot = self._repository.snapshot
@@ -459,7 +495,11 @@ class HttpFrontDoor:
         """A repository call's small JSON body."""
         data, hold = await self._body(request, CONTROL_BODY_BYTES)
         with hold:
-            return {} if not data and allow_empty else _parse_json(bytes(data))
+            if not data and allow_empty:
+                return {}
+            text = bytes(data)
+            hold.grow(json_cost(text))
+            return parse_json(text, "the request body")
 
     async def _infer(self, request: web.Request) -> web.Response:
         received = time.perf_counter()
@@ -469,15 +509,12 @@ class HttpFrontDoor:
         check_serving(self._serving)
         data, hold = await self._body(request, self._config.limits.max_request_bytes)
         with hold:
-            header_text = request.headers.get(HEADER_LENGTH)
-            split = len(data) if header_text is None else _header_length(header_text, data)
-            if header_text is None and split > JSON_TENSOR_BYTES:
-                raise RequestTooLarge(
-                    f"a JSON inference request of {split} bytes is over {JSON_TENSOR_BYTES}; send "
-                    f"the tensor as binary data ({HEADER_LENGTH}, binary_data_size)"
-                )
-            body = await in_pool(self._tensors.pool, _parse_json, bytes(data[:split]))
-            request_id = check_request_id(str(body.get("id", "")))
+            split = header_length(request.headers.get(HEADER_LENGTH), len(data))
+            text = bytes(data[:split])
+            hold.grow(json_cost(text))  # parsed JSON costs many times its text: held first
+            body = await in_pool(self._tensors.pool, parse_json, text, "the inference request")
+            del text
+            request_id = check_request_id(infer_request_id(body))
             record.set(request_id=request_id)
             shape, load = parse_infer_input(body, memoryview(data)[split:])
             binary = wants_binary(body)
@@ -503,142 +540,6 @@ class HttpFrontDoor:
             content_type="application/octet-stream",
             headers={HEADER_LENGTH: str(len(head))},
         )
-
-
-async def _pieces(request: web.Request) -> AsyncIterator[bytes]:
-    """The request body in pieces of at most READ_CHUNK_BYTES, as they arrive."""
-    while True:
-        piece = await request.content.read(READ_CHUNK_BYTES)
-        if not piece:
-            return
-        yield piece
-
-
-def infer_answer(
-    model: str, request_id: str, canvas: np.ndarray, binary: bool
-) -> tuple[bytes, bytes]:
-    """Worker thread: the JSON header of an inference answer and its binary output (empty
-    when the output travels as JSON numbers in the header)."""
-    output: dict[str, Any] = {
-        "name": OUTPUT_NAME,
-        "datatype": DATATYPE,
-        "shape": list(canvas.shape),
-    }
-    answer: dict[str, Any] = {
-        "model_name": model,
-        "model_version": MODEL_VERSION,
-        "outputs": [output],
-    }
-    if request_id:
-        answer["id"] = request_id
-    if not binary:
-        output["data"] = canvas.ravel().tolist()
-        return json.dumps(answer).encode(), b""
-    raw = canvas.astype(FLOAT32_LE, copy=False).tobytes()
-    output["parameters"] = {"binary_data_size": len(raw)}
-    return json.dumps(answer).encode(), raw
-
-
-def _header_length(text: str, data: bytearray) -> int:
-    if _whole_number(text, HEADER_LENGTH) > len(data):
-        raise RequestError(
-            f"{HEADER_LENGTH}: {text!r} must be the byte length of the JSON header that starts "
-            f"the body (the body has {len(data)} bytes)"
-        )
-    return int(text)
-
-
-def _parse_json(text: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RequestError(f"the inference request is not JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise RequestError("the inference request must be a JSON object")
-    return body
-
-
-def _parameters(holder: dict[str, Any], where: str) -> dict[str, Any]:
-    """The ``parameters`` object of ``holder``, checked: an object, without the ones this
-    server refuses (shared memory, classification), as gRPC ModelInfer refuses them."""
-    parameters = holder.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise RequestError(f"{where}: parameters must be a JSON object")
-    for key in parameters:
-        if key in UNSUPPORTED_PARAMETERS:
-            raise RequestError(
-                f"{where} sets parameter {key!r}, which this server does not support (no shared "
-                "memory, no classification); send the tensor data in the request"
-            )
-    return parameters
-
-
-def wants_binary(body: dict[str, Any]) -> bool:
-    """The binary data extension: the output requested with ``binary_data``, or
-    ``binary_data_output`` on the request."""
-    binary = bool(_parameters(body, "the request").get("binary_data_output"))
-    outputs = body.get("outputs") or []
-    if not isinstance(outputs, list):
-        raise RequestError("outputs must be a list")
-    for output in outputs:
-        if not isinstance(output, dict) or output.get("name") != OUTPUT_NAME:
-            shown = str(output)[:80]
-            raise RequestError(f"unknown output {shown}; the model has one output {OUTPUT_NAME!r}")
-        binary = binary or bool(_parameters(output, f"output {OUTPUT_NAME!r}").get("binary_data"))
-    return binary
-
-
-def parse_infer_input(
-    body: dict[str, Any], rest: memoryview
-) -> tuple[tuple[int, int, int, int], Callable[[], np.ndarray]]:
-    """The checked [N, 3, H, W] shape of the request's one input and a loader of its data
-    (JSON numbers, or the binary bytes after the header)."""
-    inputs = body.get("inputs")
-    accepted = f"one input {INPUT_NAME!r} {DATATYPE} [N, 3, H, W] (RGB planes in [0, 1])"
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise RequestError(f"the request must carry {accepted}")
-    tensor = inputs[0]
-    if tensor.get("name") != INPUT_NAME or tensor.get("datatype") != DATATYPE:
-        raise RequestError(
-            f"input {tensor.get('name')!r} {tensor.get('datatype')!r}: expected {accepted}"
-        )
-    shape = tensor.get("shape")
-    if (
-        not isinstance(shape, list)
-        or len(shape) != 4
-        or not all(isinstance(d, int) and d >= 1 for d in shape)
-        or shape[1] != 3
-    ):
-        raise RequestError(f"input shape {shape!r}: expected [N, 3, H, W] with N, H, W >= 1")
-    n, _, h, w = shape
-    count = n * 3 * h * w
-    size = _parameters(tensor, f"input {INPUT_NAME!r}").get("binary_data_size")
-    if size is not None:
-        if not isinstance(size, int) or size != count * FLOAT32_LE.itemsize or len(rest) != size:
-            raise RequestError(
-                f"binary_data_size {size} with {len(rest)} bytes after the header: the input "
-                f"{shape} {DATATYPE} needs exactly {count * FLOAT32_LE.itemsize} bytes"
-            )
-
-        def from_binary() -> np.ndarray:
-            array = np.frombuffer(rest, FLOAT32_LE).astype(np.float32, copy=False)
-            return array.reshape(n, 3, h, w)
-
-        return (n, 3, h, w), from_binary
-    values = tensor.get("data")
-    if not isinstance(values, list):
-        raise RequestError(f"input {INPUT_NAME!r} carries no data: send `data` or binary data")
-
-    def from_json() -> np.ndarray:
-        try:
-            array = np.asarray(values, np.float32)
-        except (ValueError, TypeError) as e:
-            raise RequestError(f"input data is not a list of numbers: {e}") from None
-        if array.size != count:
-            raise RequestError(f"input data holds {array.size} values; shape {shape} needs {count}")
-        return array.reshape(n, 3, h, w)
-
-    return (n, 3, h, w), from_json
 
 
 def server_ssl_context(config: ServerConfig) -> ssl.SSLContext | None:

@@ -35,6 +35,7 @@ from server.chunked import chunk_tiles
 from server.config import (
     BatcherConfig,
     EngineConfig,
+    HttpLimitsConfig,
     LimitsConfig,
     ServerConfig,
     TilingConfig,
@@ -43,6 +44,7 @@ from server.config import (
 from server.engine import CUDA, SWITCHES, Engine, ModelLoadError
 from server.health import NOT_SERVING, SERVING, Health
 from server.http_door import HttpFrontDoor, server_ssl_context
+from server.http_limits import raise_open_file_limit
 from server.kserve import KServeService
 from server.logging_setup import LEVELS, configure_logging
 from server.memory import pin_mmap_threshold
@@ -666,7 +668,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--upload-deadline",
         type=_positive_float,
         default=d.uploads.deadline_s,
-        help="seconds a whole UpscaleStream upload may take",
+        help="seconds a whole upload (UpscaleStream, HTTP body) may take",
+    )
+    p.add_argument(
+        "--upload-min-rate",
+        type=_non_negative_float,
+        default=d.uploads.min_rate_bytes_s,
+        help="bytes/s an upload must average after its first --upload-idle-timeout seconds; "
+        "slower ones end, and give their slot to a new upload when all are taken (0 = no minimum)",
     )
     p.add_argument(
         "--decode-workers",
@@ -687,6 +696,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=_port,
         default=0,
         help="also serve HTTP here (KServe v2 REST, POST /v1/upscale, the page at /); 0 = off",
+    )
+    p.add_argument(
+        "--http-idle-timeout",
+        type=_positive_float,
+        default=d.http_limits.idle_timeout_s,
+        help="seconds an HTTP connection may take to send a complete request head, after it "
+        "opens or after its previous answer (slow heads, idle keep-alive); then it is closed",
+    )
+    p.add_argument(
+        "--http-max-connections",
+        type=_int_at_least(1),
+        default=d.http_limits.max_connections,
+        help="open HTTP connections; more are closed at once (lowered at start to keep file "
+        "descriptors for gRPC)",
     )
     add_security_flags(p)
     add_metrics_flags(p)
@@ -744,6 +767,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             deadline_s=args.upload_deadline,
             max_concurrent=args.max_uploads,
             max_buffered_bytes=args.max_buffered_bytes,
+            min_rate_bytes_s=args.upload_min_rate,
         ),
         decode_workers=args.decode_workers,
         log_level=args.log_level,
@@ -752,6 +776,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         security=security_config_from_args(args),
         metrics=metrics_config_from_args(args),
         http_port=args.http_port or None,
+        http_limits=HttpLimitsConfig(
+            idle_timeout_s=args.http_idle_timeout, max_connections=args.http_max_connections
+        ),
     )
 
 
@@ -875,6 +902,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_json)
     log.debug("starting")  # from here on a signal is recorded, then stops the start-up
     pin_mmap_threshold()  # large request buffers go back to the system when freed
+    raise_open_file_limit()  # descriptors for connections; the HTTP door's cap keeps a reserve
     # A given --model is checked against --scale; otherwise --scale picks the default model.
     scale = args.scale if args.model else None
     try:

@@ -247,7 +247,8 @@ async def receive_stream(
     arrives, so memory follows the bytes received. The caller releases the hold when the call
     ends.
     """
-    messages = timed(requests, uploads.config)
+    pace = uploads.pace()  # the minimum rate, and the slot a slower upload gives up
+    messages = timed(requests, uploads.config, pace)
     first = await anext(messages, None)
     if first is None:
         raise StreamEnded("stream ended before its header; send an UpscaleChunk.header first")
@@ -272,7 +273,7 @@ async def receive_stream(
     if header.HasField("raw_shape"):
         check_raw_shape(header.raw_shape, total, limits)
     record.set(bytes_in=total)
-    hold = uploads.hold(total, upload=True)
+    hold = uploads.hold(total, upload=True, pace=pace)
     try:
         if send_initial_metadata is not None:
             await send_initial_metadata(((UPLOAD_ACCEPTED_KEY, "1"),))
@@ -299,6 +300,7 @@ async def receive_stream(
                     f"ends at byte {end})"
                 )
             parts.append(chunk.data)
+            pace.add(len(chunk.data))
             filled = end
         if filled < total:
             raise StreamEnded(

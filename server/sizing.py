@@ -53,6 +53,12 @@ def check_options(options: SizeOptions) -> None:
         )
     if options.outscale and not (math.isfinite(options.outscale) and options.outscale > 0):
         raise RequestError(f"outscale {options.outscale} must be a finite number above 0")
+    largest = max(SCALES)
+    if options.outscale > largest + FACTOR_SLACK:  # refused before the size could overflow
+        raise RequestError(
+            f"outscale {options.outscale:g} is over x{largest}, the largest scale a model has; "
+            f"each axis must lie in [1, {largest}]"
+        )
 
 
 def output_size(options: SizeOptions, width: int, height: int) -> tuple[int, int] | None:
