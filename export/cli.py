@@ -3,7 +3,7 @@
     rdn-export --checkpoint CKPT --output model.onnx [--opset N] [--fp16] [--no-verify]
                [--verify-image PNG] [--triton-repo DIR [--model-name NAME] [--max-batch B]]
                [--int8 --calibrate DIR [--calibrate-limit N] [--int8-max-loss DB]
-                [--allow-int8-loss]]
+                [--allow-int8-loss] [--reference FLOAT.onnx]]
 
 Progress goes to stderr one line per fact; the last line on stdout names what was written.
 Errors are one line on stderr: exit 2 for usage errors, 1 for failures.
@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"refuse an int8 model losing more Y-PSNR dB (default {ExportOptions.int8_max_loss})",
     )
     p.add_argument(
+        "--reference",
+        type=Path,
+        help="with --int8: the float ONNX model the int8 one replaces (e.g. the model a --qat "
+        "run started from); the loss is measured against it instead of the float graph of the "
+        "same weights",
+    )
+    p.add_argument(
         "--allow-int8-loss",
         action="store_true",
         help="write the int8 model even when it loses more than --int8-max-loss",
@@ -184,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         calibrate_limit=args.calibrate_limit,
         int8_max_loss=args.int8_max_loss,
         allow_int8_loss=args.allow_int8_loss,
+        reference=args.reference,
     )
     try:
         if triton is not None:  # fail before the export, not after

@@ -42,7 +42,7 @@ from export.int8 import (
     quantize_graph,
     verification_photos,
 )
-from export.metadata import ModelMetadata, default_model_name, training_metadata
+from export.metadata import INT8_SUFFIX, ModelMetadata, default_model_name, training_metadata
 from export.subpixel import fold_rgb_before_shuffle
 from rdn.checkpoint import CheckpointError, atomic_write, load_model
 from rdn.int8 import calibrate, calibration_batches, int8_model
@@ -88,6 +88,9 @@ class ExportOptions:
     calibrate_limit: int = 32  # photos of ``calibrate`` used, in name order
     int8_max_loss: float = DEFAULT_MAX_LOSS_DB  # refuse an int8 file losing more (Y-PSNR dB)
     allow_int8_loss: bool = False  # write it anyway
+    # The float model the int8 one replaces (its twin), measured against instead of the float
+    # graph of the same weights: after --qat the weights moved, and the twin's loss is the point.
+    reference: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -272,7 +275,8 @@ def export_onnx(
         input_name=INPUT_NAME,
         output_name=OUTPUT_NAME,
         training=training,
-        name=options.name or default_model_name(config.scale, degradation),
+        name=options.name
+        or default_model_name(config.scale, degradation) + (INT8_SUFFIX if options.int8 else ""),
     )
     float_metadata = replace(metadata, precision="float32") if options.int8 else metadata
     export_start = time.perf_counter()
@@ -360,13 +364,18 @@ def _quantize(
         quantized = quantize_graph(float_proto, model)
         photos = verification_photos(options.calibrate, options.calibrate_limit)
         int8_bytes = quantized.SerializeToString()
-        loss = int8_loss(float_proto.SerializeToString(), int8_bytes, photos, metadata.scale)
+        reference = (
+            options.reference.read_bytes()
+            if options.reference is not None
+            else float_proto.SerializeToString()
+        )
+        loss = int8_loss(reference, int8_bytes, photos, metadata.scale)
     except (Int8Error, OSError, ValueError) as e:
         raise ExportError(f"int8: {e}") from e
     logger.info(
-        "int8: Y-PSNR %.3f dB (float %.3f): %.3f dB lost on %d photos of %s (bound %.2f)",
-        loss.int8_psnr_y, loss.float_psnr_y, loss.loss_db, loss.images, options.calibrate,
-        options.int8_max_loss,
+        "int8: Y-PSNR %.3f dB (%s %.3f): %.3f dB lost on %d photos of %s (bound %.2f)",
+        loss.int8_psnr_y, options.reference or "float graph", loss.float_psnr_y, loss.loss_db,
+        loss.images, options.calibrate, options.int8_max_loss,
     )  # fmt: skip
     if loss.loss_db > options.int8_max_loss and not options.allow_int8_loss:
         raise ExportError(
@@ -377,7 +386,8 @@ def _quantize(
     metadata = replace(
         metadata,
         int8_loss_db=loss.loss_db,
-        int8_verified_on=f"{loss.images} photos of {options.calibrate.name}",
+        int8_verified_on=f"{loss.images} photos of {options.calibrate.name}"
+        + (f" against {options.reference.name}" if options.reference is not None else ""),
     )
     del quantized.metadata_props[:]
     set_metadata(quantized, metadata.to_props())

@@ -45,7 +45,7 @@ def test_int8_file_is_qdq_with_float_ends_and_says_its_precision_and_loss(
     assert convs[0].input[0] == "lr" and not convs[-1].input[1].endswith("DequantizeLinear_Output")
     meta = read_model_metadata(int8_export)
     assert meta.precision == "int8" and meta.int8_loss_db is not None
-    assert meta.int8_verified_on == "5 photos of Set5" and meta.name == "rdn_x2"
+    assert meta.int8_verified_on == "5 photos of Set5" and meta.name == "rdn_x2_int8"
 
 
 def test_int8_file_computes_what_the_fake_quantized_model_computes(
