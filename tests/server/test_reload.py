@@ -1,0 +1,75 @@
+"""What a reload may not break (real servers on 127.0.0.1): a model whose metadata lies about
+its scale is refused and the old version serves on."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+import onnx
+import pytest
+
+from export.metadata import KEY_CONFIG, KEY_NAME, KEY_SCALE
+from server.main import BackgroundServer
+from server.pb.rdn.v1 import upscale_pb2 as pb
+from server.pb.rdn.v1 import upscale_pb2_grpc as pb_grpc
+from server.repository import LoadFailed
+from tests.server.loopback import loopback_config
+
+CALL_TIMEOUT = 60.0
+
+
+def relabelled(source: Path, folder: Path, file_name: str, name: str, scale: int) -> Path:
+    """``source``'s network saved as ``file_name`` with ``rdn.name`` = ``name`` and metadata
+    that claims ``scale`` (``rdn.scale`` and the config agree with each other, not with the
+    graph)."""
+    model = onnx.load(str(source))
+    props = {p.key: p.value for p in model.metadata_props}
+    config = {**json.loads(props[KEY_CONFIG]), "scale": scale}
+    props.update({KEY_NAME: name, KEY_SCALE: str(scale), KEY_CONFIG: json.dumps(config)})
+    onnx.helper.set_model_props(model, props)
+    path = folder / file_name
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture
+def folder(tiny_onnx_factory: Callable[[int], Path], tmp_path: Path) -> Path:
+    """rdn_x2 (a.onnx) and rdn_x4 (b.onnx), honest."""
+    relabelled(tiny_onnx_factory(2), tmp_path, "a.onnx", "rdn_x2", 2)
+    relabelled(tiny_onnx_factory(4), tmp_path, "b.onnx", "rdn_x4", 4)
+    return tmp_path
+
+
+def upscale_width(port: int, scale: int, side: int = 12) -> tuple[str, int]:
+    image = cv2.imencode(".png", np.full((side, side, 3), 128, np.uint8))[1].tobytes()
+    request = pb.UpscaleRequest(encoded=image, scale=scale)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        answer = pb_grpc.UpscalerStub(channel).Upscale(request, timeout=CALL_TIMEOUT)
+    return answer.model, answer.width
+
+
+# ------------------------------------------------ metadata that lies about the scale
+
+
+def test_a_mislabelled_file_swapped_in_is_refused_and_the_old_version_serves(
+    tiny_onnx_factory: Callable[[int], Path], folder: Path
+) -> None:
+    with BackgroundServer(loopback_config(None, model_dir=folder)) as bg:
+        repository = bg.running.repository
+        # an x4 network labelled rdn_x2 / scale 2 replaces the x2 model; SIGHUP's re-scan
+        relabelled(tiny_onnx_factory(4), folder, "a.onnx", "rdn_x2", 2)
+        bg.call(repository.rescan(), timeout=CALL_TIMEOUT)
+        after_rescan = repository.snapshot.models["rdn_x2"].version
+        reason = {e.name: e for e in repository.index()}["rdn_x2"].reason
+        with pytest.raises(LoadFailed) as refused:  # and a load call
+            bg.call(repository.load("rdn_x2"), timeout=CALL_TIMEOUT)
+        answer = upscale_width(bg.port, 2)
+    assert after_rescan == 1 and repository.snapshot.models["rdn_x2"].version == 1
+    assert "rdn.scale=2" in reason and "upscales x4" in reason
+    assert "previous version keeps serving" in str(refused.value)
+    assert answer == ("rdn_x2", 24)
