@@ -365,7 +365,7 @@ class HttpFrontDoor:
         return web.json_response({"live": True})
 
     async def _ready(self, request: web.Request) -> web.Response:
-        ready = self._serving()
+        ready = self._serving() and bool(self._repository.snapshot.models)  # as gRPC health
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def _server_metadata(self, request: web.Request) -> web.Response:

@@ -281,6 +281,7 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
     health = Health()
     for service in ("", SERVICE_NAME):
         await health.set(service, NOT_SERVING)
+    repository.on_change(lambda published: health.set_models_loaded(bool(published.models)))
     uploads = UploadBudget(config.uploads)
     metrics = None
     if config.metrics.port is not None:

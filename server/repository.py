@@ -232,10 +232,15 @@ class ModelRepository:
         self._versions: dict[str, int] = {}
         self._snapshot = Snapshot()
         self._lock = asyncio.Lock()  # one change at a time
+        self._listeners: list[Callable[[Snapshot], None]] = []
 
     @property
     def snapshot(self) -> Snapshot:
         return self._snapshot
+
+    def on_change(self, listener: Callable[[Snapshot], None]) -> None:
+        """Call ``listener`` with every snapshot published from now on (on the event loop)."""
+        self._listeners.append(listener)
 
     async def start(self) -> Snapshot:
         """Discover and load every model; any failure is fatal here (``RepositoryError``,
@@ -281,6 +286,8 @@ class ModelRepository:
     def _publish(self, models: dict[str, Pipeline]) -> None:
         defaults = choose_defaults(models, self.config.defaults)
         self._snapshot = Snapshot(models, defaults, self._primary(models, defaults))
+        for listener in self._listeners:
+            listener(self._snapshot)
 
     async def _load_file(self, name: str, path: Path, warm: bool = True) -> Pipeline:
         version = self._versions.get(name, 0) + 1

@@ -1,8 +1,10 @@
 """What a reload may not break (real servers on 127.0.0.1): a model whose metadata lies about
-its scale is refused and the old version serves on."""
+its scale is refused and the old version serves on; readiness follows whether any model is
+loaded, the same on all three probes."""
 
 from __future__ import annotations
 
+import http.client
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -12,9 +14,12 @@ import grpc
 import numpy as np
 import onnx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from export.metadata import KEY_CONFIG, KEY_NAME, KEY_SCALE
 from server.main import BackgroundServer
+from server.pb.inference import grpc_service_pb2 as kpb
+from server.pb.inference import grpc_service_pb2_grpc as kpb_grpc
 from server.pb.rdn.v1 import upscale_pb2 as pb
 from server.pb.rdn.v1 import upscale_pb2_grpc as pb_grpc
 from server.repository import LoadFailed
@@ -73,3 +78,58 @@ def test_a_mislabelled_file_swapped_in_is_refused_and_the_old_version_serves(
     assert "rdn.scale=2" in reason and "upscales x4" in reason
     assert "previous version keeps serving" in str(refused.value)
     assert answer == ("rdn_x2", 24)
+
+
+# ------------------------------------------------------------ readiness without models
+
+
+def readiness(bg: BackgroundServer) -> tuple[list[int], bool, int]:
+    """(gRPC health of "" and rdn.v1.Upscaler, KServe ServerReady, /v2/health/ready status)."""
+    with grpc.insecure_channel(f"127.0.0.1:{bg.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        statuses = [
+            health.Check(health_pb2.HealthCheckRequest(service=s), timeout=10).status
+            for s in ("", "rdn.v1.Upscaler")
+        ]
+        kserve = kpb_grpc.GRPCInferenceServiceStub(channel)
+        ready = kserve.ServerReady(kpb.ServerReadyRequest(), timeout=10).ready
+    assert bg.running.http is not None
+    connection = http.client.HTTPConnection("127.0.0.1", bg.running.http.port, timeout=10)
+    try:
+        connection.request("GET", "/v2/health/ready")
+        answer = connection.getresponse()
+        answer.read()
+    finally:
+        connection.close()
+    return statuses, ready, answer.status
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_a_server_with_no_model_loaded_is_not_ready_on_any_probe(folder: Path) -> None:
+    with BackgroundServer(loopback_config(None, model_dir=folder, http_port=0)) as bg:
+        repository = bg.running.repository
+        with grpc.insecure_channel(f"127.0.0.1:{bg.port}") as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=""), timeout=CALL_TIMEOUT
+            )
+            seen = [next(watch).status]
+            before = readiness(bg)
+            bg.call(repository.unload("rdn_x2"), timeout=CALL_TIMEOUT)
+            one_left = readiness(bg)
+            bg.call(repository.unload("rdn_x4"), timeout=CALL_TIMEOUT)
+            empty = readiness(bg)
+            seen.append(next(watch).status)
+            with pytest.raises(grpc.RpcError) as refused:
+                upscale_width(bg.port, 2)
+            bg.call(repository.load("rdn_x4"), timeout=CALL_TIMEOUT)
+            again = readiness(bg)
+            seen.append(next(watch).status)
+            watch.cancel()
+    assert before == one_left == again == ([SERVING, SERVING], True, 200)
+    assert empty == ([NOT_SERVING, NOT_SERVING], False, 503)
+    assert seen == [SERVING, NOT_SERVING, SERVING]
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND  # says why: no model is loaded
+    assert "no model of scale x2" in (refused.value.details() or "")
