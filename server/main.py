@@ -790,23 +790,41 @@ class EarlySignals:
 
 
 class Rescans:
-    """SIGHUP: re-scan the model folder and swap what changed; requests that arrive before the
-    server is up wait for it (one re-scan then covers them all)."""
+    """SIGHUP: re-scan the model folder and swap what changed.
+
+    Coalesced: one re-scan runs at a time and at most one waits behind it, so all the signals
+    that arrive during a re-scan cost one more re-scan, not one each; that one starts after
+    them and sees everything that changed before them. Signals that arrive before the server
+    is up wait for it (one re-scan then covers them all)."""
 
     def __init__(self) -> None:
         self._running: RunningServer | None = None
-        self._pending = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._pending = False  # a signal came while the server started, or during a re-scan
+        self._task: asyncio.Task[None] | None = None
 
     def request(self) -> None:
         if self._running is None:
             log.info("SIGHUP during start-up: the model repository is re-scanned once it is up")
             self._pending = True
             return
+        if self._task is not None and not self._task.done():
+            if not self._pending:
+                log.info("SIGHUP during a re-scan: one more re-scan follows it")
+            self._pending = True  # later ones join it
+            return
         log.info("SIGHUP: re-scanning the model repository")
-        task = asyncio.ensure_future(self._running.repository.rescan())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._task = asyncio.ensure_future(self._rescan(self._running))
+
+    async def _rescan(self, running: RunningServer) -> None:
+        while True:
+            self._pending = False
+            try:
+                await running.repository.rescan()
+            except Exception:  # the next SIGHUP must still work
+                log.exception("model repository re-scan failed")
+            if not self._pending:
+                return
+            log.info("re-scanning the model repository for the SIGHUPs received meanwhile")
 
     def attach(self, running: RunningServer) -> None:
         self._running = running

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -374,6 +375,7 @@ class ModelRepository:
         """SIGHUP: reload every file of the repository, load new ones, stop serving the ones
         whose file is gone. A file that fails keeps its old version serving."""
         async with self._lock:
+            started = time.perf_counter()
             await self._rescan_files()
             models: dict[str, Pipeline] = {}
             for name, path in self._files.items():
@@ -387,7 +389,8 @@ class ModelRepository:
             gone = sorted(set(self._snapshot.models) - set(models) - self._unloaded)
             self._publish(models)
             log.info(
-                "model repository re-scanned: %d models served%s",
+                "model repository re-scanned: %d models served (%.2f s)%s",
                 len(models),
+                time.perf_counter() - started,
                 f"; no longer served (file gone): {', '.join(gone)}" if gone else "",
             )

@@ -1,11 +1,16 @@
 """What a reload may not break (real servers on 127.0.0.1): a model whose metadata lies about
 its scale is refused and the old version serves on; readiness follows whether any model is
-loaded, the same on all three probes."""
+loaded, the same on all three probes; SIGHUPs coalesce."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import queue
+import re
+import shutil
+import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,14 +23,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from export.metadata import KEY_CONFIG, KEY_NAME, KEY_SCALE
 from server.main import BackgroundServer
+from server.models import MODELS_DIR
 from server.pb.inference import grpc_service_pb2 as kpb
 from server.pb.inference import grpc_service_pb2_grpc as kpb_grpc
 from server.pb.rdn.v1 import upscale_pb2 as pb
 from server.pb.rdn.v1 import upscale_pb2_grpc as pb_grpc
 from server.repository import LoadFailed
 from tests.server.loopback import loopback_config
+from tests.server.test_main import CPU_FLAGS, FAST_FLAGS, ServerProcess
 
 CALL_TIMEOUT = 60.0
+SIGHUP_BURST = 30  # signals over about a second, as in the issue
+SIGHUP_GAP_S = 0.035  # apart: the kernel merges signals that arrive before one is handled
+QUIET_S = 5.0  # no re-scan line for this long: the burst's re-scans are over
 
 
 def relabelled(source: Path, folder: Path, file_name: str, name: str, scale: int) -> Path:
@@ -133,3 +143,51 @@ def test_a_server_with_no_model_loaded_is_not_ready_on_any_probe(folder: Path) -
     assert seen == [SERVING, NOT_SERVING, SERVING]
     assert refused.value.code() == grpc.StatusCode.NOT_FOUND  # says why: no model is loaded
     assert "no model of scale x2" in (refused.value.details() or "")
+
+
+# ------------------------------------------------------------------- SIGHUP and loads
+
+
+def rescans_after(server: ServerProcess) -> list[dict[str, object]]:
+    """The re-scans' log entries, until none has come for QUIET_S seconds."""
+    done = []
+    while True:
+        try:
+            done.append(server.wait_for("model repository re-scanned", timeout=QUIET_S))
+        except queue.Empty:
+            return done
+
+
+def rescan_seconds(entry: dict[str, object]) -> float:
+    """How long the re-scan of this log entry took, as it says."""
+    found = re.search(r"\((\d+\.\d+) s\)", str(entry["message"]))
+    assert found is not None, entry
+    return float(found.group(1))
+
+
+def test_a_burst_of_sighups_is_coalesced(tmp_path: Path) -> None:
+    """30 SIGHUPs over about a second, as in the issue. One re-scan runs at a time and at most
+    one waits: every re-scan but the last starts within the burst, after the one before it
+    ended, so they number at most 2 + burst / shortest re-scan, instead of one per signal.
+    The last sees what changed before the last signal."""
+    shipped = ("default_x2", "default_x4", "rdn_x2_photo", "rdn_x4_photo")
+    for stem in shipped:  # real models: a re-scan takes longer than the gap between signals
+        shutil.copy(MODELS_DIR / f"{stem}.onnx", tmp_path)
+    server = ServerProcess("--model-dir", str(tmp_path), *FAST_FLAGS, *CPU_FLAGS, "--log-json")
+    try:
+        server.wait_for("listening on 127.0.0.1:")
+        started = time.monotonic()
+        for _ in range(SIGHUP_BURST - 1):
+            server.process.send_signal(signal.SIGHUP)
+            time.sleep(SIGHUP_GAP_S)
+        shutil.copy(MODELS_DIR / "default_x3.onnx", tmp_path)
+        server.process.send_signal(signal.SIGHUP)
+        burst_s = time.monotonic() - started
+        done = rescans_after(server)
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(30) == 0
+    shortest_s = min(rescan_seconds(e) for e in done)
+    bound = 2 + int(burst_s / shortest_s)
+    assert 1 <= len(done) <= bound, (len(done), burst_s, shortest_s)
+    assert "5 models served" in str(done[-1]["message"])  # the file added before the last signal
