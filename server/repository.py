@@ -98,6 +98,17 @@ def discover(config: RepositoryConfig, known: Mapping[str, Path] | None = None) 
     return found
 
 
+def _still_named(path: Path, name: str) -> bool:
+    """Whether the file at ``path`` is still model ``name``; a file that exists but cannot be
+    read keeps its name (loading it then fails and says why, the old version serving on)."""
+    if not path.is_file():
+        return False
+    try:
+        return model_name_of(path) == name
+    except MetadataError:
+        return True
+
+
 def file_scales(paths: Iterable[Path]) -> set[int]:
     """The scales the files' metadata declare (files without ``rdn.scale`` are left out)."""
     scales = set()
@@ -325,13 +336,22 @@ class ModelRepository:
             return
         self._files = found
 
+    async def _file_of(self, name: str) -> Path | None:
+        """The file of model ``name``: the one it was found in, when that file still carries
+        the name (only that file is read: a load never pays for the folder's other, perhaps
+        large, files), else whatever a re-read of the folder's names finds."""
+        path = self._files.get(name)
+        if path is not None and await asyncio.to_thread(_still_named, path, name):
+            return path
+        await self._rescan_files()
+        return self._files.get(name)
+
     async def load(self, name: str) -> Pipeline:
         """(Re)load ``name`` from its file and serve it; ``NotFound`` when no file has that
         name, ``LoadFailed`` (old version still serving) when the file does not load."""
         check_name(name, "model name")
         async with self._lock:
-            await self._rescan_files()
-            path = self._files.get(name)
+            path = await self._file_of(name)
             if path is None:
                 known = ", ".join(sorted(self._files)) or "none"
                 raise NotFound(

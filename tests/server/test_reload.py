@@ -1,6 +1,6 @@
 """What a reload may not break (real servers on 127.0.0.1): a model whose metadata lies about
 its scale is refused and the old version serves on; readiness follows whether any model is
-loaded, the same on all three probes; SIGHUPs coalesce."""
+loaded, the same on all three probes; SIGHUPs coalesce; a load reads only its own file."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -21,6 +21,7 @@ import onnx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import server.repository
 from export.metadata import KEY_CONFIG, KEY_NAME, KEY_SCALE
 from server.main import BackgroundServer
 from server.models import MODELS_DIR
@@ -191,3 +192,37 @@ def test_a_burst_of_sighups_is_coalesced(tmp_path: Path) -> None:
     bound = 2 + int(burst_s / shortest_s)
     assert 1 <= len(done) <= bound, (len(done), burst_s, shortest_s)
     assert "5 models served" in str(done[-1]["message"])  # the file added before the last signal
+
+
+@pytest.fixture
+def metadata_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
+    """Every model file whose metadata the repository reads (the real function, observed)."""
+    reads: list[Path] = []
+    real = server.repository.read_metadata
+
+    def observed(path: Path) -> dict[str, str]:
+        reads.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(server.repository, "read_metadata", observed)
+    yield reads
+
+
+def test_a_load_reads_only_its_own_file(
+    folder: Path, tmp_path_factory: pytest.TempPathFactory, metadata_reads: list[Path]
+) -> None:
+    """A broken file and a large one beside the model neither break nor slow its load."""
+    with BackgroundServer(loopback_config(None, model_dir=folder)) as bg:
+        repository = bg.running.repository
+        (folder / "broken.onnx").write_bytes(b"\x08" * 1000)
+        with (folder / "large.onnx").open("wb") as large:
+            large.truncate(256 * 2**20)  # sparse: 256 MiB for any reader, no disk used
+        metadata_reads.clear()
+        loaded = bg.call(repository.load("rdn_x2"), timeout=CALL_TIMEOUT)
+        own = list(metadata_reads)
+        # a name the repository does not know yet is looked for in the folder
+        relabelled(folder / "a.onnx", folder, "c.onnx", "rdn_x2_new", 2)
+        new = bg.call(repository.load("rdn_x2_new"), timeout=CALL_TIMEOUT)
+    assert loaded.version == 2
+    assert own == [folder / "a.onnx"], own
+    assert (new.name, new.path.name) == ("rdn_x2_new", "c.onnx")
