@@ -41,6 +41,7 @@ from server.calls import (
     in_pool,
 )
 from server.config import ServerConfig
+from server.cross_site import CrossSitePolicy, http_bind_host
 from server.errors import RequestError, RequestTooLarge, check_name
 from server.kserve import (
     DATATYPE,
@@ -66,7 +67,7 @@ from server.security import AUTH_METADATA_KEY
 from server.sizing import SizeOptions, check_options
 from server.uploads import Hold, UploadBudget, timed
 from server.upscaling import ImageSource, UpscaleContext, output_spec, upscale_image
-from server.wire import FORMAT_NUMBERS, RETRY_AFTER_KEY
+from server.wire import FORMAT_NUMBERS, HTTP_METHODS, RETRY_AFTER_KEY
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ CONTROL_BODY_BYTES = 64 * 2**10  # the JSON body of a repository call
 # JSON numbers cost about 4x their text once parsed: larger tensors travel as binary data.
 JSON_TENSOR_BYTES = 8 * 2**20
 JSON_BYTES_PER_VALUE = 20  # a float32 written by json.dumps, with its separator
-METHODS = ("GET", "HEAD", "POST", "PUT")  # others are counted as OTHER in metrics
+METHODS = HTTP_METHODS  # others are counted as OTHER in metrics
 HEADER_LENGTH = "Inference-Header-Content-Length"  # KServe's binary tensor data extension
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 HTTP_STATUS = {
@@ -167,6 +168,12 @@ class HttpFrontDoor:
         self._tensors = TensorContext(batcher, codec_pool, uploads, config)
         token = config.security.auth_token
         self._expected = token_digest(token) if token else None
+        self._cross_site = CrossSitePolicy(
+            config.cross_site,
+            bind_host=http_bind_host(config),
+            token=bool(token),
+            observer=access_observer,
+        )
         self._page = PAGE.read_bytes()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -175,7 +182,7 @@ class HttpFrontDoor:
     def application(self) -> web.Application:
         app = web.Application(
             client_max_size=self._config.limits.max_request_bytes,
-            middlewares=[self._guard],
+            middlewares=[self._cross_site.middleware, self._guard],  # preflights need no token
         )
         get, post = web.get, web.post
         app.add_routes(

@@ -40,6 +40,8 @@ from server.config import (
     TilingConfig,
     UploadConfig,
 )
+from server.cross_site import add_http_flags, cross_site_config_from_args, http_bind_host
+from server.cross_site import exposure_warning as http_exposure_warning
 from server.engine import CUDA, SWITCHES, Engine, ModelLoadError
 from server.health import NOT_SERVING, SERVING, Health
 from server.http_door import HttpFrontDoor, server_ssl_context
@@ -337,6 +339,10 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
             ) from e
     http = None
     if config.http_port is not None:
+        http_host = http_bind_host(config)
+        warning = http_exposure_warning(config)
+        if warning is not None:
+            log.warning("%s", warning)
         http = HttpFrontDoor(
             repository,
             batcher,
@@ -345,7 +351,7 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
             **shared,  # type: ignore[arg-type]
         )
         try:
-            await http.start(config.host, config.http_port, server_ssl_context(config))
+            await http.start(http_host, config.http_port, server_ssl_context(config))
         except OSError as e:
             await http.stop()
             await server.stop(0)
@@ -353,7 +359,7 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
             if endpoint is not None:
                 endpoint.close()
             raise ServerStartError(
-                f"cannot serve HTTP on {config.host}:{config.http_port}: {e.strerror or e} "
+                f"cannot serve HTTP on {http_host}:{config.http_port}: {e.strerror or e} "
                 "(port taken? see --http-port)"
             ) from e
     await batcher.start()
@@ -393,7 +399,7 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
         ", self-ensemble" if config.self_ensemble else "",
         describe(config.security),
         "" if endpoint is None else f"; metrics on port {endpoint.port}",
-        "" if http is None else f"; HTTP on port {http.port}",
+        "" if http is None else f"; HTTP on {http_bind_host(config)}:{http.port}",
     )
     return running
 
@@ -679,6 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="also serve HTTP here (KServe v2 REST, POST /v1/upscale, the page at /); 0 = off",
     )
+    add_http_flags(p)
     add_security_flags(p)
     add_metrics_flags(p)
     return p
@@ -742,6 +749,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         security=security_config_from_args(args),
         metrics=metrics_config_from_args(args),
         http_port=args.http_port or None,
+        http_host=args.http_host,
+        cross_site=cross_site_config_from_args(args),
     )
 
 
