@@ -101,6 +101,14 @@ class HttpLimitsConfig:
     max_connections: int = 512
 
 
+class CrossSiteConfig:
+    """Which web pages and Host names the HTTP door answers (server/cross_site.py)."""
+
+    cors_origins: tuple[str, ...] = ()  # pages of these origins may call it (CORS); none by default
+    allowed_hosts: tuple[str, ...] = ()  # without a token: Host names answered besides localhost,
+    # IP addresses and the bound host
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything rdn-serve needs to run."""
@@ -127,3 +135,5 @@ class ServerConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     http_port: int | None = None  # the HTTP front door; None = off, 0 = any free port
     http_limits: HttpLimitsConfig = field(default_factory=HttpLimitsConfig)
+    http_host: str | None = None  # its address; None = 127.0.0.1, or ``host`` with a token
+    cross_site: CrossSiteConfig = field(default_factory=CrossSiteConfig)

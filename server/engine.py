@@ -27,7 +27,7 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 CUDNN_ALGO_SEARCHES = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 FLOAT32 = "tensor(float)"
-PROBE_SIZE = 16  # LR pixels, side of the input that derives the scale of a model without metadata
+PROBE_SIZE = 16  # LR pixels, side of the input that measures a model's scale at load
 GPU_HINT = "install onnxruntime-gpu[cuda,cudnn] / CUDA 13 + cuDNN 9"
 
 
@@ -219,18 +219,20 @@ class Engine:
         return self._io_binding
 
     def _scale_from(self, metadata: Mapping[str, str], path: Path) -> int:
-        """The upscaling factor: ``rdn.scale`` metadata, else measured on a tiny input."""
+        """The upscaling factor the graph computes, measured on a tiny input; the ``rdn.scale``
+        metadata, where present, must agree (a mislabelled file would be served under the
+        wrong scale and fail every request)."""
+        declared = None
         if KEY_SCALE in metadata:
             try:
-                scale = int(metadata[KEY_SCALE])
+                declared = int(metadata[KEY_SCALE])
             except ValueError:
-                scale = 0
-            if scale < 1:
+                declared = 0
+            if declared < 1:
                 raise ModelLoadError(
                     f"model file {path}: metadata {KEY_SCALE}={metadata[KEY_SCALE]!r} is not a "
                     "positive integer; re-export the model with rdn-export"
                 )
-            return scale
         probe = np.zeros((1, 3, PROBE_SIZE, PROBE_SIZE), np.float32)
         try:
             out = self.run(probe)
@@ -246,7 +248,14 @@ class Engine:
                 f"{list(out.shape)}; expected [1, 3, s*{PROBE_SIZE}, s*{PROBE_SIZE}] for an "
                 "integer scale s"
             )
-        return h // PROBE_SIZE
+        scale = h // PROBE_SIZE
+        if declared is not None and declared != scale:
+            raise ModelLoadError(
+                f"model file {path}: metadata {KEY_SCALE}={declared} but the network upscales "
+                f"x{scale} (a {PROBE_SIZE}x{PROBE_SIZE} input gives {w}x{h}); the file is "
+                "mislabelled: re-export it with rdn-export"
+            )
+        return scale
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Upscale a batch: [N, 3, h, w] float32 -> [N, 3, s*h, s*w] float32.

@@ -5,6 +5,9 @@ grpc's own aio ``HealthServicer`` keeps every Watch stream open after
 clients with health checking) always waited its whole ``--grace`` to stop. Here a Watch sends
 NOT_SERVING and then ends (OK) once the drain begins, and a client's slow reading never holds
 up a status change (no lock is held while writing).
+
+Readiness needs a model: with every model unloaded, every service reads NOT_SERVING (as
+KServe's ServerReady and ``/v2/health/ready`` do) until one is loaded again.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ class Health(health_pb2_grpc.HealthServicer):
     """Check, Watch, ``set``, ``enter_graceful_shutdown``; ``serving()`` for the servicers."""
 
     def __init__(self) -> None:
-        self._status: dict[str, int] = {"": SERVING}
+        self._status: dict[str, int] = {"": SERVING}  # each service's own: warm-up, drain
+        self._models_loaded = True  # False: every service reads NOT_SERVING (not ready)
         self._changed = asyncio.Event()  # replaced by a fresh one after each change
         self._draining = False
         self._watches = 0  # Watch handlers running
@@ -34,13 +38,31 @@ class Health(health_pb2_grpc.HealthServicer):
         self._no_watches.set()
 
     def serving(self, service: str = "") -> bool:
-        """Whether ``service`` ("" = the server) is SERVING: warmed up and not draining."""
+        """Whether ``service`` ("" = the server) takes work: warmed up and not draining. A server
+        with no model loaded takes calls (they answer NOT_FOUND, saying so) but is not ready."""
         return self._status.get(service) == SERVING
+
+    def ready(self) -> bool:
+        """What probes see for the server: SERVING, and at least one model loaded."""
+        return self._reported("") == SERVING
+
+    def set_models_loaded(self, loaded: bool) -> None:
+        """Whether any model is loaded; without one, every service reads NOT_SERVING, so that
+        load balancers stop sending calls that could only fail."""
+        if loaded != self._models_loaded:
+            self._models_loaded = loaded
+            self._notify()
+
+    def _reported(self, service: str) -> int | None:
+        status = self._status.get(service)
+        if status == SERVING and not self._models_loaded:
+            return NOT_SERVING
+        return status
 
     async def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> health_pb2.HealthCheckResponse:
-        status = self._status.get(request.service)
+        status = self._reported(request.service)
         if status is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         return health_pb2.HealthCheckResponse(status=status)
@@ -52,7 +74,8 @@ class Health(health_pb2_grpc.HealthServicer):
             last: int | None = None
             while True:
                 changed = self._changed
-                status = self._status.get(request.service, SERVICE_UNKNOWN)
+                status = self._reported(request.service)
+                status = SERVICE_UNKNOWN if status is None else status
                 if status != last:
                     await context.write(health_pb2.HealthCheckResponse(status=status))
                     last = status

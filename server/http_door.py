@@ -41,6 +41,7 @@ from server.calls import (
     in_pool,
 )
 from server.config import ServerConfig
+from server.cross_site import CrossSitePolicy, http_bind_host
 from server.errors import RequestError, RequestTooLarge, check_name
 from server.http_body import (
     ClientGone,
@@ -90,13 +91,13 @@ from server.security import AUTH_METADATA_KEY
 from server.sizing import SizeOptions, check_options
 from server.uploads import Hold, UploadBudget
 from server.upscaling import ImageSource, UpscaleContext, output_spec, upscale_image
-from server.wire import FORMAT_NUMBERS, RETRY_AFTER_KEY
+from server.wire import FORMAT_NUMBERS, HTTP_METHODS, RETRY_AFTER_KEY
 
 log = logging.getLogger(__name__)
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 CONTROL_BODY_BYTES = 64 * 2**10  # the JSON body of a repository call
-METHODS = ("GET", "HEAD", "POST", "PUT")  # others are counted as OTHER in metrics
+METHODS = HTTP_METHODS  # others are counted as OTHER in metrics
 CLIENT_CLOSED = 499  # nginx's status for a request whose client went away (never delivered)
 # A query number: plain ASCII decimal, as JSON writes it (no "nan", "inf", "1_0" or "١")
 DECIMAL = re.compile(r"[0-9]{1,20}(\.[0-9]{0,20})?([eE][+-]?[0-9]{1,3})?|\.[0-9]{1,20}")
@@ -208,6 +209,12 @@ class HttpFrontDoor:
         self._tensors = TensorContext(batcher, codec_pool, uploads, config)
         token = config.security.auth_token
         self._expected = token_digest(token) if token else None
+        self._cross_site = CrossSitePolicy(
+            config.cross_site,
+            bind_host=http_bind_host(config),
+            token=bool(token),
+            observer=access_observer,
+        )
         self._page = PAGE.read_bytes()
         self._runner: web.AppRunner | None = None
         self.gate = ConnectionGate(
@@ -219,7 +226,7 @@ class HttpFrontDoor:
     def application(self) -> web.Application:
         app = web.Application(
             client_max_size=self._config.limits.max_request_bytes,
-            middlewares=[self._guard],
+            middlewares=[self._cross_site.middleware, self._guard],  # preflights need no token
         )
         get, post = web.get, web.post
         app.add_routes(
@@ -401,7 +408,7 @@ class HttpFrontDoor:
         return web.json_response({"live": True})
 
     async def _ready(self, request: web.Request) -> web.Response:
-        ready = self._serving()
+        ready = self._serving() and bool(self._repository.snapshot.models)  # as gRPC health
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def _server_metadata(self, request: web.Request) -> web.Response:

@@ -274,7 +274,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> bool:
-        """SERVING in the server's health state: warmed up and not draining."""
+        """SERVING in the server's health state: warmed up, not draining, a model loaded."""
         answer = await self._health.Check(health_pb2.HealthCheckRequest(service=""), context)
         return answer.status == health_pb2.HealthCheckResponse.SERVING
 

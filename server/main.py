@@ -41,6 +41,8 @@ from server.config import (
     TilingConfig,
     UploadConfig,
 )
+from server.cross_site import add_http_flags, cross_site_config_from_args, http_bind_host
+from server.cross_site import exposure_warning as http_exposure_warning
 from server.engine import CUDA, SWITCHES, Engine, ModelLoadError
 from server.health import NOT_SERVING, SERVING, Health
 from server.http_door import HttpFrontDoor, server_ssl_context
@@ -285,6 +287,7 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
     health = Health()
     for service in ("", SERVICE_NAME):
         await health.set(service, NOT_SERVING)
+    repository.on_change(lambda published: health.set_models_loaded(bool(published.models)))
     uploads = UploadBudget(config.uploads)
     metrics = None
     if config.metrics.port is not None:
@@ -340,6 +343,10 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
             ) from e
     http = None
     if config.http_port is not None:
+        http_host = http_bind_host(config)
+        warning = http_exposure_warning(config)
+        if warning is not None:
+            log.warning("%s", warning)
         http = HttpFrontDoor(
             repository,
             batcher,
@@ -348,7 +355,7 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
             **shared,  # type: ignore[arg-type]
         )
         try:
-            await http.start(config.host, config.http_port, server_ssl_context(config))
+            await http.start(http_host, config.http_port, server_ssl_context(config))
         except OSError as e:
             await http.stop()
             await server.stop(0)
@@ -356,7 +363,7 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
             if endpoint is not None:
                 endpoint.close()
             raise ServerStartError(
-                f"cannot serve HTTP on {config.host}:{config.http_port}: {e.strerror or e} "
+                f"cannot serve HTTP on {http_host}:{config.http_port}: {e.strerror or e} "
                 "(port taken? see --http-port)"
             ) from e
     await batcher.start()
@@ -396,7 +403,7 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
         ", self-ensemble" if config.self_ensemble else "",
         describe(config.security),
         "" if endpoint is None else f"; metrics on port {endpoint.port}",
-        "" if http is None else f"; HTTP on port {http.port}",
+        "" if http is None else f"; HTTP on {http_bind_host(config)}:{http.port}",
     )
     return running
 
@@ -711,6 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="open HTTP connections; more are closed at once (lowered at start to keep file "
         "descriptors for gRPC)",
     )
+    add_http_flags(p)
     add_security_flags(p)
     add_metrics_flags(p)
     return p
@@ -779,6 +787,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         http_limits=HttpLimitsConfig(
             idle_timeout_s=args.http_idle_timeout, max_connections=args.http_max_connections
         ),
+        http_host=args.http_host,
+        cross_site=cross_site_config_from_args(args),
     )
 
 
@@ -827,23 +837,41 @@ class EarlySignals:
 
 
 class Rescans:
-    """SIGHUP: re-scan the model folder and swap what changed; requests that arrive before the
-    server is up wait for it (one re-scan then covers them all)."""
+    """SIGHUP: re-scan the model folder and swap what changed.
+
+    Coalesced: one re-scan runs at a time and at most one waits behind it, so all the signals
+    that arrive during a re-scan cost one more re-scan, not one each; that one starts after
+    them and sees everything that changed before them. Signals that arrive before the server
+    is up wait for it (one re-scan then covers them all)."""
 
     def __init__(self) -> None:
         self._running: RunningServer | None = None
-        self._pending = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._pending = False  # a signal came while the server started, or during a re-scan
+        self._task: asyncio.Task[None] | None = None
 
     def request(self) -> None:
         if self._running is None:
             log.info("SIGHUP during start-up: the model repository is re-scanned once it is up")
             self._pending = True
             return
+        if self._task is not None and not self._task.done():
+            if not self._pending:
+                log.info("SIGHUP during a re-scan: one more re-scan follows it")
+            self._pending = True  # later ones join it
+            return
         log.info("SIGHUP: re-scanning the model repository")
-        task = asyncio.ensure_future(self._running.repository.rescan())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._task = asyncio.ensure_future(self._rescan(self._running))
+
+    async def _rescan(self, running: RunningServer) -> None:
+        while True:
+            self._pending = False
+            try:
+                await running.repository.rescan()
+            except Exception:  # the next SIGHUP must still work
+                log.exception("model repository re-scan failed")
+            if not self._pending:
+                return
+            log.info("re-scanning the model repository for the SIGHUPs received meanwhile")
 
     def attach(self, running: RunningServer) -> None:
         self._running = running

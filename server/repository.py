@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,17 @@ def discover(config: RepositoryConfig, known: Mapping[str, Path] | None = None) 
             )
         found[name] = path
     return found
+
+
+def _still_named(path: Path, name: str) -> bool:
+    """Whether the file at ``path`` is still model ``name``; a file that exists but cannot be
+    read keeps its name (loading it then fails and says why, the old version serving on)."""
+    if not path.is_file():
+        return False
+    try:
+        return model_name_of(path) == name
+    except MetadataError:
+        return True
 
 
 def file_scales(paths: Iterable[Path]) -> set[int]:
@@ -271,10 +283,15 @@ class ModelRepository:
         self._versions: dict[str, int] = {}
         self._snapshot = Snapshot()
         self._lock = asyncio.Lock()  # one change at a time
+        self._listeners: list[Callable[[Snapshot], None]] = []
 
     @property
     def snapshot(self) -> Snapshot:
         return self._snapshot
+
+    def on_change(self, listener: Callable[[Snapshot], None]) -> None:
+        """Call ``listener`` with every snapshot published from now on (on the event loop)."""
+        self._listeners.append(listener)
 
     async def start(self) -> Snapshot:
         """Discover and load every model; any failure is fatal here (``RepositoryError``,
@@ -320,6 +337,8 @@ class ModelRepository:
     def _publish(self, models: dict[str, Pipeline]) -> None:
         defaults = choose_defaults(models, self.config.defaults, self.config.precision)
         self._snapshot = Snapshot(models, defaults, self._primary(models, defaults))
+        for listener in self._listeners:
+            listener(self._snapshot)
 
     async def _load_file(self, name: str, path: Path, warm: bool = True) -> Pipeline:
         version = self._versions.get(name, 0) + 1
@@ -356,13 +375,22 @@ class ModelRepository:
             return
         self._files = found
 
+    async def _file_of(self, name: str) -> Path | None:
+        """The file of model ``name``: the one it was found in, when that file still carries
+        the name (only that file is read: a load never pays for the folder's other, perhaps
+        large, files), else whatever a re-read of the folder's names finds."""
+        path = self._files.get(name)
+        if path is not None and await asyncio.to_thread(_still_named, path, name):
+            return path
+        await self._rescan_files()
+        return self._files.get(name)
+
     async def load(self, name: str) -> Pipeline:
         """(Re)load ``name`` from its file and serve it; ``NotFound`` when no file has that
         name, ``LoadFailed`` (old version still serving) when the file does not load."""
         check_name(name, "model name")
         async with self._lock:
-            await self._rescan_files()
-            path = self._files.get(name)
+            path = await self._file_of(name)
             if path is None:
                 known = ", ".join(sorted(self._files)) or "none"
                 raise NotFound(
@@ -406,6 +434,7 @@ class ModelRepository:
         """SIGHUP: reload every file of the repository, load new ones, stop serving the ones
         whose file is gone. A file that fails keeps its old version serving."""
         async with self._lock:
+            started = time.perf_counter()
             await self._rescan_files()
             models: dict[str, Pipeline] = {}
             for name, path in self._files.items():
@@ -419,7 +448,8 @@ class ModelRepository:
             gone = sorted(set(self._snapshot.models) - set(models) - self._unloaded)
             self._publish(models)
             log.info(
-                "model repository re-scanned: %d models served%s",
+                "model repository re-scanned: %d models served (%.2f s)%s",
                 len(models),
+                time.perf_counter() - started,
                 f"; no longer served (file gone): {', '.join(gone)}" if gone else "",
             )

@@ -32,3 +32,5 @@ UPLOAD_ACCEPTED_KEY = "rdn-upload-accepted"
 # HTTP/2 frames of up to 4 MiB (the default is 16 KiB) on both ends: a 380 KB answer made a
 # loopback round trip of 3.3 ms with the default and 2.5 ms with this (a bare aio echo server).
 HTTP2_MAX_FRAME_BYTES = 4 * 2**20
+# HTTP methods the HTTP door names in metrics and the access log; others are counted as OTHER.
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT")

@@ -1,6 +1,8 @@
-"""Drives the server's page (``/``) in Debian's headless Chromium through Selenium.
+"""Drives the server's page (``/``), and pages of other origins, in Debian's headless Chromium
+through Selenium.
 
-Used by tests/server/test_http.py, and to make the README's screenshot with the shipped models::
+Used by tests/server/test_http.py and test_cross_site.py, and to make the README's screenshot
+with the shipped models::
 
     python -m tests.server.browser tests/data/Set5/butterfly.png docs/http_page.png
 """
@@ -8,11 +10,14 @@ Used by tests/server/test_http.py, and to make the README's screenshot with the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PAGE_TIMEOUT_S = 60
 
@@ -34,13 +39,11 @@ def chromium_driver() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
-def drive_page(port: int, image: Path, screenshot: Path, models: int) -> PageRun:
-    """Load the page at 127.0.0.1:``port``, wait for its ``models`` models, upscale ``image``
-    with the defaults, and save a screenshot."""
+@contextlib.contextmanager
+def chromium() -> Iterator[Any]:
+    """A headless Chromium under Selenium that keeps its console log, quit on exit."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     found = chromium_driver()
     if found is None:
@@ -55,6 +58,22 @@ def drive_page(port: int, image: Path, screenshot: Path, models: int) -> PageRun
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
         driver.set_page_load_timeout(PAGE_TIMEOUT_S)
+        yield driver
+    finally:
+        driver.quit()
+
+
+def console_errors(driver: Any) -> list[dict[str, object]]:
+    return [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+
+
+def drive_page(port: int, image: Path, screenshot: Path, models: int) -> PageRun:
+    """Load the page at 127.0.0.1:``port``, wait for its ``models`` models, upscale ``image``
+    with the defaults, and save a screenshot."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with chromium() as driver:
         driver.get(f"http://127.0.0.1:{port}/")
         wait = WebDriverWait(driver, PAGE_TIMEOUT_S)
         options_shown = "#model option"  # "server default" + one per model
@@ -66,14 +85,23 @@ def drive_page(port: int, image: Path, screenshot: Path, models: int) -> PageRun
             result=driver.find_element(By.TAG_NAME, "body").get_attribute("data-result") or "",
             status=driver.find_element(By.ID, "status").text,
             facts=driver.find_element(By.ID, "facts").text,
-            console_errors=[
-                e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")
-            ],
+            console_errors=console_errors(driver),
         )
         driver.save_screenshot(str(screenshot))
         return run
-    finally:
-        driver.quit()
+
+
+def run_script_page(url: str) -> str:
+    """Open ``url`` (a page whose script sets ``data-done`` on its body when it is finished)
+    and return that attribute's value."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with chromium() as driver:
+        driver.get(url)
+        wait = WebDriverWait(driver, PAGE_TIMEOUT_S)
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-done"))
+        return driver.find_element(By.TAG_NAME, "body").get_attribute("data-done") or ""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,12 +92,21 @@ def test_scale_without_metadata_is_measured(tiny_onnx_x2: Path, tmp_path: Path) 
     assert Engine(x3, CPU_ONLY).scale == 3
 
 
-def test_scale_comes_from_metadata(tiny_onnx_x2: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("claimed", ["2", "3"])
+def test_scale_metadata_must_agree_with_the_graph(
+    tiny_onnx_x2: Path, tmp_path: Path, claimed: str
+) -> None:
+    """The graph is measured at load: metadata that agrees is kept, a lie is a load error (a
+    mislabelled model would fail every request)."""
     model = onnx.load(str(tiny_onnx_x2))
     del model.metadata_props[:]
-    helper.set_model_props(model, {"rdn.scale": "3"})  # a lie, to show where the scale comes from
+    helper.set_model_props(model, {"rdn.scale": claimed})
     onnx.save(model, str(tmp_path / "tagged.onnx"))
-    assert Engine(tmp_path / "tagged.onnx", CPU_ONLY).scale == 3
+    if claimed == "2":
+        assert Engine(tmp_path / "tagged.onnx", CPU_ONLY).scale == 2
+        return
+    with pytest.raises(ModelLoadError, match=r"rdn\.scale=3 but the network upscales x2"):
+        Engine(tmp_path / "tagged.onnx", CPU_ONLY)
 
 
 def test_bad_scale_metadata_is_a_load_error(tiny_onnx_x2: Path, tmp_path: Path) -> None:

@@ -445,13 +445,23 @@ def test_access_log_one_line_per_request_without_image_bytes(
         )
 
 
-def lying_model(path: Path) -> Path:
-    """A real ONNX upscaler by 3 whose metadata claims x2: it fails only when serving."""
+def cropping_model(path: Path) -> Path:
+    """A real ONNX upscaler by 2 that crops its output to at most 32x32: right on the 16x16
+    input that measures its scale at load (so it loads, with rdn.scale 2), wrong on larger
+    tiles: it fails only when serving."""
     x = helper.make_tensor_value_info("lr", TensorProto.FLOAT, ["n", 3, "h", "w"])
     y = helper.make_tensor_value_info("sr", TensorProto.FLOAT, ["n", 3, "H", "W"])
-    scales = helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 3, 3])
-    node = helper.make_node("Resize", ["lr", "", "scales"], ["sr"], mode="nearest")
-    graph = helper.make_graph([node], "g", [x], [y], initializer=[scales])
+    constants = [
+        helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 2, 2]),
+        helper.make_tensor("starts", TensorProto.INT64, [2], [0, 0]),
+        helper.make_tensor("ends", TensorProto.INT64, [2], [32, 32]),
+        helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3]),
+    ]
+    nodes = [
+        helper.make_node("Resize", ["lr", "", "scales"], ["x2"], mode="nearest"),
+        helper.make_node("Slice", ["x2", "starts", "ends", "axes"], ["sr"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [x], [y], initializer=constants)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 10
     helper.set_model_props(model, {"rdn.scale": "2"})
@@ -462,7 +472,7 @@ def lying_model(path: Path) -> Path:
 def test_unexpected_error_is_internal_with_a_generic_message_and_a_logged_traceback(
     tmp_path: Path, set5_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = loopback_config(lying_model(tmp_path / "lying.onnx"))
+    config = loopback_config(cropping_model(tmp_path / "cropping.onnx"))
     with (
         caplog.at_level(logging.ERROR, logger="server.calls"),
         BackgroundServer(config) as bg,
