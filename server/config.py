@@ -101,6 +101,7 @@ class HttpLimitsConfig:
     max_connections: int = 512
 
 
+@dataclass(frozen=True)
 class CrossSiteConfig:
     """Which web pages and Host names the HTTP door answers (server/cross_site.py)."""
 
