@@ -268,7 +268,7 @@ def make_train_config(options: dict[str, Any]) -> TrainConfig:
         options["bn_freeze_after"] = default_bn_freeze_after(steps) if _is_int(steps) else 0
     if "lr_half_every" not in options:
         options["lr_half_every"] = default_lr_half_every(steps) if _is_int(steps) else 0
-    if "qat_observe_steps" not in options:
+    if "qat_observe_steps" not in options and options.get("qat"):
         options["qat_observe_steps"] = steps // 2 if _is_int(steps) else 0
     try:
         return TrainConfig(**options)

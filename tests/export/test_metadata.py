@@ -49,7 +49,7 @@ def test_props_round_trip() -> None:
         ({KEY_SCALE: "3"}, "does not match rdn.scale=3"),
         ({KEY_CONFIG: "{not json"}, "malformed"),
         ({"rdn.value_range": "0"}, "malformed"),
-        ({"rdn.precision": "int8"}, "not one of"),
+        ({"rdn.precision": "int4"}, "not one of"),
     ],
 )
 def test_from_props_refuses_what_it_cannot_trust(change: dict, message: str) -> None:

@@ -166,7 +166,7 @@ def open_uploads(serve: Serve, sent: int) -> list[socket.socket]:
     sockets = []
     for _ in range(UPLOADS_PER_ROUND):
         s = socket.create_connection(("127.0.0.1", serve.http_port), timeout=CALL_TIMEOUT_S)
-        head = f"POST /v1/upscale HTTP/1.1\r\nHost: x\r\nContent-Length: {ANNOUNCED}\r\n\r\n"
+        head = f"POST /v1/upscale HTTP/1.1\r\nHost: localhost\r\nContent-Length: {ANNOUNCED}\r\n\r\n"
         s.sendall(head.encode() + b"\x89PNG" + bytes(max(0, sent - 4)))
         sockets.append(s)
     return sockets
@@ -336,7 +336,7 @@ def test_malformed_options_are_400_or_404(serve: Serve, query: str, fragment: st
 def test_a_request_id_that_is_not_utf8_is_refused_before_any_compute(serve: Serve) -> None:
     image = png()
     request = (
-        b"POST /v1/upscale HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Request-Id: \xff\xfe"
+        b"POST /v1/upscale HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nX-Request-Id: \xff\xfe"
         b"\r\nContent-Length: " + str(len(image)).encode() + b"\r\n\r\n" + image
     )
     before = serve.access_lines("INVALID_ARGUMENT")
@@ -352,11 +352,11 @@ def test_a_request_id_that_is_not_utf8_is_refused_before_any_compute(serve: Serv
     "head",
     [
         b"GARBAGE\r\n\r\n",
-        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
-        b"POST /v1/upscale HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
-        b"POST /v1/upscale HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-        b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
-        b"GET / HTTP/1.1\r\nHost: x\r\n\xff\xfe: \x00\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: localhost\r\nBad Header\r\n\r\n",
+        b"POST /v1/upscale HTTP/1.1\r\nHost: localhost\r\nContent-Length: -5\r\n\r\n",
+        b"POST /v1/upscale HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: localhost\r\n\xff\xfe: \x00\r\n\r\n",
     ],
 )
 def test_malformed_heads_are_400_with_one_log_line(serve: Serve, head: bytes) -> None:

@@ -131,7 +131,7 @@ def http_port(bg: BackgroundServer) -> int:
 
 def test_an_idle_keep_alive_connection_is_closed(door: BackgroundServer) -> None:
     with socket.create_connection(("127.0.0.1", http_port(door)), timeout=10) as s:
-        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert s.recv(4096).startswith(b"HTTP/1.1 200")
         started = time.monotonic()
         assert closed_by_server(s, 5.0)
@@ -148,7 +148,7 @@ class Drip:
         self._stop = threading.Event()
         self._socket = socket.create_connection(("127.0.0.1", port), timeout=30)
         framing = "Transfer-Encoding: chunked" if chunked else "Content-Length: 1000"
-        self._socket.sendall(f"POST /v1/upscale HTTP/1.1\r\nHost: x\r\n{framing}\r\n\r\n".encode())
+        self._socket.sendall(f"POST /v1/upscale HTTP/1.1\r\nHost: localhost\r\n{framing}\r\n\r\n".encode())
         self._chunked = chunked
         self._period = period
         self._thread = threading.Thread(target=self._run, daemon=True)

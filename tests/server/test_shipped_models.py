@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.metadata import read_model_metadata
+from export.metadata import INT8_MAX_LOSS_DB, read_model_metadata
 from rdn.degradations import degrade, parse_degradation
 from rdn.imaging import downscale, modcrop, read_rgb, upscale_bicubic
 from rdn.metrics import psnr_y
@@ -81,3 +81,29 @@ def test_shipped_photo_model_cleans_a_jpeg_that_the_clean_model_sharpens(
     bicubic = psnr_y(upscale_bicubic(lr, scale), hr, scale)
     assert scores[model.stem] > bicubic + 0.5, (scores, bicubic)
     assert scores[model.stem] > scores[f"default_x{scale}"] + 0.5, (scores, bicubic)
+
+
+SHIPPED_TWINS = sorted(default_model_path(2).parent.glob("*_int8.onnx"))
+
+
+@pytest.mark.parametrize("twin", SHIPPED_TWINS, ids=lambda p: p.stem)
+def test_shipped_int8_twin_is_within_its_bound_serves_and_beats_bicubic(
+    twin: Path, set5_dir: Path
+) -> None:
+    """Each shipped twin is int8, measured within 0.10 dB of the float model it replaces (on
+    held-out photos, at export), sits beside that model and beats bicubic through a server."""
+    meta = read_model_metadata(twin)
+    assert meta.precision == "int8" and meta.name.endswith("_int8")
+    assert meta.int8_loss_db is not None and meta.int8_loss_db <= INT8_MAX_LOSS_DB
+    float_names = {read_model_metadata(p).name for p in twin.parent.glob("*.onnx")}
+    assert meta.name.removesuffix("_int8") in float_names
+    scale = meta.scale
+    hr = modcrop(read_rgb(set5_dir / "butterfly.png")[:128, :128], scale)
+    lr = downscale(hr, scale)
+    with (
+        BackgroundServer(loopback_config(twin), Engine(twin, CPU)) as bg,
+        UpscaleClient(f"127.0.0.1:{bg.port}", retry=NO_RETRY) as client,
+    ):
+        result = client.upscale(np.ascontiguousarray(lr), "raw", timeout=60)
+    sr = np.frombuffer(result.image, np.uint8).reshape(hr.shape)
+    assert psnr_y(sr, hr, scale) > psnr_y(upscale_bicubic(lr, scale), hr, scale) + MARGIN_DB
