@@ -5,8 +5,8 @@ repository, the tile batcher, the request-byte budget, the codec pool, the token
 access log / metrics that gRPC uses, so both protocols share batches and limits. Errors map from
 the same domain errors as gRPC (``calls.grpc_status``) to the HTTP status that means the same:
 INVALID_ARGUMENT 400, UNAUTHENTICATED 401, NOT_FOUND 404, RESOURCE_EXHAUSTED 413 (too large) or
-429 with ``Retry-After`` (transient), UNAVAILABLE 503, DEADLINE_EXCEEDED 504, INTERNAL 500; the
-body is ``{"error": "..."}`` as KServe's REST protocol has it.
+429 with ``Retry-After`` (transient), UNAVAILABLE 503, DEADLINE_EXCEEDED 408 (the upload was too
+slow), INTERNAL 500; the body is ``{"error": "..."}`` as KServe's REST protocol has it.
 
 Request bodies are read chunk by chunk into one growing buffer, after their announced size was
 checked against ``--max-request-bytes`` and held in the upload budget (server/http_body.py):

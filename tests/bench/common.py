@@ -323,12 +323,13 @@ def proc_status_mib(pid: int, key: str) -> float:
 
 @contextlib.contextmanager
 def serve_process(
-    model: Path, args: argparse.Namespace, extra: Sequence[str] = ()
+    model: Path, args: argparse.Namespace, extra: Sequence[str] = (), log: Path | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """``rdn-serve`` with the common arguments on a free loopback port: (process, port).
 
-    Its log goes to a temporary file (read for the bound port and quoted if it dies); ``extra``
-    flags are appended. Killed on exit if still running: stop it first to see its exit code.
+    Its log goes to ``log``, else to a temporary file (read for the bound port and quoted if
+    it dies); ``extra`` flags are appended. Killed on exit if still running: stop it first to
+    see its exit code.
     """
     script = Path(sys.executable).with_name("rdn-serve")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "server.main"]
@@ -339,7 +340,7 @@ def serve_process(
         *extra,
     ]  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="rdn-bench-serve-") as folder:
-        log_path = Path(folder) / "serve.log"
+        log_path = log if log is not None else Path(folder) / "serve.log"
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log_file)
         try:
