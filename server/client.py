@@ -869,9 +869,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--local",
-        type=Path,
-        metavar="MODEL.onnx",
-        help="upscale in this process with MODEL.onnx (no server; same tiling and resize)",
+        metavar="MODEL",
+        help="upscale in this process with MODEL, a shipped model's name (rdn_x2, rdn_x4_photo "
+        "...) or an .onnx file (no server; same tiling and resize)",
     )
     up.add_argument(
         "--format",
@@ -933,10 +933,15 @@ def _remote(client: AsyncUpscaleClient, deadline: float | None) -> Upscaler:
     return run
 
 
-def _local(model: Path) -> Upscaler:
-    from server.local import LocalUpscaler  # opens an onnxruntime session: only when asked
+def _local(model: str) -> Upscaler:
+    # Imported when asked: they open an onnxruntime session.
+    from server.engine import ModelLoadError
+    from server.local import LocalUpscaler
 
-    upscaler = LocalUpscaler(model)
+    try:
+        upscaler = LocalUpscaler(model)
+    except (ModelLoadError, ValueError) as e:
+        raise ValueError(f"--local: {e}") from e
     lock = asyncio.Lock()  # one image at a time: the session already uses every core
 
     async def run(
