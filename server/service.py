@@ -35,6 +35,7 @@ from server.codec import (
 )
 from server.config import LimitsConfig, ServerConfig
 from server.errors import RequestError, RequestTooLarge, StreamEnded
+from server.limit_text import over_bytes, over_pixels
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.pipeline import Pipeline
 from server.repository import ModelRepository, Snapshot
@@ -220,8 +221,8 @@ def check_raw_shape(shape: upscale_pb2.RawShape, total: int, limits: LimitsConfi
         )
     if shape.height * shape.width > limits.max_pixels:
         raise RequestTooLarge(
-            f"header.raw_shape {shape.width}x{shape.height} = {shape.width * shape.height} "
-            f"pixels is over the limit of {limits.max_pixels} pixels; send a smaller image"
+            f"header.raw_shape {over_pixels(shape.width, shape.height, limits.max_pixels)}; "
+            "send a smaller image"
         )
     expected = shape.height * shape.width * shape.channels
     if total != expected:
@@ -266,8 +267,8 @@ async def receive_stream(
         raise RequestError("header.total_bytes is 0; an image needs at least one byte")
     if total > limits.max_request_bytes:
         raise RequestTooLarge(
-            f"header.total_bytes {total} exceeds the request limit of {limits.max_request_bytes} "
-            "bytes (--max-request-bytes)"
+            f"header.total_bytes {total}: {over_bytes(total, limits.max_request_bytes)}; "
+            "send a smaller image"
         )
     if header.HasField("raw_shape"):
         check_raw_shape(header.raw_shape, total, limits)
