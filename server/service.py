@@ -12,6 +12,7 @@ prepared.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,6 +39,7 @@ from server.errors import RequestError, RequestTooLarge, StreamEnded
 from server.limit_text import over_bytes, over_pixels
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.pipeline import Pipeline
+from server.progress import TileProgress
 from server.repository import ModelRepository, Snapshot
 from server.sizing import SizeOptions, check_options
 from server.uploads import Hold, UploadBudget, timed
@@ -168,18 +170,34 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
             raw = (shape.height, shape.width, shape.channels)
             source = ImageSource(data, raw if header.HasField("raw_shape") else None)
             del data
-            done = await upscale_image(
-                self._context,
-                source,
-                spec,
-                size_options(header),
-                snapshot,
-                header.request_id,
-                received,
-                record,
-                unary=False,
+            progress = TileProgress() if header.progress else None
+            work = asyncio.ensure_future(
+                upscale_image(
+                    self._context,
+                    source,
+                    spec,
+                    size_options(header),
+                    snapshot,
+                    header.request_id,
+                    received,
+                    record,
+                    unary=False,
+                    progress=progress.update if progress is not None else None,
+                )
             )
             del source  # the upload's bytes are not needed while the answer streams out
+            try:
+                if progress is not None:
+                    async for tiles_done, tiles_total in progress.follow(work):
+                        message = upscale_pb2.Progress(
+                            tiles_done=tiles_done, tiles_total=tiles_total
+                        )
+                        yield upscale_pb2.UpscaleChunk(progress=message)
+                done = await work
+            finally:
+                if not work.done():  # the call ended (cancelled, client gone): stop the work
+                    work.cancel()
+                    await asyncio.wait([work])
         yield upscale_pb2.UpscaleChunk(result=done.response)
         step = min(MAX_OUT_CHUNK_BYTES, limits.max_message_bytes // 4)
         for offset in range(0, len(done.image), step):
