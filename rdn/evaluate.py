@@ -42,6 +42,7 @@ from rdn.imaging import (
     upscale_bicubic,
 )
 from rdn.metrics import psnr_y, rgb_to_grey, rgb_to_y, ssim_y
+from server.providers import CUDA, GPU_HINT, cuda_probe
 
 if TYPE_CHECKING:
     import torch
@@ -140,6 +141,11 @@ class OnnxUpscaler:
         path = Path(path)
         if not path.is_file():
             raise EvalError(f"model file {path}: no such file")
+        if CUDA in providers and not cuda_probe().usable:
+            # Checked before onnxruntime is asked, which would log an error and a warning first.
+            raise EvalError(
+                f"{CUDA} cannot run here: {cuda_probe().reason}; {GPU_HINT}, or use --providers cpu"
+            )
         try:
             self.session = ort.InferenceSession(str(path), providers=list(providers))
         except Exception as e:  # onnxruntime raises its own pybind types (InvalidProtobuf, Fail)

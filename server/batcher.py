@@ -119,6 +119,7 @@ class _Request:
     first_dispatch: float | None = None
     batches: dict[int, float] = field(default_factory=dict)  # engine call -> seconds
     engine: TileEngine | None = None  # None: the batcher's own engine
+    progress: Callable[[int], None] | None = None  # told the tiles each batch completed
     key: tuple[int, tuple[int, ...]] = field(init=False)  # tiles of one key share a batch
 
     def __post_init__(self) -> None:
@@ -295,9 +296,11 @@ class TileBatcher:
         request_id: str = "",
         reservation: Reservation | None = None,
         engine: TileEngine | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> TileResult:
         """Run ``tiles`` ([n, 3, in, in]) through ``engine`` (default: the batcher's);
-        outputs come back in order.
+        outputs come back in order. ``progress(n)`` is called on the event loop each time a
+        batch completed ``n`` of them (it must be quick and must not raise).
 
         Raises ``QueueFull`` at once when the queue cannot take them (never for tiles covered
         by ``reservation``), ``BatcherStopped`` when the batcher is not running,
@@ -317,7 +320,13 @@ class TileBatcher:
             reservation.take(unit * len(tiles))
         loop = asyncio.get_running_loop()
         request = _Request(
-            request_id, tiles, loop.create_future(), time.perf_counter(), unit, engine=engine
+            request_id,
+            tiles,
+            loop.create_future(),
+            time.perf_counter(),
+            unit,
+            engine=engine,
+            progress=progress,
         )
         self._pending.append(request)
         self._queued += unit * request.count
@@ -434,9 +443,13 @@ class TileBatcher:
                 batch, ValueError(f"engine returned {len(outputs)} outputs for {len(batch)} tiles")
             )
             return
+        completed: collections.Counter[int] = collections.Counter()
+        requests: dict[int, _Request] = {}
         for k, (request, index) in enumerate(batch):
             if request.future.done():  # cancelled or failed: the result is discarded
                 continue
+            completed[id(request)] += 1
+            requests[id(request)] = request
             if request.count == 1:  # a view: the engine returns a fresh array per call
                 request.outputs = outputs[k : k + 1]
             else:
@@ -455,6 +468,9 @@ class TileBatcher:
                         batches=request.batches,
                     )
                 )
+        for key, request in requests.items():
+            if request.progress is not None:
+                request.progress(completed[key])
 
     def _fail_batch(self, batch: list[tuple[_Request, int]], cause: BaseException) -> None:
         """Fail every request with a tile in ``batch``; drop their remaining tiles."""
@@ -499,9 +515,15 @@ class Lane:
         return self._batcher.reserve(tiles)
 
     async def submit(
-        self, tiles: np.ndarray, request_id: str = "", reservation: Reservation | None = None
+        self,
+        tiles: np.ndarray,
+        request_id: str = "",
+        reservation: Reservation | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> TileResult:
-        return await self._batcher.submit(tiles, request_id, reservation, engine=self._engine)
+        return await self._batcher.submit(
+            tiles, request_id, reservation, engine=self._engine, progress=progress
+        )
 
 
 def _timed_run(engine: TileEngine, tiles: np.ndarray) -> tuple[np.ndarray, float]:

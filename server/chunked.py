@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -39,11 +40,16 @@ INLINE_SPLIT_PIXELS = 256 * 256
 
 
 class TileSource(Protocol):
-    """What chunked inference needs from the batcher (``server.batcher.TileBatcher`` is one)."""
+    """What chunked inference needs from the batcher (``server.batcher.TileBatcher`` is one).
+
+    ``progress`` is passed only when the caller asked for progress (see ``infer_chunked``)."""
 
     async def submit(
         self, tiles: np.ndarray, request_id: str = "", reservation: Reservation | None = None
     ) -> TileResult: ...
+
+
+Progress = Callable[[int, int], None]  # (tiles done, tiles in all) of one request
 
 
 @dataclass(frozen=True)
@@ -170,8 +176,12 @@ async def infer_chunked(
     reservation: Reservation | None = None,
     to_model: Callable[[np.ndarray], np.ndarray] = _identity,
     from_model: Callable[[np.ndarray], np.ndarray] = _identity,
+    progress: Progress | None = None,
 ) -> ChunkTimings:
     """Super-resolve each ``sources[i]`` [3, H, W] into ``canvases[i]`` [3, sH, sW] in place.
+
+    ``progress(done, total)`` is called once the tiles are planned (done 0), then each time
+    the batcher completes some (``batcher.submit`` must then take a ``progress`` keyword).
 
     ``plan(height, width)`` gives each view's tile plan; a chunk holds at most
     ``chunk_pixels`` of tile input (at least one tile).
@@ -189,6 +199,18 @@ async def infer_chunked(
         [[p.count for p in image.plans] for image in images],
         [[chunk_size(p, chunk_pixels) for p in image.plans] for image in images],
     )
+
+    submit = batcher.submit
+    if progress is not None:
+        total, done = sum(c.stop - c.start for c in chunks), 0
+
+        def completed(count: int) -> None:
+            nonlocal done
+            done += count
+            progress(done, total)
+
+        submit = functools.partial(batcher.submit, progress=completed)
+        progress(0, total)
 
     def split(chunk: Chunk) -> np.ndarray:
         image = images[chunk.image]
@@ -216,7 +238,7 @@ async def infer_chunked(
                 tiles = split(chunk)
             else:
                 tiles = await asyncio.to_thread(split, chunk)
-            submitted = batcher.submit(tiles, request_id, reservation)
+            submitted = submit(tiles, request_id, reservation)
             flight.append((chunk, asyncio.ensure_future(submitted)))
             del tiles
             if len(flight) == IN_FLIGHT:

@@ -241,13 +241,16 @@ def stream_messages(
     request_id: str,
     chunk_bytes: int,
     options: SizeOptions | None = None,
+    progress: bool = False,
 ) -> Iterator[upscale_pb2.UpscaleChunk]:
-    """Header, then data chunks of at most ``chunk_bytes`` in offset order."""
+    """Header (asking for Progress messages when ``progress``), then data chunks of at most
+    ``chunk_bytes`` in offset order."""
     header = upscale_pb2.UpscaleStreamHeader(
         total_bytes=len(payload.data),
         output_format=format_number(output_format),
         quality=quality,
         request_id=request_id,
+        progress=progress,
         **option_fields(options),
     )
     if payload.raw_shape is not None:
@@ -280,22 +283,35 @@ def result_from_response(response: upscale_pb2.UpscaleResponse, streamed: bool) 
     )
 
 
+ProgressCallback = Callable[[int, int], None]  # (tiles done, tiles in all)
+
+
 class StreamAssembler:
-    """Rebuilds an UpscaleResult from UpscaleStream's answer: result first, then data chunks.
+    """Rebuilds an UpscaleResult from UpscaleStream's answer: result first, then data chunks;
+    Progress messages before the result go to ``on_progress``.
 
     Sizes the server announces are checked against ``max_bytes`` (what the request can
     produce, ``max_answer_bytes``) before anything is stored, and memory grows only with the
     bytes received. Every inconsistency raises ``AnswerError``.
     """
 
-    def __init__(self, max_bytes: int = UNKNOWN_INPUT_ANSWER_BYTES) -> None:
+    def __init__(
+        self,
+        max_bytes: int = UNKNOWN_INPUT_ANSWER_BYTES,
+        on_progress: ProgressCallback | None = None,
+    ) -> None:
         self._max_bytes = max_bytes
+        self._on_progress = on_progress
         self._head: upscale_pb2.UpscaleResponse | None = None
         self._parts: list[bytes] = []
         self._filled = 0
 
     def add(self, message: upscale_pb2.UpscaleChunk) -> None:
         kind = message.WhichOneof("kind")
+        if self._head is None and kind == "progress":
+            if self._on_progress is not None:
+                self._on_progress(message.progress.tiles_done, message.progress.tiles_total)
+            return
         if self._head is None:
             if kind != "result":
                 raise AnswerError(f"stream answer began with {kind!r}, expected 'result'")
@@ -638,12 +654,14 @@ class AsyncUpscaleClient:
         timeout: float | None = None,
         stream: bool | None = None,
         options: SizeOptions | None = None,
+        progress: ProgressCallback | None = None,
     ) -> UpscaleResult:
         """Upscale file bytes or a uint8 array; ``timeout`` bounds all attempts together;
         ``options`` names a model or scale and the output size (the server's default model
-        and factor when None)."""
+        and factor when None); ``progress(done, total)`` follows the image's tiles (the call
+        then goes through UpscaleStream whatever the image's size)."""
         payload = make_payload(data)
-        use_stream = self._common.use_stream(payload, stream, options)
+        use_stream = progress is not None or self._common.use_stream(payload, stream, options)
         deadline = None if timeout is None else time.monotonic() + timeout
         error: UpscaleError | None = None
         for attempt in range(self._common.retry.max_attempts):
@@ -651,7 +669,7 @@ class AsyncUpscaleClient:
             try:
                 if use_stream:
                     result = await self._stream(
-                        payload, output_format, quality, request_id, remaining, options
+                        payload, output_format, quality, request_id, remaining, options, progress
                     )
                 else:
                     request = unary_request(payload, output_format, quality, request_id, options)
@@ -675,6 +693,7 @@ class AsyncUpscaleClient:
         request_id: str,
         timeout: float | None,
         options: SizeOptions | None,
+        progress: ProgressCallback | None = None,
     ) -> UpscaleResult:
         """The header first; the data once the server acknowledged it in its initial metadata
         (UPLOAD_ACCEPTED_KEY). A refusal at the header then ends the call before any data is
@@ -684,10 +703,16 @@ class AsyncUpscaleClient:
         is retried. A server that does not acknowledge within ACK_WAIT_S gets the data anyway.
         """
         messages = stream_messages(
-            payload, fmt, quality, request_id, self._common.chunk_bytes, options
+            payload,
+            fmt,
+            quality,
+            request_id,
+            self._common.chunk_bytes,
+            options,
+            progress is not None,
         )
         call = self._stub.UpscaleStream(timeout=timeout, metadata=self._metadata)
-        assembler = StreamAssembler(max_answer_bytes(payload))
+        assembler = StreamAssembler(max_answer_bytes(payload), progress)
         write_failed = False
         try:
             await call.write(next(messages))
@@ -869,9 +894,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--local",
-        type=Path,
-        metavar="MODEL.onnx",
-        help="upscale in this process with MODEL.onnx (no server; same tiling and resize)",
+        metavar="MODEL",
+        help="upscale in this process with MODEL, a shipped model's name (rdn_x2, rdn_x4_photo "
+        "...) or an .onnx file (no server; same tiling and resize)",
     )
     up.add_argument(
         "--format",
@@ -920,23 +945,42 @@ def size_options(args: argparse.Namespace) -> SizeOptions:
 Upscaler = Callable[[bytes, str, int, str, SizeOptions], Awaitable[tuple[bytes, str]]]
 
 
-def _remote(client: AsyncUpscaleClient, deadline: float | None) -> Upscaler:
+def _remote(client: AsyncUpscaleClient, deadline: float | None, tile_bar: bool) -> Upscaler:
+    """Upscales through the server; with ``tile_bar`` (one file) a bar follows its tiles."""
+    from server.client_progress import TileBar  # tqdm: only for the command line
+
     async def run(
         data: bytes, fmt: str, quality: int, name: str, options: SizeOptions
     ) -> tuple[bytes, str]:
-        result = await client.upscale(
-            data, fmt, quality, request_id=name, timeout=deadline, options=options
-        )
+        bar = TileBar(name) if tile_bar else None
+        try:
+            result = await client.upscale(
+                data,
+                fmt,
+                quality,
+                request_id=name,
+                timeout=deadline,
+                options=options,
+                progress=bar,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
         tag = f"{result.width}x{result.height}" if result.resized else f"x{result.scale}"
         return result.image, tag
 
     return run
 
 
-def _local(model: Path) -> Upscaler:
-    from server.local import LocalUpscaler  # opens an onnxruntime session: only when asked
+def _local(model: str) -> Upscaler:
+    # Imported when asked: they open an onnxruntime session.
+    from server.engine import ModelLoadError
+    from server.local import LocalUpscaler
 
-    upscaler = LocalUpscaler(model)
+    try:
+        upscaler = LocalUpscaler(model)
+    except (ModelLoadError, ValueError) as e:
+        raise ValueError(f"--local: {e}") from e
     lock = asyncio.Lock()  # one image at a time: the session already uses every core
 
     async def run(
@@ -995,7 +1039,7 @@ async def _upscale_files(args: argparse.Namespace, write: Callable[[str], None])
             await asyncio.gather(*(one(run, s, r) for s, r in sources))
         else:
             async with AsyncUpscaleClient(args.target, **_client_kwargs(args)) as client:
-                run = _remote(client, args.deadline)
+                run = _remote(client, args.deadline, tile_bar=len(sources) == 1)
                 await asyncio.gather(*(one(run, s, r) for s, r in sources))
     finally:
         progress.close()

@@ -42,6 +42,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
 
+from server.limit_text import over_bytes, over_pixels, pixel_limit
+
 INPUT_FORMATS = ("png", "jpeg", "webp", "bmp", "tiff")
 OUTPUT_FORMATS = ("png", "jpeg", "webp", "raw")
 RAW_CHANNELS = (1, 3, 4)
@@ -359,14 +361,13 @@ def _check_pixels(width: int, height: int, max_pixels: int, what: str = "image")
         raise ImageError(f"{what} declares {width}x{height} pixels; both sides must be at least 1")
     if width * height > max_pixels:
         raise ImageTooLarge(
-            f"{what} is {width}x{height} = {width * height} pixels, over the limit of "
-            f"{max_pixels} pixels; send a smaller image"
+            f"{what} {over_pixels(width, height, max_pixels)}; send a smaller image"
         )
 
 
 def _check_bytes(size: int, max_bytes: int, what: str = "image data") -> None:
     if size > max_bytes:
-        raise ImageTooLarge(f"{what} is {size} bytes, over the limit of {max_bytes} bytes")
+        raise ImageTooLarge(f"{what} of {over_bytes(size, max_bytes)}; send a smaller file")
 
 
 def read_header(data: bytes, max_pixels: int, max_bytes: int) -> _Header:
@@ -383,8 +384,9 @@ def read_header(data: bytes, max_pixels: int, max_bytes: int) -> _Header:
     if header.tiff_block_pixels > max_pixels:
         raise ImageTooLarge(
             f"TIFF image is {header.width}x{header.height} but stored in tiles or strips of "
-            f"{header.tiff_block_pixels} pixels each, over the limit of {max_pixels} pixels "
-            "(the decoder allocates a whole tile); re-save it with smaller tiles or strips"
+            f"{header.tiff_block_pixels} pixels each, over --max-pixels "
+            f"{pixel_limit(max_pixels)} (the decoder allocates a whole tile); re-save it with "
+            "smaller tiles or strips"
         )
     if len(data) < header.min_bytes:
         raise _truncated(fmt, f"{len(data)} bytes, the pixel rows end at byte {header.min_bytes}")

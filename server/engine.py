@@ -20,15 +20,14 @@ import onnxruntime as ort
 
 from export.metadata import KEY_SCALE
 from server.config import EngineConfig
+from server.providers import CUDA, GPU_HINT, cuda_probe, usable_providers
 
 log = logging.getLogger(__name__)
 
-CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 CUDNN_ALGO_SEARCHES = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 FLOAT32 = "tensor(float)"
 PROBE_SIZE = 16  # LR pixels, side of the input that measures a model's scale at load
-GPU_HINT = "install onnxruntime-gpu[cuda,cudnn] / CUDA 13 + cuDNN 9"
 
 
 class ModelLoadError(RuntimeError):
@@ -178,7 +177,14 @@ class Engine:
         self.config = config
         self.model_path = path = Path(model_path)
         _check_file(path)
-        providers = select_providers(config.providers, ort.get_available_providers(), config)
+        requested = usable_providers(config.providers)
+        if CUDA in config.providers and CUDA not in requested:
+            why = f"{CUDA} cannot run: {cuda_probe().reason}; {GPU_HINT}"
+            if config.require_gpu:
+                raise RuntimeError(f"--require-gpu: {why}")
+            if not requested:
+                raise RuntimeError(f"{why}, or add {CPU} to the providers")
+        providers = select_providers(requested, ort.get_available_providers(), config)
         first = providers[0] if isinstance(providers[0], str) else providers[0][0]
         device = _device_of(first)
         options = session_options(config, device)

@@ -43,6 +43,7 @@ from server.calls import (
 )
 from server.config import ServerConfig
 from server.errors import NotFound, RequestError, RequestTooLarge, check_name
+from server.limit_text import pixels_over
 from server.pb.inference import grpc_service_pb2 as pb
 from server.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from server.pipeline import Pipeline
@@ -164,9 +165,8 @@ def check_limits(shape: tuple[int, int, int, int], config: ServerConfig, pipelin
     pixels = n * h * w
     if pixels > limits.max_pixels:
         raise RequestTooLarge(
-            f"input {INPUT_NAME!r} holds {n} image(s) of {w}x{h} = {pixels} pixels, over the "
-            f"limit of {limits.max_pixels} pixels per request (--max-pixels); send fewer or "
-            "smaller images"
+            f"input {INPUT_NAME!r} holds {n} image(s) of {w}x{h}, together "
+            f"{pixels_over(pixels, limits.max_pixels)} per request; send fewer or smaller images"
         )
     units = pipeline.units(h, w, images=n)
     pipeline.admit(units, f"input {INPUT_NAME!r} ({n} image(s) of {w}x{h})")

@@ -3,7 +3,7 @@ same codecs), without a server and without torch.
 
     from server.local import LocalUpscaler
 
-    upscaler = LocalUpscaler("server/models/default_x2.onnx")
+    upscaler = LocalUpscaler("rdn_x2")  # a shipped model's name, or an .onnx file's path
     sr = upscaler.upscale(rgb)  # H x W x 3 uint8 RGB -> 2H x 2W x 3
     png = upscaler.upscale_bytes(open("photo.jpg", "rb").read(), "png", width=1000).image
 
@@ -25,15 +25,31 @@ from server.chunked import chunk_tiles, to_uint8, to_unit_float
 from server.codec import decode_image, encode_image, finish_output
 from server.config import EngineConfig, LimitsConfig, TilingConfig
 from server.engine import Engine
+from server.models import MODELS_DIR
 from server.pipeline import Pipeline, PipelineEngine, PipelineSettings
 from server.planner import make_planner
-from server.repository import model_name_of
+from server.repository import RepositoryConfig, discover, model_name_of
 from server.sizing import SizeOptions, check_options, needed_factor, output_size, resize_output
 
 CPU_ONLY = EngineConfig(providers=("CPUExecutionProvider",))
 DEFAULT_TILING = TilingConfig()  # fitted tiles on a CPU, as rdn-serve
 DEFAULT_LIMITS = LimitsConfig()
 LOCAL_MAX_BATCH = 1  # tiles per engine call on a CPU (batching gains nothing there)
+
+
+def resolve_model(model: str | Path) -> Path:
+    """The model file ``model`` names: a path as given (the engine says what is wrong with a bad
+    one), or a bare name of a shipped model, the name rdn-serve serves it under (``rdn_x4``)."""
+    path = Path(model)
+    if path.exists() or path.suffix == ".onnx" or len(path.parts) != 1:
+        return path
+    shipped = discover(RepositoryConfig(model_dir=MODELS_DIR))
+    if path.name in shipped:
+        return shipped[path.name]
+    raise ValueError(
+        f"model {str(model)!r}: no such file and no shipped model of that name; shipped models: "
+        f"{', '.join(sorted(shipped))} (or give the path of an .onnx file)"
+    )
 
 
 class _Direct:
@@ -59,7 +75,8 @@ class LocalResult:
 
 
 class LocalUpscaler:
-    """One ONNX model and its pipeline, run in this process."""
+    """One ONNX model and its pipeline, run in this process: ``model`` is an .onnx file or the
+    name of a shipped model (``rdn_x2``, ``rdn_x4_photo`` ...)."""
 
     def __init__(
         self,
@@ -69,7 +86,7 @@ class LocalUpscaler:
         limits: LimitsConfig = DEFAULT_LIMITS,
         ensemble: bool = False,
     ) -> None:
-        path = Path(model)
+        path = resolve_model(model)
         opened = Engine(path, engine)
         planner = make_planner(tiling, opened.active_provider)
         settings = PipelineSettings(ensemble=ensemble, chunk_tiles=chunk_tiles(LOCAL_MAX_BATCH))

@@ -16,14 +16,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from export.metadata import MetadataError, ModelMetadata
 from rdn.ensemble import N_TRANSFORMS
 from server.batcher import Reservation
-from server.chunked import ChunkTimings, TileSource, infer_chunked
+from server.chunked import ChunkTimings, Progress, TileSource, infer_chunked
 from server.errors import RequestTooLarge
 from server.planner import Planner
 
@@ -189,14 +189,16 @@ class Pipeline:
         reservation: Reservation | None = None,
         to_model: Callable[[np.ndarray], np.ndarray] | None = None,
         from_model: Callable[[np.ndarray], np.ndarray] | None = None,
+        progress: Progress | None = None,
     ) -> ChunkTimings:
         """Super-resolve each ``sources[i]`` [3, H, W] into ``canvases[i]`` [3, sH, sW]
-        through ``source``, chunk by chunk (``server.chunked.infer_chunked``)."""
-        convert = {}
+        through ``source``, chunk by chunk (``server.chunked.infer_chunked``), telling
+        ``progress(done, total)`` as tiles complete."""
+        extra: dict[str, Any] = {"progress": progress}
         if to_model is not None:
-            convert["to_model"] = to_model
+            extra["to_model"] = to_model
         if from_model is not None:
-            convert["from_model"] = from_model
+            extra["from_model"] = from_model
         return await infer_chunked(
             source,
             sources,
@@ -207,5 +209,5 @@ class Pipeline:
             chunk_pixels=self.chunk_pixels,
             request_id=request_id,
             reservation=reservation,
-            **convert,
+            **extra,
         )

@@ -12,6 +12,7 @@ prepared.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,8 +36,10 @@ from server.codec import (
 )
 from server.config import LimitsConfig, ServerConfig
 from server.errors import RequestError, RequestTooLarge, StreamEnded
+from server.limit_text import over_bytes, over_pixels
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.pipeline import Pipeline
+from server.progress import TileProgress
 from server.repository import ModelRepository, Snapshot
 from server.sizing import SizeOptions, check_options
 from server.uploads import Hold, UploadBudget, timed
@@ -167,18 +170,34 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
             raw = (shape.height, shape.width, shape.channels)
             source = ImageSource(data, raw if header.HasField("raw_shape") else None)
             del data
-            done = await upscale_image(
-                self._context,
-                source,
-                spec,
-                size_options(header),
-                snapshot,
-                header.request_id,
-                received,
-                record,
-                unary=False,
+            progress = TileProgress() if header.progress else None
+            work = asyncio.ensure_future(
+                upscale_image(
+                    self._context,
+                    source,
+                    spec,
+                    size_options(header),
+                    snapshot,
+                    header.request_id,
+                    received,
+                    record,
+                    unary=False,
+                    progress=progress.update if progress is not None else None,
+                )
             )
             del source  # the upload's bytes are not needed while the answer streams out
+            try:
+                if progress is not None:
+                    async for tiles_done, tiles_total in progress.follow(work):
+                        message = upscale_pb2.Progress(
+                            tiles_done=tiles_done, tiles_total=tiles_total
+                        )
+                        yield upscale_pb2.UpscaleChunk(progress=message)
+                done = await work
+            finally:
+                if not work.done():  # the call ended (cancelled, client gone): stop the work
+                    work.cancel()
+                    await asyncio.wait([work])
         yield upscale_pb2.UpscaleChunk(result=done.response)
         step = min(MAX_OUT_CHUNK_BYTES, limits.max_message_bytes // 4)
         for offset in range(0, len(done.image), step):
@@ -220,8 +239,8 @@ def check_raw_shape(shape: upscale_pb2.RawShape, total: int, limits: LimitsConfi
         )
     if shape.height * shape.width > limits.max_pixels:
         raise RequestTooLarge(
-            f"header.raw_shape {shape.width}x{shape.height} = {shape.width * shape.height} "
-            f"pixels is over the limit of {limits.max_pixels} pixels; send a smaller image"
+            f"header.raw_shape {over_pixels(shape.width, shape.height, limits.max_pixels)}; "
+            "send a smaller image"
         )
     expected = shape.height * shape.width * shape.channels
     if total != expected:
@@ -267,8 +286,8 @@ async def receive_stream(
         raise RequestError("header.total_bytes is 0; an image needs at least one byte")
     if total > limits.max_request_bytes:
         raise RequestTooLarge(
-            f"header.total_bytes {total} exceeds the request limit of {limits.max_request_bytes} "
-            "bytes (--max-request-bytes)"
+            f"header.total_bytes {total}: {over_bytes(total, limits.max_request_bytes)}; "
+            "send a smaller image"
         )
     if header.HasField("raw_shape"):
         check_raw_shape(header.raw_shape, total, limits)

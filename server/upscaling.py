@@ -16,7 +16,7 @@ import numpy as np
 
 from server.batcher import TileBatcher
 from server.calls import AccessRecord, in_pool
-from server.chunked import to_uint8, to_unit_float
+from server.chunked import Progress, to_uint8, to_unit_float
 from server.codec import (
     JPEG_MAX_SIDE,
     WEBP_MAX_SIDE,
@@ -118,9 +118,10 @@ async def upscale_image(
     received: float,
     record: AccessRecord,
     unary: bool,
+    progress: Progress | None = None,
 ) -> Upscaled:
     """Verify, resolve, admit, decode, tile, run through the batcher, stitch, resize and
-    encode one image.
+    encode one image; ``progress(done, total)`` follows its tiles.
 
     The file is verified first (limits, integrity), keeping no pixels; the model and the
     output size are resolved from its header; then admission: the image's tiles must fit
@@ -179,6 +180,7 @@ async def upscale_image(
                 reservation,
                 to_model=to_unit_float,
                 from_model=to_uint8,
+                progress=progress,
             )
         record.set(
             tiles=result.tiles,

@@ -1,8 +1,6 @@
-"""Drives the server's page (``/``), and pages of other origins, in Debian's headless Chromium
-through Selenium.
+"""Drives the server's page (``/``) in Debian's headless Chromium through Selenium.
 
-Used by tests/server/test_http.py and test_cross_site.py, and to make the README's screenshot
-with the shipped models::
+Used by tests/server/test_http.py, and to make the README's screenshot with the shipped models::
 
     python -m tests.server.browser tests/data/Set5/butterfly.png docs/http_page.png
 """
@@ -39,9 +37,8 @@ def chromium_driver() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
-@contextlib.contextmanager
-def chromium() -> Iterator[Any]:
-    """A headless Chromium under Selenium that keeps its console log, quit on exit."""
+def _driver() -> Any:
+    """Headless Chromium at 1100x900 that keeps the console log."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -55,16 +52,7 @@ def chromium() -> Iterator[Any]:
                  "--window-size=1100,900"):  # fmt: skip
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    try:
-        driver.set_page_load_timeout(PAGE_TIMEOUT_S)
-        yield driver
-    finally:
-        driver.quit()
-
-
-def console_errors(driver: Any) -> list[dict[str, object]]:
-    return [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+    return webdriver.Chrome(service=Service(driver_path), options=options)
 
 
 def drive_page(port: int, image: Path, screenshot: Path, models: int) -> PageRun:
@@ -73,7 +61,9 @@ def drive_page(port: int, image: Path, screenshot: Path, models: int) -> PageRun
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    with chromium() as driver:
+    driver = _driver()
+    try:
+        driver.set_page_load_timeout(PAGE_TIMEOUT_S)
         driver.get(f"http://127.0.0.1:{port}/")
         wait = WebDriverWait(driver, PAGE_TIMEOUT_S)
         options_shown = "#model option"  # "server default" + one per model
@@ -85,10 +75,120 @@ def drive_page(port: int, image: Path, screenshot: Path, models: int) -> PageRun
             result=driver.find_element(By.TAG_NAME, "body").get_attribute("data-result") or "",
             status=driver.find_element(By.ID, "status").text,
             facts=driver.find_element(By.ID, "facts").text,
-            console_errors=console_errors(driver),
+            console_errors=[
+                e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")
+            ],
         )
         driver.save_screenshot(str(screenshot))
         return run
+    finally:
+        driver.quit()
+
+
+@dataclass(frozen=True)
+class PageTour:
+    """What the page showed at each step of ``tour_page``."""
+
+    label_on_empty_page: bool  # the "before | after" label is displayed before any result
+    sized_result: str  # "WxH" with the width control set
+    sized_download: str  # the save link's file name then
+    result: str  # "WxH" without sizing
+    download: str
+    shown_width: float  # CSS pixels the result takes on screen at first (its real size)
+    zoom_text: str
+    fit_width: float  # after "Fit"
+    fit_height: float
+    view_size: tuple[float, float]  # the viewport's client width and height
+    zoomed_in_width: float  # after "Fit" then "+"
+    error_status: str  # the status line after a file that is not an image
+    error_status_class: str
+    result_after_error: bool  # the result area is displayed under the error
+    label_after_error: bool
+    console_errors: list[dict[str, object]]
+
+
+def tour_page(port: int, image: Path, not_image: Path, models: int, width: int) -> PageTour:
+    """Drive the page's controls: an upscale sized by the width control, one at the model's
+    scale, the zoom buttons, then a file that is not an image."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = _driver()
+    try:
+        driver.set_page_load_timeout(PAGE_TIMEOUT_S)
+        driver.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(driver, PAGE_TIMEOUT_S)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model option")) == models + 1)
+        element = driver.find_element
+        label_on_empty_page = element(By.ID, "tags").is_displayed()
+
+        def upscale(path: Path) -> None:
+            driver.execute_script("delete document.body.dataset.result")
+            element(By.ID, "file").send_keys(str(path.resolve()))
+            element(By.ID, "go").click()
+            wait.until(lambda d: element(By.ID, "status").text not in ("", "upscaling...")
+                       and not element(By.ID, "go").get_attribute("disabled")
+                       and "ready" not in element(By.ID, "status").text)  # fmt: skip
+
+        def result() -> str:
+            return element(By.TAG_NAME, "body").get_attribute("data-result") or ""
+
+        def shown(axis: str = "width") -> float:
+            script = f"return document.getElementById('after').getBoundingClientRect().{axis}"
+            return float(driver.execute_script(script))
+
+        element(By.ID, "width").send_keys(str(width))
+        upscale(image)
+        sized_result, sized_download = result(), element(By.ID, "save").get_attribute("download")
+        element(By.ID, "width").clear()
+        upscale(image)
+        plain = (result(), element(By.ID, "save").get_attribute("download"))
+        shown_width, zoom_text = shown(), element(By.ID, "zoom-level").text
+        element(By.ID, "fit").click()
+        fit = (shown(), shown("height"))
+        view = driver.execute_script(
+            "const v = document.getElementById('view'); return [v.clientWidth, v.clientHeight]"
+        )
+        element(By.ID, "zoom-in").click()
+        zoomed_in_width = shown()
+        upscale(not_image)
+        return PageTour(
+            label_on_empty_page=label_on_empty_page,
+            sized_result=sized_result,
+            sized_download=sized_download or "",
+            result=plain[0],
+            download=plain[1] or "",
+            shown_width=shown_width,
+            zoom_text=zoom_text,
+            fit_width=fit[0],
+            fit_height=fit[1],
+            view_size=(float(view[0]), float(view[1])),
+            zoomed_in_width=zoomed_in_width,
+            error_status=element(By.ID, "status").text,
+            error_status_class=element(By.ID, "status").get_attribute("class") or "",
+            result_after_error=element(By.ID, "result").is_displayed(),
+            label_after_error=element(By.ID, "tags").is_displayed(),
+            console_errors=[
+                e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")
+            ],
+        )
+    finally:
+        driver.quit()
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[Any]:
+    """A headless Chromium under Selenium that keeps its console log, quit on exit."""
+    driver = _driver()
+    try:
+        driver.set_page_load_timeout(PAGE_TIMEOUT_S)
+        yield driver
+    finally:
+        driver.quit()
+
+
+def console_errors(driver: Any) -> list[dict[str, object]]:
+    return [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
 
 
 def run_script_page(url: str) -> str:

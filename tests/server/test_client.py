@@ -262,7 +262,7 @@ def test_image_too_large_is_not_retried(
             client.upscale(too_many, request_id="huge", timeout=30)
         assert client.info(timeout=10).scale == 2  # a later call: the access line is written
     assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "over the limit" in error.value.details
+    assert "4100x4200 = 17.2 MP is over --max-pixels 4096x4096 = 16.8 MP" in error.value.details
     calls = [r.fields for r in caplog.records if r.name == "rdn.access"]
     assert len([c for c in calls if c.get("request_id") == "huge"]) == 1
 

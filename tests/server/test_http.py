@@ -23,7 +23,7 @@ from server.http_door import http_status
 from server.main import BackgroundServer
 from server.pb.inference import grpc_service_pb2 as kpb
 from server.pb.inference import grpc_service_pb2_grpc as kpb_grpc
-from tests.server.browser import chromium_driver, drive_page
+from tests.server.browser import chromium_driver, drive_page, tour_page
 from tests.server.loopback import loopback_config
 from tests.server.triton_driver import HTTP_SCRIPT, tritonclient
 from tests.tritonclient_env import tritonclient_python
@@ -345,3 +345,28 @@ def test_page_upscales_an_image_in_a_real_browser(
     assert "rdn_x2" in page.facts and "256 x 192" in page.facts
     assert page.console_errors == []
     assert shot.stat().st_size > 10_000
+
+
+@pytest.mark.skipif(
+    chromium_driver() is None,
+    reason="no Chromium: install Debian's chromium and chromium-driver (make install does)",
+)
+def test_page_sizes_zooms_names_and_clears_its_result(
+    web: BackgroundServer, set5_dir: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "bird.png"
+    cv2.imwrite(str(source), cv2.imread(str(set5_dir / "bird.png"), cv2.IMREAD_COLOR)[:96, :128])
+    not_image = tmp_path / "notes.png"
+    not_image.write_bytes(b"these are notes, not a picture\n" * 4)
+    tour = tour_page(web.running.http.port, source, not_image, models=2, width=200)  # type: ignore[union-attr]
+    assert not tour.label_on_empty_page  # the "before | after" label waits for a result
+    assert (tour.sized_result, tour.sized_download) == ("200x150", "bird_200x150.png")
+    assert (tour.result, tour.download) == ("256x192", "bird_x2.png")
+    assert tour.shown_width == 256 and tour.zoom_text == "100%"  # its real size, not shrunk
+    view_width, view_height = tour.view_size
+    assert tour.fit_width <= view_width + 1 and tour.fit_height <= view_height + 1
+    assert max(tour.fit_width - view_width, tour.fit_height - view_height) > -2  # fills one side
+    assert tour.zoomed_in_width > tour.fit_width
+    assert tour.error_status_class == "error" and tour.error_status.startswith("400")
+    assert not tour.result_after_error and not tour.label_after_error
+    assert tour.console_errors == [] or all("400" in str(e["message"]) for e in tour.console_errors)

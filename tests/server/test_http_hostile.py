@@ -166,7 +166,9 @@ def open_uploads(serve: Serve, sent: int) -> list[socket.socket]:
     sockets = []
     for _ in range(UPLOADS_PER_ROUND):
         s = socket.create_connection(("127.0.0.1", serve.http_port), timeout=CALL_TIMEOUT_S)
-        head = f"POST /v1/upscale HTTP/1.1\r\nHost: localhost\r\nContent-Length: {ANNOUNCED}\r\n\r\n"
+        head = (
+            f"POST /v1/upscale HTTP/1.1\r\nHost: localhost\r\nContent-Length: {ANNOUNCED}\r\n\r\n"
+        )
         s.sendall(head.encode() + b"\x89PNG" + bytes(max(0, sent - 4)))
         sockets.append(s)
     return sockets
@@ -336,8 +338,11 @@ def test_malformed_options_are_400_or_404(serve: Serve, query: str, fragment: st
 def test_a_request_id_that_is_not_utf8_is_refused_before_any_compute(serve: Serve) -> None:
     image = png()
     request = (
-        b"POST /v1/upscale HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nX-Request-Id: \xff\xfe"
-        b"\r\nContent-Length: " + str(len(image)).encode() + b"\r\n\r\n" + image
+        b"POST /v1/upscale HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+        b"X-Request-Id: \xff\xfe\r\nContent-Length: "
+        + str(len(image)).encode()
+        + b"\r\n\r\n"
+        + image
     )
     before = serve.access_lines("INVALID_ARGUMENT")
     answer = raw_call(serve, request)

@@ -148,7 +148,9 @@ class Drip:
         self._stop = threading.Event()
         self._socket = socket.create_connection(("127.0.0.1", port), timeout=30)
         framing = "Transfer-Encoding: chunked" if chunked else "Content-Length: 1000"
-        self._socket.sendall(f"POST /v1/upscale HTTP/1.1\r\nHost: localhost\r\n{framing}\r\n\r\n".encode())
+        self._socket.sendall(
+            f"POST /v1/upscale HTTP/1.1\r\nHost: localhost\r\n{framing}\r\n\r\n".encode()
+        )
         self._chunked = chunked
         self._period = period
         self._thread = threading.Thread(target=self._run, daemon=True)

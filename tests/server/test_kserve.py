@@ -289,7 +289,11 @@ BAD_INFERS: dict[str, tuple[dict[str, Any], str, str]] = {
     "model": ({"model": "rdn_x3"}, "NOT_FOUND", "unknown model 'rdn_x3'"),
     "version": ({"version": "2"}, "NOT_FOUND", "model 'rdn_x2' has no version '2'"),
     "output": ({"outputs": ["hr"]}, "INVALID_ARGUMENT", "unknown output 'hr'"),
-    "pixels": ({"batch": 2, "side": 80}, "RESOURCE_EXHAUSTED", "limit of 10000 pixels"),
+    "pixels": (
+        {"batch": 2, "side": 80},
+        "RESOURCE_EXHAUSTED",
+        "2 image(s) of 80x80, together 12800 pixels is over --max-pixels 100x100 = 10000 pixels",
+    ),
 }
 
 

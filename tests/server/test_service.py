@@ -519,7 +519,7 @@ BAD_UNARY = [
     ),
     ("raw shape mismatch", _raw(4, 4, 3, b"\0" * 47), "INVALID_ARGUMENT", "needs exactly 48 bytes"),
     ("raw channels", _raw(4, 4, 2, b"\0" * 32), "INVALID_ARGUMENT", "channels must be 1"),
-    ("too many pixels", _raw(5000, 4000, 1, b"\0"), "RESOURCE_EXHAUSTED", "over the limit"),
+    ("too many pixels", _raw(5000, 4000, 1, b"\0"), "RESOURCE_EXHAUSTED", "is over --max-pixels"),
     (
         "long request id",
         upscale_pb2.UpscaleRequest(encoded=b"x", request_id="r" * 129),
@@ -585,7 +585,7 @@ BAD_STREAMS = [
         "ended after 4 of header.total_bytes=10",
     ),
     ("zero bytes", [_header(0)], "INVALID_ARGUMENT", "total_bytes is 0"),
-    ("over request limit", [_header(2**40)], "RESOURCE_EXHAUSTED", "exceeds the request limit"),
+    ("over request limit", [_header(2**40)], "RESOURCE_EXHAUSTED", "is over --max-request-bytes"),
     ("unknown format", [_header(10, output_format=7)], "INVALID_ARGUMENT", "output_format 7"),
     ("garbage bytes", [_header(4), _data(0, b"abcd")], "INVALID_ARGUMENT", "not a PNG, JPEG"),
 ]

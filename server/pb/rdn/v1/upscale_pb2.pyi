@@ -101,7 +101,7 @@ class UpscaleResponse(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., channels: _Optional[int] = ..., scale: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ..., tiles: _Optional[int] = ..., total_bytes: _Optional[int] = ..., model: _Optional[str] = ..., resized: _Optional[bool] = ...) -> None: ...
 
 class UpscaleStreamHeader(_message.Message):
-    __slots__ = ("raw_shape", "total_bytes", "output_format", "quality", "request_id", "model", "scale", "target_width", "target_height", "outscale")
+    __slots__ = ("raw_shape", "total_bytes", "output_format", "quality", "request_id", "model", "scale", "target_width", "target_height", "outscale", "progress")
     RAW_SHAPE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class UpscaleStreamHeader(_message.Message):
     TARGET_WIDTH_FIELD_NUMBER: _ClassVar[int]
     TARGET_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     OUTSCALE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     raw_shape: ImageShape
     total_bytes: int
     output_format: OutputFormat
@@ -122,7 +123,16 @@ class UpscaleStreamHeader(_message.Message):
     target_width: int
     target_height: int
     outscale: float
-    def __init__(self, raw_shape: _Optional[_Union[ImageShape, _Mapping]] = ..., total_bytes: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., scale: _Optional[int] = ..., target_width: _Optional[int] = ..., target_height: _Optional[int] = ..., outscale: _Optional[float] = ...) -> None: ...
+    progress: bool
+    def __init__(self, raw_shape: _Optional[_Union[ImageShape, _Mapping]] = ..., total_bytes: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., scale: _Optional[int] = ..., target_width: _Optional[int] = ..., target_height: _Optional[int] = ..., outscale: _Optional[float] = ..., progress: _Optional[bool] = ...) -> None: ...
+
+class Progress(_message.Message):
+    __slots__ = ("tiles_done", "tiles_total")
+    TILES_DONE_FIELD_NUMBER: _ClassVar[int]
+    TILES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    tiles_done: int
+    tiles_total: int
+    def __init__(self, tiles_done: _Optional[int] = ..., tiles_total: _Optional[int] = ...) -> None: ...
 
 class DataChunk(_message.Message):
     __slots__ = ("offset", "data")
@@ -133,14 +143,16 @@ class DataChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class UpscaleChunk(_message.Message):
-    __slots__ = ("header", "result", "data")
+    __slots__ = ("header", "result", "data", "progress")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     header: UpscaleStreamHeader
     result: UpscaleResponse
     data: DataChunk
-    def __init__(self, header: _Optional[_Union[UpscaleStreamHeader, _Mapping]] = ..., result: _Optional[_Union[UpscaleResponse, _Mapping]] = ..., data: _Optional[_Union[DataChunk, _Mapping]] = ...) -> None: ...
+    progress: Progress
+    def __init__(self, header: _Optional[_Union[UpscaleStreamHeader, _Mapping]] = ..., result: _Optional[_Union[UpscaleResponse, _Mapping]] = ..., data: _Optional[_Union[DataChunk, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ("model",)

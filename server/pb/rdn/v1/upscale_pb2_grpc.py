@@ -69,7 +69,8 @@ class UpscalerServicer:
     def UpscaleStream(self, request_iterator, context):
         """Upscale one image carried in chunks. Client sends: header, then data chunks in offset
         order until header.total_bytes bytes have been sent, then closes its side. Server
-        answers: result (everything but the image bytes), then data chunks of the output.
+        answers: result (everything but the image bytes), then data chunks of the output; when
+        the header asks for it (progress), progress messages come before the result.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
