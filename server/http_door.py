@@ -40,6 +40,7 @@ from server.calls import (
     grpc_status,
     in_pool,
 )
+from server.codec import ImageError
 from server.config import ServerConfig
 from server.cross_site import CrossSitePolicy, http_bind_host
 from server.errors import RequestError, RequestTooLarge, check_name
@@ -52,6 +53,7 @@ from server.http_body import (
     parse_json,
     read_body,
 )
+from server.http_form import ACCEPTS, form_file, is_form
 from server.http_limits import (
     ConnectionGate,
     GatedSite,
@@ -376,19 +378,27 @@ class HttpFrontDoor:
         data, hold = await self._body(request, self._config.limits.max_request_bytes)
         with hold:
             if not data:
-                raise RequestError("the body is empty; send the image file as the request body")
+                raise RequestError(f"the body is empty; {ACCEPTS}")
             record.set(bytes_in=len(data))
-            done = await upscale_image(
-                self._upscaling,
-                ImageSource(data),  # the buffer itself: not copied
-                spec,
-                options,
-                snapshot,
-                request_id,
-                received,
-                record,
-                unary=False,
-            )
+            content_type = request.headers.get("Content-Type", "")
+            if is_form(content_type):
+                data = form_file(data, content_type, hold)
+            try:
+                done = await upscale_image(
+                    self._upscaling,
+                    ImageSource(data),  # the buffer itself: not copied
+                    spec,
+                    options,
+                    snapshot,
+                    request_id,
+                    received,
+                    record,
+                    unary=False,
+                )
+            except ImageError as e:
+                if "first bytes" not in str(e):  # an image, but a bad one: the message says
+                    raise
+                raise ImageError(f"{e}; {ACCEPTS}") from None
             del data
         answer = done.response
         headers = {
