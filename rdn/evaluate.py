@@ -1,6 +1,6 @@
 """rdn-eval: PSNR/SSIM (Y channel) of a checkpoint or an ONNX model on a benchmark folder.
 
-Protocol (the RDN paper's; README "Evaluation"): for every image HR = modcrop(image, scale),
+Protocol (the RDN paper's; docs/evaluation.md): for every image HR = modcrop(image, scale),
 LR = MATLAB-style bicubic downscale of HR, SR = model(LR) rounded to 8 bits; SR and the
 bicubic upscale of LR are scored against HR on Y with ``scale`` pixels shaved from every
 border (greyscale files on their grey values, see ``rdn.metrics``). The same loop

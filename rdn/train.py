@@ -11,7 +11,7 @@ depend only on (seed, k, rank), the learning rate only on k, and the rest of the
 Defaults are the paper's recipe (L1, Adam 0.9/0.999/1e-8, batch 16, 48x48 LR patches, lr
 1e-4 halved every 200 epochs of 1000 iterations) with three departures, each measured: a larger
 learning rate for the small presets (``DEFAULT_LR``), a schedule and BN freeze that scale with
-``--steps``, and RGB channel permutation of the patches. The README ("Training: why these
+``--steps``, and RGB channel permutation of the patches. docs/training.md ("Training: why these
 defaults") tells what was measured. The recipe, top to bottom: ``main`` reads the options (and
 the run's ``last.pt``, once, for ``--resume``), ``run`` builds the model (fresh, ``--init`` or
 resumed), data and optimizer, ``train_loop`` trains, validates and checkpoints.
@@ -78,7 +78,7 @@ from rdn.quant import configure
 log = logging.getLogger("rdn.train")
 
 # Base learning rate per preset: the paper's 1e-4 for the large presets, more for the small ones
-# (README, "Training: why these defaults").
+# (docs/training.md, "Training: why these defaults").
 DEFAULT_LR: dict[str, float] = {"paper": 1e-4, "medium": 1e-4, "small": 2e-3, "tiny": 4e-3}
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -277,7 +277,7 @@ def make_train_config(options: dict[str, Any]) -> TrainConfig:
 
 
 def default_bn_freeze_after(steps: int) -> int:
-    """Train with batch statistics for the first half of the run, then freeze (README,
+    """Train with batch statistics for the first half of the run, then freeze (docs/training.md,
     "Training: why these defaults")."""
     return steps // 2
 

@@ -77,9 +77,9 @@ def select_providers(
 
 
 SWITCHES = ("auto", "on", "off")
-# Chosen per provider, each measured (README "Engine: providers"): on CPU, spinning keeps the
-# intra-op threads ready between the model's ~50 ops; on a GPU the host threads only feed the
-# device, and spinning would take cores from decoding and encoding.
+# Chosen per provider, each measured (docs/design.md, "Defaults by provider"): on CPU, spinning
+# keeps the intra-op threads ready between the model's ~50 ops; on a GPU the host threads only
+# feed the device, and spinning would take cores from decoding and encoding.
 AUTO_SPINNING = {"cpu": True, "cuda": False}
 AUTO_CPU_ARENA = {"cpu": True, "cuda": True}
 

@@ -500,10 +500,10 @@ def test_photo_ranges_come_from_the_config_table_and_bad_ones_exit_2(tmp_path: P
 )
 def test_every_shipped_config_is_a_valid_training_config(config: Path) -> None:
     cfg = make_train_config(read_toml_config(config))
-    runs = config.parent.parent / "runs"  # git-ignored: what the README's commands write
+    runs = config.parent.parent / "runs"  # git-ignored: what the docs' commands write
     assert cfg.data is not None and cfg.val is not None
     assert Path(cfg.out).parent == runs
-    # the chain starts from a shipped file or from what an earlier README command wrote
+    # the chain starts from a shipped file or from what an earlier command of docs/models.md wrote
     assert cfg.init is None or Path(cfg.init).is_file() or runs in Path(cfg.init).parents
 
 

@@ -1,6 +1,6 @@
 """Drives the server's page (``/``) in Debian's headless Chromium through Selenium.
 
-Used by tests/server/test_http.py, and to make the README's screenshot with the shipped models::
+Used by tests/server/test_http.py, and to make the screenshot in docs/ with the shipped models::
 
     python -m tests.server.browser tests/data/Set5/butterfly.png docs/http_page.png
 """

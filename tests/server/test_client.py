@@ -181,7 +181,7 @@ def test_channel_options_one_limit_both_ways_and_round_robin() -> None:
 def test_round_robin_spreads_calls_over_replicas(
     tiny_onnx_x2: Path, engine: Engine, set5_dir: Path
 ) -> None:
-    """Two replicas behind one client channel (the scale-out set-up of the README, with the
+    """Two replicas behind one client channel (the scale-out set-up of docs/operating.md, with the
     addresses given directly instead of by a DNS name): calls alternate between them."""
     image = small_png(set5_dir, "baby.png", 20, 20)  # one tile
     with (

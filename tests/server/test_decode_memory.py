@@ -1,4 +1,4 @@
-"""The per-request decode memory bound the README states (``codec.DECODE_BYTES_PER_PIXEL``),
+"""The per-request decode memory bound docs/serving.md states (``codec.DECODE_BYTES_PER_PIXEL``),
 measured on the formats that need the most: 16-bit and alpha PNG and TIFF, progressive JPEG,
 lossless WebP. Each file is decoded in a fresh process so the high-water mark is decoding's."""
 

@@ -19,7 +19,7 @@ from server.models import default_model_path
 from tests.server.loopback import CPU, NO_RETRY, loopback_config
 
 SHIPPED = (2, 4)  # the issue of the shipped models names these two
-MARGIN_DB = 1.0  # the full Set5 margin is 3.0 dB at x2 and about 1.5 at x4 (README table)
+MARGIN_DB = 1.0  # the full Set5 margin is 3.0 dB at x2 and about 1.5 at x4 (docs/models.md table)
 
 
 @pytest.mark.parametrize("scale", SHIPPED)
@@ -28,7 +28,7 @@ def test_shipped_model_serves_and_beats_bicubic(scale: int, set5_dir: Path) -> N
     assert model.is_file(), f"{model} is not shipped"
     metadata = read_model_metadata(model)
     assert metadata.scale == scale
-    assert metadata.training["train_config"]["preset"] == "small"  # what the README documents
+    assert metadata.training["train_config"]["preset"] == "small"  # what docs/models.md documents
     hr = modcrop(read_rgb(set5_dir / "butterfly.png")[:128, :128], scale)
     lr = downscale(hr, scale)
     engine = Engine(model, CPU)
@@ -43,7 +43,7 @@ def test_shipped_model_serves_and_beats_bicubic(scale: int, set5_dir: Path) -> N
 
 
 def test_shipped_x3_model_serves_and_beats_bicubic(set5_dir: Path) -> None:
-    """default_x3.onnx, served with --model like the others (README: 33.2 dB target on Set5)."""
+    """default_x3.onnx, served with --model like the others (docs/models.md: 33.2 dB on Set5)."""
     model = default_model_path(3)
     metadata = read_model_metadata(model)
     assert metadata.scale == 3 and metadata.training["train_config"]["degradation"] == "bicubic"
@@ -63,7 +63,7 @@ def test_shipped_photo_model_cleans_a_jpeg_that_the_clean_model_sharpens(
     scale: int, set5_dir: Path
 ) -> None:
     """rdn_x{2,4}_photo.onnx through a real server on a JPEG-50 LR: above bicubic by a margin
-    where the clean model is not (README: the degradation table)."""
+    where the clean model is not (docs/models.md: the degradation table)."""
     model = default_model_path(scale).with_name(f"rdn_x{scale}_photo.onnx")
     metadata = read_model_metadata(model)
     assert metadata.scale == scale and metadata.training["train_config"]["degradation"] == "photo"
