@@ -71,7 +71,10 @@ def timed(engine: Engine, batch: np.ndarray) -> float:
 
 
 def run(args: argparse.Namespace, model: Path) -> int:
-    int8_path = args.int8_model or twin_of(model)
+    try:
+        int8_path = args.int8_model or twin_of(model)
+    except FileNotFoundError as e:
+        return emit_checked({"bench": BENCH, "float32_model": str(model), "error": str(e)}, False)
     engines = {"float32": load_engine(model, args), "int8": load_engine(int8_path, args)}
     failed = 0
     for label, batch in inputs().items():

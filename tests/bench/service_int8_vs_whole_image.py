@@ -12,7 +12,8 @@ from tests.bench import service_vs_whole_image
 
 
 def main(argv: list[str] | None = None) -> int:
-    return service_vs_whole_image.main([*(argv or []), "--service-precision", "int8"])
+    given = sys.argv[1:] if argv is None else argv
+    return service_vs_whole_image.main([*given, "--service-precision", "int8"])
 
 
 if __name__ == "__main__":

@@ -207,7 +207,10 @@ def measure(args: argparse.Namespace, scale: int) -> list[dict[str, object]]:
     flags = ["--max-message-bytes", str(MESSAGE_BYTES), "--providers", ",".join(providers)]
     flags += ["--require-gpu"] if args.provider == "cuda" else []
     flags += shlex.split(args.serve_args)
-    served = twin_of(model) if args.service_precision == "int8" else model
+    try:
+        served = twin_of(model) if args.service_precision == "int8" else model
+    except FileNotFoundError as e:
+        return [{"bench": BENCH, "scale": scale, "error": str(e), "met": False}]
     target = TARGET_RATIO_INT8 if args.service_precision == "int8" else TARGET_RATIO
     with serve_process(served, args, flags) as (process, port):
         # Passes alternate (loop, service at 1 client, loop, service at 8 clients, ...), so a
