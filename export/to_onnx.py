@@ -13,7 +13,6 @@ which computes the same function with a fraction of the data movement.
 from __future__ import annotations
 
 import contextlib
-import copy
 import glob
 import hashlib
 import logging
@@ -32,7 +31,6 @@ import onnxruntime as ort
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from export.int8 import (
     DEFAULT_MAX_LOSS_DB,
@@ -45,6 +43,7 @@ from export.int8 import (
 from export.metadata import INT8_SUFFIX, ModelMetadata, default_model_name, training_metadata
 from export.subpixel import fold_rgb_before_shuffle
 from rdn.checkpoint import CheckpointError, atomic_write, load_model
+from rdn.fold import fold_batchnorm as fold_into_convs
 from rdn.int8 import calibrate, calibration_batches, int8_model
 from rdn.model import RDN
 from rdn.quant import float_mode, is_calibrated
@@ -129,24 +128,11 @@ def check_opset(opset: int) -> None:
 
 
 def fold_batchnorm(model: RDN) -> RDN:
-    """An eval-mode copy of ``model`` with every BatchNorm folded into the conv before it.
-
-    Folding uses the running statistics, so the copy computes ``model.eval()``'s function (up
-    to float rounding); a frozen BatchNorm computes that function in training too.
-    """
-    folded = copy.deepcopy(model).eval()
-    for rdb in folded.rdbs:
-        for layer in rdb.layers:
-            if isinstance(layer.norm, nn.BatchNorm2d):
-                layer.conv = fuse_conv_bn_eval(layer.conv, layer.norm)
-                layer.norm = nn.Identity()
-        if isinstance(rdb.lff_norm, nn.BatchNorm2d):
-            rdb.lff = fuse_conv_bn_eval(rdb.lff, rdb.lff_norm)
-            rdb.lff_norm = nn.Identity()
-    left = [name for name, m in folded.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    if left:
-        raise ExportError(f"BatchNorm layers not preceded by a foldable conv: {left}")
-    return folded
+    """``rdn.fold.fold_batchnorm``, its failure an ExportError."""
+    try:
+        return fold_into_convs(model)
+    except ValueError as e:
+        raise ExportError(str(e)) from e
 
 
 def count_batchnorms(model: nn.Module) -> int:

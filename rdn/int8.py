@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from rdn.fold import fold_batchnorm
 from rdn.imaging import downscale, list_images, modcrop, read_rgb, to_tensor_layout
 from rdn.model import RDN
 from rdn.quant import ActQuant, configure
@@ -30,16 +30,7 @@ QAT_MOMENTUM = 0.01  # EMA of activation ranges while quantization-aware trainin
 
 def folded_state(model: RDN) -> dict[str, torch.Tensor]:
     """The weights of ``model`` (eval mode) with every BatchNorm folded into its conv."""
-    folded = copy.deepcopy(model).eval()
-    for rdb in folded.rdbs:
-        for layer in rdb.layers:
-            if isinstance(layer.norm, nn.BatchNorm2d):
-                layer.conv = fuse_conv_bn_eval(layer.conv, layer.norm)
-                layer.norm = nn.Identity()
-        if isinstance(rdb.lff_norm, nn.BatchNorm2d):
-            rdb.lff = fuse_conv_bn_eval(rdb.lff, rdb.lff_norm)
-            rdb.lff_norm = nn.Identity()
-    return {k: v.detach().clone() for k, v in folded.state_dict().items()}
+    return {k: v.detach().clone() for k, v in fold_batchnorm(model).state_dict().items()}
 
 
 def int8_model(model: RDN) -> RDN:
