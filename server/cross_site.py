@@ -53,7 +53,9 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 LOCAL_NAMES = frozenset({"localhost"})
 # What an allowed origin's page may send and read (beyond the CORS-safelisted ones).
 ALLOW_METHODS = "GET, HEAD, POST, PUT"
-ALLOW_HEADERS = "Authorization, Content-Type, X-Request-Id, Inference-Header-Content-Length"
+ALLOW_HEADERS = (
+    "Authorization, Content-Type, X-Request-Id, X-Progress, Inference-Header-Content-Length"
+)
 EXPOSE_HEADERS = (
     "X-Model, X-Width, X-Height, X-Scale, X-Tiles, X-Compute-Seconds, X-Total-Seconds, "
     "X-Request-Id, Inference-Header-Content-Length, Retry-After"

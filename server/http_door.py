@@ -43,7 +43,7 @@ from server.calls import (
 from server.codec import ImageError
 from server.config import ServerConfig
 from server.cross_site import CrossSitePolicy, http_bind_host
-from server.errors import RequestError, RequestTooLarge, check_name
+from server.errors import NotFound, RequestError, RequestTooLarge, check_name
 from server.http_body import (
     ClientGone,
     UnsupportedEncoding,
@@ -88,6 +88,7 @@ from server.kserve_rest import (
     wants_binary,
 )
 from server.pipeline import Pipeline
+from server.progress import ProgressBoard
 from server.repository import READY, LoadFailed, ModelRepository
 from server.security import AUTH_METADATA_KEY
 from server.sizing import SizeOptions, check_options
@@ -99,6 +100,7 @@ log = logging.getLogger(__name__)
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 CONTROL_BODY_BYTES = 64 * 2**10  # the JSON body of a repository call
+PROGRESS_HEADER = "X-Progress"  # "1": /v1/progress?id=REQUEST_ID follows the upscale's tiles
 METHODS = HTTP_METHODS  # others are counted as OTHER in metrics
 CLIENT_CLOSED = 499  # nginx's status for a request whose client went away (never delivered)
 # A query number: plain ASCII decimal, as JSON writes it (no "nan", "inf", "1_0" or "١")
@@ -218,6 +220,7 @@ class HttpFrontDoor:
             observer=access_observer,
         )
         self._page = PAGE.read_bytes()
+        self._progress_board = ProgressBoard()
         self._runner: web.AppRunner | None = None
         self.gate = ConnectionGate(
             connection_cap(config.http_limits.max_connections, open_file_limit())
@@ -236,6 +239,7 @@ class HttpFrontDoor:
                 get("/", self._index),
                 get("/v1/models", self._list_models),
                 post("/v1/upscale", self._upscale),
+                get("/v1/progress", self._progress),
                 web.put("/v1/upscale", self._upscale),  # curl -T uploads with PUT
                 get("/v2/health/live", self._live),
                 get("/v2/health/ready", self._ready),
@@ -381,6 +385,8 @@ class HttpFrontDoor:
                 raise RequestError(f"the body is empty; {ACCEPTS}")
             record.set(bytes_in=len(data))
             content_type = request.headers.get("Content-Type", "")
+            wants_progress = request.headers.get(PROGRESS_HEADER, "") == "1"
+            progress = self._progress_board.track(request_id) if wants_progress else None
             if is_form(content_type):
                 data = form_file(data, content_type, hold)
             try:
@@ -394,6 +400,7 @@ class HttpFrontDoor:
                     received,
                     record,
                     unary=False,
+                    progress=progress,
                 )
             except ImageError as e:
                 if "first bytes" not in str(e):  # an image, but a bad one: the message says
@@ -412,6 +419,16 @@ class HttpFrontDoor:
             "X-Request-Id": request_id,
         }
         return web.Response(body=done.image, content_type=CONTENT_TYPES[spec.name], headers=headers)
+
+    async def _progress(self, request: web.Request) -> web.Response:
+        """Tiles done and total of a recent ``X-Progress: 1`` upscale, by its request id."""
+        request_id = request.query.get("id", "")
+        found = self._progress_board.get(request_id)
+        if found is None:
+            raise NotFound(
+                f"no upscale with X-Progress: 1 and request id {one_line(request_id, 64)!r}"
+            )
+        return web.json_response({"done": found[0], "total": found[1]})
 
     # -- KServe v2 REST ---------------------------------------------------------------------
     async def _live(self, request: web.Request) -> web.Response:

@@ -8,7 +8,7 @@ is busy sending the previous one, so a slow client gets fewer messages, never a 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 
 class TileProgress:
@@ -37,3 +37,34 @@ class TileProgress:
                 yield self.done, self.total
             elif work.done():
                 return
+
+
+PROGRESS_ENTRIES = 256  # requests whose progress the HTTP door remembers (newest kept)
+
+
+class ProgressBoard:
+    """(done, total) tiles of recent HTTP requests by request id, for a page to poll
+    (``GET /v1/progress?id=...`` while its ``POST /v1/upscale`` with ``X-Progress: 1`` runs).
+
+    Bounded: the oldest entry goes when a new one would exceed ``PROGRESS_ENTRIES``; a finished
+    request keeps its last count until then, so a poll after the answer still reads it.
+    """
+
+    def __init__(self, entries: int = PROGRESS_ENTRIES) -> None:
+        self._entries = entries
+        self._board: dict[str, tuple[int, int]] = {}
+
+    def track(self, request_id: str) -> Callable[[int, int], None]:
+        self._board.pop(request_id, None)
+        while len(self._board) >= self._entries:
+            del self._board[next(iter(self._board))]
+        self._board[request_id] = (0, 0)
+
+        def update(done: int, total: int) -> None:
+            if request_id in self._board:
+                self._board[request_id] = (done, total)
+
+        return update
+
+    def get(self, request_id: str) -> tuple[int, int] | None:
+        return self._board.get(request_id)
