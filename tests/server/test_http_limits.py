@@ -26,6 +26,10 @@ from tests.server.loopback import NO_RETRY, loopback_config
 from tests.server.test_http_hostile import png, start_serve, stop_serve
 
 HEAD_TIMEOUT_S = 1.0  # --http-idle-timeout of the servers below
+# The flooded server's: long enough that the flood's 450 connects land within it even on a
+# slow machine, so more than the cap are open at once (with 1 s a slow client's connections
+# idled out as fast as it opened them and the cap was never reached)
+FLOOD_TIMEOUT_S = 3.0
 FLOOD = 450  # unfinished heads, more than the server's descriptor limit allows
 HARD_LIMIT = 400  # RLIMIT_NOFILE of the flooded server (soft 300 at exec: raised to this)
 UPLOAD_IDLE_S = 3.0  # --upload-idle-timeout below: the minimum rate's grace
@@ -73,7 +77,7 @@ def test_a_flood_of_unfinished_heads_is_capped_and_closed(
         tiny_onnx_x2,
         tmp_path / "serve.log",
         "--http-idle-timeout",
-        str(HEAD_TIMEOUT_S),
+        str(FLOOD_TIMEOUT_S),
         rlimit=(300, HARD_LIMIT),
     )
     sockets: list[socket.socket] = []
@@ -87,10 +91,10 @@ def test_a_flood_of_unfinished_heads_is_capped_and_closed(
             sockets.append(s)
         fds = open_fds(serve.process.pid)
         assert health(serve.grpc_port) == health_pb2.HealthCheckResponse.SERVING
-        closed = [closed_by_server(s, HEAD_TIMEOUT_S + 2.0) for s in sockets]
+        closed = [closed_by_server(s, FLOOD_TIMEOUT_S + 2.0) for s in sockets]
         elapsed = time.monotonic() - opened
         assert all(closed), f"{closed.count(False)} of {FLOOD} connections still open"
-        assert elapsed < HEAD_TIMEOUT_S + 3.0
+        assert elapsed < FLOOD_TIMEOUT_S + 3.0
         assert fds < HARD_LIMIT - 100, f"{fds} descriptors open during the flood"
         assert health(serve.grpc_port) == health_pb2.HealthCheckResponse.SERVING
         connection = http.client.HTTPConnection("127.0.0.1", serve.http_port, timeout=10)
