@@ -69,6 +69,10 @@ class ImageError(ValueError):
     """The image bytes or parameters are invalid; the message says what is accepted."""
 
 
+class NotAnImage(ImageError):
+    """The bytes are no image format this server reads (its first bytes name none)."""
+
+
 class ImageTooLarge(ImageError):
     """The image is over the pixel or byte limit."""
 
@@ -125,11 +129,11 @@ def sniff_format(data: bytes) -> str:
         raise ImageError(f"BigTIFF files are not accepted; send {_ACCEPTED} (classic TIFF)")
     known = _KNOWN_OTHERS.get(bytes(data[:4]))
     if known:
-        raise ImageError(
+        raise NotAnImage(
             f"image data is a {known} file, which is not accepted; send {_ACCEPTED} "
             f"(first bytes {_first_bytes(data)})"
         )
-    raise ImageError(f"image data is not {_ACCEPTED} (first bytes {_first_bytes(data)})")
+    raise NotAnImage(f"image data is not {_ACCEPTED} (first bytes {_first_bytes(data)})")
 
 
 def _png_header(data: bytes) -> _Header:

@@ -40,7 +40,7 @@ from server.calls import (
     grpc_status,
     in_pool,
 )
-from server.codec import ImageError
+from server.codec import NotAnImage
 from server.config import ServerConfig
 from server.cross_site import CrossSitePolicy, http_bind_host
 from server.errors import NotFound, RequestError, RequestTooLarge, check_name
@@ -402,10 +402,8 @@ class HttpFrontDoor:
                     unary=False,
                     progress=progress,
                 )
-            except ImageError as e:
-                if "first bytes" not in str(e):  # an image, but a bad one: the message says
-                    raise
-                raise ImageError(f"{e}; {ACCEPTS}") from None
+            except NotAnImage as e:  # perhaps a form or text: say what the endpoint takes
+                raise NotAnImage(f"{e}; {ACCEPTS}") from None
             del data
         answer = done.response
         headers = {
