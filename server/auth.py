@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from server.calls import AccessObserver, AccessRecord
+from server.access import AccessObserver, AccessRecord
 from server.security import AUTH_METADATA_KEY
 
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)

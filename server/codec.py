@@ -594,8 +594,22 @@ def finish_output(sr_rgb: np.ndarray, decoded: DecodedImage, scale: int) -> np.n
 # --- encoding -----------------------------------------------------------------------------------
 
 
-def encode_image(image: np.ndarray, fmt: str, quality: int) -> bytes:
+def check_side(fmt: str, width: int, height: int) -> None:
+    """Refuse an answer of ``width`` x ``height`` that ``fmt`` cannot hold (JPEG and WebP
+    have a largest side); callers check before computing the image, not after."""
+    limit = {"jpeg": JPEG_MAX_SIDE, "webp": WEBP_MAX_SIDE}.get(fmt)
+    if limit is not None and max(height, width) > limit:
+        raise ImageError(
+            f"{fmt} output is limited to {limit}x{limit} pixels and the result would be "
+            f"{width}x{height}; choose png or raw"
+        )
+
+
+def encode_image(image: np.ndarray, fmt: str, quality: int, *, side_checked: bool = False) -> bytes:
     """Encode H x W x C uint8 (C = 1, 3 RGB or 4 RGBA; H x W is grey) as ``fmt``.
+
+    ``side_checked``: the caller ran ``check_side`` on this size before computing the image
+    (the server does, before any tile), so it is not checked twice.
 
     ``fmt`` is one of OUTPUT_FORMATS; ``quality`` (1..100) is used by jpeg and webp only.
     "raw" returns the row-major bytes of the array. JPEG cannot carry alpha and WebP has no grey
@@ -617,12 +631,8 @@ def encode_image(image: np.ndarray, fmt: str, quality: int) -> bytes:
     height, width = image.shape[:2]
     if fmt == "jpeg" and channels == 4:
         raise ImageError("JPEG cannot carry the alpha channel of an RGBA image; choose png or webp")
-    limit = {"jpeg": JPEG_MAX_SIDE, "webp": WEBP_MAX_SIDE}.get(fmt)
-    if limit is not None and max(height, width) > limit:
-        raise ImageError(
-            f"{fmt} output is limited to {limit}x{limit} pixels and the result is "
-            f"{width}x{height}; choose png or raw"
-        )
+    if not side_checked:
+        check_side(fmt, width, height)
     if channels == 1:
         bgr = image.reshape(height, width)
     elif channels == 3:

@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import web
 from yarl import URL
 
-from server.calls import AccessObserver, AccessRecord
+from server.access import AccessObserver, AccessRecord
 from server.config import CrossSiteConfig, ServerConfig
 from server.metrics import is_loopback
 from server.wire import HTTP_METHODS

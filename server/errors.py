@@ -1,4 +1,4 @@
-"""The request errors every servicer raises; ``calls.grpc_status`` maps each to its status.
+"""The request errors every servicer raises; ``server.failures`` classifies each for the doors.
 
 They live apart from the servicers so that every module that raises or maps them (service,
 kserve, uploads, parse_guard) imports this small module rather than a servicer.

@@ -1,12 +1,13 @@
 """The HTTP front door (``--http-port``): KServe v2 REST, ``POST /v1/upscale`` and a page at ``/``.
 
-A second door to the same pipeline: it runs on the server's event loop (aiohttp) and uses the
-repository, the tile batcher, the request-byte budget, the codec pool, the token and the
-access log / metrics that gRPC uses, so both protocols share batches and limits. Errors map from
-the same domain errors as gRPC (``calls.grpc_status``) to the HTTP status that means the same:
-INVALID_ARGUMENT 400, UNAUTHENTICATED 401, NOT_FOUND 404, RESOURCE_EXHAUSTED 413 (too large) or
-429 with ``Retry-After`` (transient), UNAVAILABLE 503, DEADLINE_EXCEEDED 408 (the upload was too
-slow), INTERNAL 500; the body is ``{"error": "..."}`` as KServe's REST protocol has it.
+A third door to the same serving core (``server.serving``): it runs on the server's event loop
+(aiohttp) and translates HTTP requests into the core's calls, so every protocol shares batches,
+limits, the token and the access log / metrics. The KServe rules are ``server.kserve_rules``'s,
+as for gRPC. Errors map from their kind (``server.failures``) to HTTP statuses with one table,
+HTTP_STATUS: INVALID_ARGUMENT 400, NOT_FOUND 404, RESOURCE_EXHAUSTED 413 (too large) or 429
+with ``Retry-After`` (transient), UNAVAILABLE 503, DEADLINE_EXCEEDED 408 (the upload was too
+slow), INTERNAL 500 (and 401 for a missing token, 415 for a compressed body); the body is
+``{"error": "..."}`` as KServe's REST protocol has it.
 
 Request bodies are read chunk by chunk into one growing buffer, after their announced size was
 checked against ``--max-request-bytes`` and held in the upload budget (server/http_body.py):
@@ -23,27 +24,19 @@ import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from google.protobuf import json_format
 
+from server.access import AccessRecord, check_request_id
 from server.auth import token_digest, token_problem
-from server.batcher import TileBatcher
-from server.calls import (
-    AccessObserver,
-    AccessRecord,
-    check_request_id,
-    check_serving,
-    grpc_status,
-    in_pool,
-)
 from server.codec import NotAnImage
 from server.config import ServerConfig
 from server.cross_site import CrossSitePolicy, http_bind_host
 from server.errors import NotFound, RequestError, RequestTooLarge, check_name
+from server.failures import classify
 from server.http_body import (
     ClientGone,
     UnsupportedEncoding,
@@ -61,22 +54,6 @@ from server.http_limits import (
     connection_cap,
     open_file_limit,
 )
-from server.kserve import (
-    DATATYPE,
-    EXTENSIONS,
-    INPUT_NAME,
-    MODEL_VERSION,
-    OUTPUT_NAME,
-    PLATFORM,
-    SERVER_NAME,
-    TENSOR_SHAPE,
-    TensorContext,
-    check_model,
-    infer_tensor,
-    model_config,
-    model_statistics,
-    package_version,
-)
 from server.kserve_rest import (
     HEADER_LENGTH,
     JSON_BYTES_PER_VALUE,
@@ -87,14 +64,23 @@ from server.kserve_rest import (
     parse_infer_input,
     wants_binary,
 )
+from server.kserve_rules import (
+    EXTENSIONS,
+    SERVER_NAME,
+    model_config,
+    model_metadata,
+    model_statistics,
+    package_version,
+    refuse_load_parameters,
+)
 from server.pipeline import Pipeline
 from server.progress import ProgressBoard
-from server.repository import READY, LoadFailed, ModelRepository
 from server.security import AUTH_METADATA_KEY
-from server.sizing import SizeOptions, check_options
-from server.uploads import Hold, UploadBudget
-from server.upscaling import ImageSource, UpscaleContext, output_spec, upscale_image
-from server.wire import FORMAT_NUMBERS, HTTP_METHODS, RETRY_AFTER_KEY
+from server.serving import ServingCore
+from server.sizing import SizeOptions
+from server.uploads import Hold
+from server.upscaling import ImageSource
+from server.wire import HTTP_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -106,29 +92,28 @@ CLIENT_CLOSED = 499  # nginx's status for a request whose client went away (neve
 # A query number: plain ASCII decimal, as JSON writes it (no "nan", "inf", "1_0" or "١")
 DECIMAL = re.compile(r"[0-9]{1,20}(\.[0-9]{0,20})?([eE][+-]?[0-9]{1,3})?|\.[0-9]{1,20}")
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-HTTP_STATUS = {
+HTTP_STATUS = {  # failure kind (server.failures) -> HTTP status (one table)
     "INVALID_ARGUMENT": 400,
-    "UNAUTHENTICATED": 401,
     "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 413,  # 429 with Retry-After when the refusal is transient
     "UNAVAILABLE": 503,
     "DEADLINE_EXCEEDED": 408,  # the client's upload was too slow
     "INTERNAL": 500,
 }
+TRANSIENT = 429
 OPEN_PATHS = ("/", "/v2/health/live", "/v2/health/ready")  # no token needed
 RECORD = web.RequestKey("record", AccessRecord)  # the request's access record
 
 
 def http_status(error: BaseException) -> tuple[int, str, dict[str, str]]:
-    """The HTTP status, message and extra headers for a handler error (via the gRPC mapping)."""
+    """The HTTP status, message and extra headers for a handler error."""
     if isinstance(error, UnsupportedEncoding):
         return 415, str(error), {}
-    code, message, trailers = grpc_status(error)
-    retry = dict(trailers).get(RETRY_AFTER_KEY)
-    if code.name == "RESOURCE_EXHAUSTED":
-        if retry is not None:
-            return 429, message, {"Retry-After": str(max(1, math.ceil(int(retry) / 1e3)))}
-        return 413, message, {}
-    return HTTP_STATUS.get(code.name, 500), message, {}
+    failure = classify(error)
+    if failure.retry_after_ms is not None:
+        seconds = max(1, math.ceil(failure.retry_after_ms / 1e3))
+        return TRANSIENT, failure.message, {"Retry-After": str(seconds)}
+    return HTTP_STATUS[failure.kind], failure.message, {}
 
 
 def error_response(
@@ -162,19 +147,19 @@ def _decimal_query(request: web.Request, name: str) -> float:
 
 
 def http_request_id(request: web.Request) -> str:
-    """The ``X-Request-Id`` header, checked before any work: it is echoed in the answer's
-    headers, so it must be printable text (aiohttp hands undecodable bytes over as surrogates)."""
+    """The ``X-Request-Id`` header: it is echoed in the answer's headers, so it must be
+    printable text (aiohttp hands undecodable bytes over as surrogates)."""
     text = request.headers.get("X-Request-Id", "")
     if not text.isprintable():
         raise RequestError(
             f"X-Request-Id {one_line(text, 40)!r} is not printable UTF-8 text; send letters, "
             "digits and punctuation"
         )
-    return check_request_id(text)
+    return text
 
 
-def upscale_options(request: web.Request) -> tuple[SizeOptions, int, int]:
-    """Model and size options, output format number and quality of ``POST /v1/upscale``."""
+def upscale_options(request: web.Request) -> tuple[SizeOptions, str, int]:
+    """Model and size options, output format name and quality of ``POST /v1/upscale``."""
     outscale = _decimal_query(request, "outscale")
     options = SizeOptions(
         model=check_name(request.query.get("model", ""), "model"),
@@ -183,34 +168,19 @@ def upscale_options(request: web.Request) -> tuple[SizeOptions, int, int]:
         target_height=_int_query(request, "height"),
         outscale=outscale,
     )
-    check_options(options)
     fmt = request.query.get("format", "png").lower()
     if fmt not in CONTENT_TYPES and fmt != "jpg":
         raise RequestError(f"query format={one_line(fmt, 40)!r}: choose png, jpeg or webp")
-    return options, FORMAT_NUMBERS[fmt], _int_query(request, "quality")
+    return options, "jpeg" if fmt == "jpg" else fmt, _int_query(request, "quality")
 
 
 class HttpFrontDoor:
     """The aiohttp application and its listening site."""
 
-    def __init__(
-        self,
-        repository: ModelRepository,
-        batcher: TileBatcher,
-        config: ServerConfig,
-        *,
-        uploads: UploadBudget,
-        codec_pool: Executor,
-        serving: Callable[[], bool],
-        access_observer: AccessObserver | None = None,
-    ) -> None:
-        self._repository = repository
-        self._config = config
-        self._uploads = uploads
-        self._serving = serving
-        self._observer = access_observer
-        self._upscaling = UpscaleContext(batcher, codec_pool, config.limits)
-        self._tensors = TensorContext(batcher, codec_pool, uploads, config)
+    def __init__(self, core: ServingCore) -> None:
+        self._core = core
+        config = self._config = core.config
+        access_observer = core.access_observer
         token = config.security.auth_token
         self._expected = token_digest(token) if token else None
         self._cross_site = CrossSitePolicy(
@@ -302,7 +272,7 @@ class HttpFrontDoor:
         name = route.canonical if route is not None else "unmatched"
         probe = request.path.startswith("/v2/health/") or request.path == "/"
         verb = request.method if request.method in METHODS else "OTHER"  # bounded label values
-        record = None if probe else AccessRecord(f"HTTP {verb} {name}", self._observer)
+        record = None if probe else self._core.record(f"HTTP {verb} {name}")
         if record is not None:
             record.set(protocol="http")
             request[RECORD] = record
@@ -332,7 +302,7 @@ class HttpFrontDoor:
         except Exception as e:
             status, message, headers = http_status(e)
             if record is not None:
-                record.set(status=grpc_status(e)[0].name)
+                record.set(status=classify(e).kind)
             if status == 500:
                 log.error("%s failed", name, exc_info=e)
             return error_response(status, message, headers)
@@ -348,14 +318,14 @@ class HttpFrontDoor:
     async def _body(self, request: web.Request, limit: int) -> tuple[bytearray, Hold]:
         """The request body and its hold on the request-byte budget (server/http_body.py)."""
         flag = " (--max-request-bytes)" if limit == self._config.limits.max_request_bytes else ""
-        return await read_body(request, limit, self._uploads, flag)
+        return await read_body(request, limit, self._core.uploads, flag)
 
     # -- the page and /v1 -----------------------------------------------------------------
     async def _index(self, request: web.Request) -> web.Response:
         return web.Response(body=self._page, content_type="text/html", charset="utf-8")
 
     async def _list_models(self, request: web.Request) -> web.Response:
-        snapshot = self._repository.snapshot
+        snapshot = self._core.snapshot
         models = [
             {
                 "name": p.name,
@@ -372,13 +342,11 @@ class HttpFrontDoor:
         received = time.perf_counter()
         record = self._record(request)
         request_id = http_request_id(request)
-        record.set(request_id=request_id)
-        check_serving(self._serving)
         check_encoding(request)
-        options, number, quality = upscale_options(request)
-        spec = output_spec(number, quality)
-        snapshot = self._repository.snapshot
-        snapshot.check(options)
+        options, fmt, quality = upscale_options(request)
+        ticket = self._core.admit_upscale(
+            request_id, options, fmt, quality, record, received=received
+        )
         data, hold = await self._body(request, self._config.limits.max_request_bytes)
         with hold:
             if not data:
@@ -390,14 +358,9 @@ class HttpFrontDoor:
             if is_form(content_type):
                 data = form_file(data, content_type, hold)
             try:
-                done = await upscale_image(
-                    self._upscaling,
+                done = await self._core.upscale(
+                    ticket,
                     ImageSource(data),  # the buffer itself: not copied
-                    spec,
-                    options,
-                    snapshot,
-                    request_id,
-                    received,
                     record,
                     unary=False,
                     progress=progress,
@@ -405,18 +368,19 @@ class HttpFrontDoor:
             except NotAnImage as e:  # perhaps a form or text: say what the endpoint takes
                 raise NotAnImage(f"{e}; {ACCEPTS}") from None
             del data
-        answer = done.response
         headers = {
-            "X-Model": answer.model,
-            "X-Width": str(answer.width),
-            "X-Height": str(answer.height),
-            "X-Scale": str(answer.scale),
-            "X-Tiles": str(answer.tiles),
-            "X-Compute-Seconds": f"{answer.timings.compute_seconds:.4f}",
+            "X-Model": done.model,
+            "X-Width": str(done.width),
+            "X-Height": str(done.height),
+            "X-Scale": str(done.scale),
+            "X-Tiles": str(done.tiles),
+            "X-Compute-Seconds": f"{done.compute_seconds:.4f}",
             "X-Total-Seconds": f"{time.perf_counter() - received:.4f}",
-            "X-Request-Id": request_id,
+            "X-Request-Id": done.request_id,
         }
-        return web.Response(body=done.image, content_type=CONTENT_TYPES[spec.name], headers=headers)
+        return web.Response(
+            body=done.image, content_type=CONTENT_TYPES[done.format], headers=headers
+        )
 
     async def _progress(self, request: web.Request) -> web.Response:
         """Tiles done and total of a recent ``X-Progress: 1`` upscale, by its request id."""
@@ -433,7 +397,7 @@ class HttpFrontDoor:
         return web.json_response({"live": True})
 
     async def _ready(self, request: web.Request) -> web.Response:
-        ready = self._serving() and bool(self._repository.snapshot.models)  # as gRPC health
+        ready = self._core.ready()  # as gRPC health
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def _server_metadata(self, request: web.Request) -> web.Response:
@@ -442,32 +406,19 @@ class HttpFrontDoor:
         )
 
     def _pipeline(self, request: web.Request) -> Pipeline:
-        return check_model(
-            request.match_info["model"],
-            request.match_info.get("version", ""),
-            self._repository.snapshot,
-        )
+        return self._core.model(request.match_info["model"], request.match_info.get("version", ""))
 
     async def _model_metadata(self, request: web.Request) -> web.Response:
         pipeline = self._pipeline(request)
         self._record(request).set(model=pipeline.name)
-        tensor = {"datatype": DATATYPE, "shape": list(TENSOR_SHAPE)}
-        return web.json_response(
-            {
-                "name": pipeline.name,
-                "versions": [MODEL_VERSION],
-                "platform": PLATFORM,
-                "inputs": [{"name": INPUT_NAME, **tensor}],
-                "outputs": [{"name": OUTPUT_NAME, **tensor}],
-            }
-        )
+        return web.json_response(model_metadata(pipeline))
 
     async def _model_ready(self, request: web.Request) -> web.Response:
         try:
             self._pipeline(request)
         except (LookupError, RequestError):
             return web.json_response({"ready": False}, status=404)
-        ready = self._serving()
+        ready = self._core.serving()
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def _model_config(self, request: web.Request) -> web.Response:
@@ -477,9 +428,8 @@ class HttpFrontDoor:
         )
 
     async def _statistics(self, request: web.Request) -> web.Response:
-        snapshot = self._repository.snapshot
         pipelines = (
-            [self._pipeline(request)] if "model" in request.match_info else snapshot.ordered()
+            [self._pipeline(request)] if "model" in request.match_info else self._core.models()
         )
         stats = [
             json_format.MessageToDict(model_statistics(p), preserving_proto_field_name=True)
@@ -489,37 +439,22 @@ class HttpFrontDoor:
 
     async def _repository_index(self, request: web.Request) -> web.Response:
         body = await self._json_body(request, allow_empty=True)
-        ready_only = bool(body.get("ready", False))
-        models = [
-            {
-                "name": e.name,
-                "version": MODEL_VERSION if e.state == READY else "",
-                "state": e.state,
-                "reason": e.reason,
-            }
-            for e in self._repository.index()
-            if e.state == READY or not ready_only
-        ]
-        return web.json_response(models)
+        return web.json_response(self._core.index(bool(body.get("ready", False))))
 
     async def _load(self, request: web.Request) -> web.Response:
         body = await self._json_body(request, allow_empty=True)
-        if body.get("parameters"):
-            raise RequestError(
-                "load parameters are not supported: models load from the repository's files "
-                "(--model-dir / --model); send none"
-            )
+        parameters = body.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise RequestError("parameters must be a JSON object")
+        refuse_load_parameters(parameters)
         name = check_name(request.match_info["model"], "model name")
-        try:
-            await self._repository.load(name)
-        except LoadFailed as e:
-            raise RequestError(str(e)) from e
+        await self._core.load(name)
         self._record(request).set(model=name)
         return web.json_response({})
 
     async def _unload(self, request: web.Request) -> web.Response:
         name = check_name(request.match_info["model"], "model name")
-        await self._repository.unload(name)
+        await self._core.unload(name)
         self._record(request).set(model=name)
         return web.json_response({})
 
@@ -538,13 +473,13 @@ class HttpFrontDoor:
         record = self._record(request)
         pipeline = self._pipeline(request)
         record.set(model=pipeline.name)
-        check_serving(self._serving)
+        self._core.check_serving()
         data, hold = await self._body(request, self._config.limits.max_request_bytes)
         with hold:
             split = header_length(request.headers.get(HEADER_LENGTH), len(data))
             text = bytes(data[:split])
             hold.grow(json_cost(text))  # parsed JSON costs many times its text: held first
-            body = await in_pool(self._tensors.pool, parse_json, text, "the inference request")
+            body = await self._core.in_pool(parse_json, text, "the inference request")
             del text
             request_id = check_request_id(infer_request_id(body))
             record.set(request_id=request_id)
@@ -558,11 +493,9 @@ class HttpFrontDoor:
                         f"the output would be {values} JSON numbers; request it as binary data "
                         '(outputs: [{"name": "sr", "parameters": {"binary_data": true}}])'
                     )
-            canvas = await infer_tensor(
-                self._tensors, pipeline, shape, load, request_id, record, received
-            )
-        head, raw = await in_pool(
-            self._tensors.pool, infer_answer, pipeline.name, request_id, canvas, binary
+            canvas = await self._core.infer(pipeline, shape, load, request_id, record, received)
+        head, raw = await self._core.in_pool(
+            infer_answer, pipeline.name, request_id, canvas, binary
         )
         record.set(bytes_out=len(head) + len(raw))
         if not binary:

@@ -1,5 +1,6 @@
 """KServe v2 REST inference bodies: the JSON header (and binary data after it) of
-``POST /v2/models/{m}/infer`` checked and parsed, and the answer written. Pure functions.
+``POST /v2/models/{m}/infer`` read into the protocol's plain values (``server.kserve_rules``
+checks them, as it checks gRPC's), its data loaded, and the answer written. Pure functions.
 
 The JSON part is capped at JSON_TENSOR_BYTES whatever the headers say, and only standard JSON
 goes either way: NaN and Infinity are refused on input (and the tensor's values must be finite),
@@ -16,13 +17,18 @@ import numpy as np
 
 from server.errors import RequestError, RequestTooLarge
 from server.http_body import one_line
-from server.kserve import (
+from server.kserve_rules import (
     DATATYPE,
     FLOAT32_LE,
     INPUT_NAME,
     MODEL_VERSION,
     OUTPUT_NAME,
-    UNSUPPORTED_PARAMETERS,
+    InferCall,
+    Shape,
+    TensorIn,
+    TensorOut,
+    check_infer,
+    shown,
 )
 
 # JSON numbers cost many times their text once parsed (server/http_body.py): larger tensors
@@ -30,14 +36,6 @@ from server.kserve import (
 JSON_TENSOR_BYTES = 8 * 2**20
 JSON_BYTES_PER_VALUE = 20  # a float32 written by json.dumps, with its separator
 HEADER_LENGTH = "Inference-Header-Content-Length"  # KServe's binary tensor data extension
-
-
-def shown(value: object) -> str:
-    """A client's JSON value quoted in an error: scalars as they are (cut short), containers
-    by their type only (their repr could be huge or nested past the recursion limit)."""
-    if value is None or isinstance(value, bool | int | float | str):
-        return one_line(repr(value), 80)
-    return f"a JSON {'array' if isinstance(value, list) else 'object'}"
 
 
 def _whole(value: object) -> bool:
@@ -101,34 +99,47 @@ def infer_answer(
     return json.dumps(answer, allow_nan=False).encode(), raw
 
 
-def _parameters(holder: dict[str, Any], where: str) -> dict[str, Any]:
-    """The ``parameters`` object of ``holder``, checked: an object, without the ones this
-    server refuses (shared memory, classification), as gRPC ModelInfer refuses them."""
-    parameters = holder.get("parameters") or {}
+def _parameters(holder: object, where: str) -> dict[str, Any]:
+    """The ``parameters`` object of a JSON object (the protocol's rules check its names)."""
+    parameters = (holder.get("parameters") if isinstance(holder, dict) else None) or {}
     if not isinstance(parameters, dict):
         raise RequestError(f"{where}: parameters must be a JSON object")
-    for key in parameters:
-        if key in UNSUPPORTED_PARAMETERS:
-            raise RequestError(
-                f"{where} sets parameter {key!r}, which this server does not support (no shared "
-                "memory, no classification); send the tensor data in the request"
-            )
     return parameters
+
+
+def _list(body: dict[str, Any], key: str) -> list[Any]:
+    value = body.get(key) or []
+    if not isinstance(value, list):
+        raise RequestError(f"{key} must be a list")
+    return value
+
+
+def infer_call(body: dict[str, Any]) -> InferCall:
+    """The request's inputs and outputs as the protocol's rules read them."""
+    inputs = []
+    for tensor in _list(body, "inputs"):
+        if not isinstance(tensor, dict):
+            raise RequestError(f"inputs must be a list of JSON objects, not of {shown(tensor)}")
+        inputs.append(
+            TensorIn(
+                tensor.get("name"),
+                tensor.get("datatype"),
+                tensor.get("shape"),
+                list(_parameters(tensor, f"input {shown(tensor.get('name'))}")),
+            )
+        )
+    outputs = []
+    for output in _list(body, "outputs"):
+        name = output.get("name") if isinstance(output, dict) else output
+        outputs.append(TensorOut(name, list(_parameters(output, f"output {shown(name)}"))))
+    return InferCall(inputs, outputs)
 
 
 def wants_binary(body: dict[str, Any]) -> bool:
     """The binary data extension: the output requested with ``binary_data``, or
-    ``binary_data_output`` on the request."""
+    ``binary_data_output`` on the request (outputs already checked by ``check_infer``)."""
     binary = bool(_parameters(body, "the request").get("binary_data_output"))
-    outputs = body.get("outputs") or []
-    if not isinstance(outputs, list):
-        raise RequestError("outputs must be a list")
-    for output in outputs:
-        if not isinstance(output, dict) or output.get("name") != OUTPUT_NAME:
-            name = output.get("name") if isinstance(output, dict) else output
-            raise RequestError(
-                f"unknown output {shown(name)}; the model has one output {OUTPUT_NAME!r}"
-            )
+    for output in _list(body, "outputs"):
         binary = binary or bool(_parameters(output, f"output {OUTPUT_NAME!r}").get("binary_data"))
     return binary
 
@@ -144,41 +155,19 @@ def _finite(array: np.ndarray) -> np.ndarray:
 
 def parse_infer_input(
     body: dict[str, Any], rest: memoryview
-) -> tuple[tuple[int, int, int, int], Callable[[], np.ndarray]]:
+) -> tuple[Shape, Callable[[], np.ndarray]]:
     """The checked [N, 3, H, W] shape of the request's one input and a loader of its data
     (JSON numbers, or the binary bytes after the header)."""
-    inputs = body.get("inputs")
-    accepted = f"one input {INPUT_NAME!r} {DATATYPE} [N, 3, H, W] (RGB planes in [0, 1])"
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise RequestError(f"the request must carry {accepted}")
-    tensor = inputs[0]
-    if tensor.get("name") != INPUT_NAME or tensor.get("datatype") != DATATYPE:
-        raise RequestError(
-            f"input {shown(tensor.get('name'))} {shown(tensor.get('datatype'))}: expected "
-            f"{accepted}"
-        )
-    shape = tensor.get("shape")
-    if (
-        not isinstance(shape, list)
-        or len(shape) != 4
-        or not all(_whole(d) and d >= 1 for d in shape)
-        or shape[1] != 3
-    ):
-        given = (
-            f"[{', '.join(shown(d) for d in shape)}]" if isinstance(shape, list) else shown(shape)
-        )
-        raise RequestError(
-            f"input shape {one_line(given, 120)}: expected [N, 3, H, W], whole numbers with "
-            "N, H, W >= 1"
-        )
+    shape = check_infer(infer_call(body))
+    tensor = body["inputs"][0]
     n, _, h, w = shape
     count = n * 3 * h * w
-    size = _parameters(tensor, f"input {INPUT_NAME!r}").get("binary_data_size")
+    size = (tensor.get("parameters") or {}).get("binary_data_size")
     if size is not None:
         if not _whole(size) or size != count * FLOAT32_LE.itemsize or len(rest) != size:
             raise RequestError(
                 f"binary_data_size {shown(size)} with {len(rest)} bytes after the header: the "
-                f"input {shape} {DATATYPE} needs exactly {count * FLOAT32_LE.itemsize} bytes"
+                f"input {list(shape)} {DATATYPE} needs exactly {count * FLOAT32_LE.itemsize} bytes"
             )
 
         def from_binary() -> np.ndarray:
@@ -197,7 +186,9 @@ def parse_infer_input(
         except (ValueError, TypeError, OverflowError, RecursionError) as e:
             raise RequestError(f"input data is not a list of numbers: {one_line(str(e))}") from None
         if array.size != count:
-            raise RequestError(f"input data holds {array.size} values; shape {shape} needs {count}")
+            raise RequestError(
+                f"input data holds {array.size} values; shape {list(shape)} needs {count}"
+            )
         return _finite(array.reshape(n, 3, h, w))
 
     return (n, 3, h, w), from_json

@@ -72,6 +72,7 @@ from server.security import (
     security_config_from_args,
 )
 from server.service import UpscalerService
+from server.serving import ServingCore
 from server.uploads import UploadBudget
 from server.wire import HTTP2_MAX_FRAME_BYTES, SERVICE_NAME
 
@@ -300,13 +301,18 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
     codec_pool = concurrent.futures.ThreadPoolExecutor(
         config.decode_workers, thread_name_prefix="codec"
     )
-    shared = {"uploads": uploads, "codec_pool": codec_pool, "serving": health.serving}
-    upscale_pb2_grpc.add_UpscalerServicer_to_server(
-        UpscalerService(repository, batcher, config, access_observer=metrics, **shared), server
+    core = ServingCore(
+        repository,
+        batcher,
+        config,
+        uploads=uploads,
+        codec_pool=codec_pool,
+        serving=health.serving,
+        access_observer=metrics,
     )
+    upscale_pb2_grpc.add_UpscalerServicer_to_server(UpscalerService(core), server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeService(repository, batcher, config, health, access_observer=metrics, **shared),
-        server,
+        KServeService(core, health), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -347,13 +353,7 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
         warning = http_exposure_warning(config)
         if warning is not None:
             log.warning("%s", warning)
-        http = HttpFrontDoor(
-            repository,
-            batcher,
-            config,
-            access_observer=metrics,
-            **shared,  # type: ignore[arg-type]
-        )
+        http = HttpFrontDoor(core)
         try:
             await http.start(http_host, config.http_port, server_ssl_context(config))
         except OSError as e:

@@ -1,7 +1,7 @@
 """Prometheus metrics for ``rdn-serve``: one registry per server, scraped over HTTP.
 
 Request counts and latencies come from the service's access records (``ServerMetrics`` is the
-``AccessObserver`` of ``server.calls``), so a log line and the metrics always describe the
+``AccessObserver`` of ``server.access``), so a log line and the metrics always describe the
 same calls, rejected ones included. Batcher and engine numbers are read from the batcher's
 counters when Prometheus scrapes (``BatcherCollector``): nothing in the batching loop is
 instrumented. Every server owns its ``CollectorRegistry``, so several servers in one process
@@ -33,7 +33,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from export.metadata import ModelMetadata
-from server.calls import AccessRecord
+from server.access import AccessRecord
 from server.config import BatcherConfig, MetricsConfig
 from server.pb.rdn.v1 import upscale_pb2
 
@@ -218,7 +218,7 @@ def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily
 class ServerMetrics:
     """The metrics of one server: request metrics fed by access records, the rest at scrape.
 
-    ``started`` / ``finished`` make it a ``server.calls.AccessObserver``.
+    ``started`` / ``finished`` make it a ``server.access.AccessObserver``.
     """
 
     def __init__(

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from server.calls import AccessObserver, AccessRecord
+from server.access import AccessObserver, AccessRecord
 from server.errors import RequestError
 from server.wire import SERVICE_NAME
 

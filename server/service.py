@@ -1,13 +1,10 @@
-"""The rdn.v1.Upscaler servicer: validate, resolve the model and size, decode, tile, batch,
-stitch, resize, encode.
+"""The rdn.v1.Upscaler door: UpscaleRequest / UpscaleStream messages in, the serving core's
+upscale, UpscaleResponse out.
 
-The model repository, the shared batcher and the pools are passed into the constructor;
-nothing is shared through module state. Each call resolves its model (``ModelRepository``'s
-snapshot: by name, by scale, or by the requested size) once and runs that ``Pipeline`` to its
-end. Handlers raise domain errors and ``server.calls`` turns them into statuses and access
-records. CPU-heavy steps (decode, split, merge, resize, encode) run in worker threads so the
-event loop keeps answering health checks and feeding the batcher while a large image is being
-prepared.
+A translator only: the checks, the model resolution and the work are the core's
+(``server.serving``); what is rdn.v1's own is here: the format enum, the stream's header and
+chunk reassembly, ModelInfo. Handlers raise domain errors and ``server.grpc_calls`` turns them
+into statuses and access records.
 """
 
 from __future__ import annotations
@@ -16,38 +13,26 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import Executor
 
 import grpc
 
 from export.metadata import KEY_CONFIG
-from server.batcher import TileBatcher
-from server.calls import (
-    AccessObserver,
-    AccessRecord,
-    check_request_id,
-    check_serving,
-    streaming,
-    unary,
-)
-from server.codec import (
-    INPUT_FORMATS,
-    RAW_CHANNELS,
-)
+from server import upscaling
+from server.access import AccessRecord, check_request_id
+from server.codec import INPUT_FORMATS, RAW_CHANNELS
 from server.config import LimitsConfig, ServerConfig
 from server.errors import RequestError, RequestTooLarge, StreamEnded
+from server.grpc_calls import streaming, unary
 from server.limit_text import over_bytes, over_pixels
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.pipeline import Pipeline
 from server.progress import TileProgress
-from server.repository import ModelRepository, Snapshot
-from server.sizing import SizeOptions, check_options
+from server.repository import Snapshot
+from server.serving import ServingCore, UpscaleTicket
+from server.sizing import SizeOptions
 from server.uploads import Hold, UploadBudget, timed
-from server.upscaling import ImageSource, UpscaleContext, output_spec, upscale_image
-from server.wire import (
-    RESPONSE_OVERHEAD_BYTES,
-    UPLOAD_ACCEPTED_KEY,
-)
+from server.upscaling import ImageSource, OutputSpec, Upscaled
+from server.wire import ACCEPTED_FORMATS, FORMAT_NUMBERS, FORMATS, UPLOAD_ACCEPTED_KEY
 
 log = logging.getLogger(__name__)
 
@@ -55,48 +40,78 @@ MAX_OUT_CHUNK_BYTES = 1 * 2**20  # data per answer chunk of UpscaleStream
 
 # ------------------------------------------------------------------------- pure helpers
 
+Options = upscale_pb2.UpscaleRequest | upscale_pb2.UpscaleStreamHeader
 
-def size_options(
-    message: upscale_pb2.UpscaleRequest | upscale_pb2.UpscaleStreamHeader,
-) -> SizeOptions:
-    """The model and sizing options of a request or stream header, checked for consistency."""
-    options = SizeOptions(
+
+def size_options(message: Options) -> SizeOptions:
+    """The model and sizing options of a request or stream header."""
+    return SizeOptions(
         model=message.model,
         scale=message.scale,
         target_width=message.target_width,
         target_height=message.target_height,
         outscale=message.outscale,
     )
-    check_options(options)
-    return options
+
+
+def format_name(output_format: int) -> str:
+    """The codec format an OutputFormat number names (UNSPECIFIED is PNG)."""
+    name = FORMATS.get(output_format)
+    if name is None:
+        raise RequestError(
+            f"output_format {output_format} is not a known OutputFormat; accepted: "
+            f"{ACCEPTED_FORMATS}"
+        )
+    return name
+
+
+def output_spec(output_format: int, quality: int) -> OutputSpec:
+    """The output an OutputFormat number and quality ask for, checked."""
+    return upscaling.output_spec(format_name(output_format), quality)
+
+
+def admit(
+    core: ServingCore, message: Options, record: AccessRecord, received: float, *, serving: bool
+) -> UpscaleTicket:
+    """The core's admission of the upscale a request or stream header asks for."""
+    return core.admit_upscale(
+        message.request_id,
+        size_options(message),
+        format_name(message.output_format),
+        message.quality,
+        record,
+        received=received,
+        check_serving=serving,
+    )
+
+
+def response(done: Upscaled) -> upscale_pb2.UpscaleResponse:
+    """The UpscaleResponse of an answered image, every field but the image."""
+    return upscale_pb2.UpscaleResponse(
+        width=done.width,
+        height=done.height,
+        channels=done.channels,
+        scale=done.scale,
+        format=FORMAT_NUMBERS[done.format],
+        timings=upscale_pb2.Timings(
+            queue_seconds=done.queue_seconds,
+            compute_seconds=done.compute_seconds,
+            total_seconds=done.total_seconds,
+        ),
+        request_id=done.request_id,
+        tiles=done.tiles,
+        total_bytes=len(done.image),
+        model=done.model,
+        resized=done.resized,
+    )
 
 
 class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
-    """rdn.v1.Upscaler on every model of the repository, behind the one shared tile batcher.
+    """rdn.v1.Upscaler on the serving core."""
 
-    ``uploads`` bounds the request bytes held by all calls, ``codec_pool`` is the bounded pool
-    of threads that decode and encode images, and ``serving`` says whether warm-up is over.
-    """
-
-    def __init__(
-        self,
-        repository: ModelRepository,
-        batcher: TileBatcher,
-        config: ServerConfig,
-        *,
-        uploads: UploadBudget,
-        codec_pool: Executor,
-        serving: Callable[[], bool],
-        access_observer: AccessObserver | None = None,
-    ) -> None:
-        self._repository = repository
-        self._batcher = batcher
-        self._config = config
-        self._uploads = uploads
-        self._pool = codec_pool
-        self._serving = serving
-        self.access_observer = access_observer  # read by the unary / streaming wrappers
-        self._context = UpscaleContext(batcher, codec_pool, config.limits)
+    def __init__(self, core: ServingCore) -> None:
+        self._core = core
+        self.access_observer = core.access_observer  # read by the unary / streaming wrappers
 
     @unary
     async def Upscale(
@@ -105,16 +120,8 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         context: grpc.aio.ServicerContext,
         record: AccessRecord,
     ) -> upscale_pb2.UpscaleResponse:
-        received = time.perf_counter()
-        request_id = check_request_id(request.request_id)
-        record.set(request_id=request_id)
-        check_serving(self._serving)
-        log.debug("Upscale started (request_id=%r)", request_id)
-        spec = output_spec(request.output_format, request.quality)
-        options = size_options(request)
-        snapshot = self._repository.snapshot  # this call's models, whatever reloads follow
-        snapshot.check(options)
-        limits = self._config.limits
+        ticket = admit(self._core, request, record, time.perf_counter(), serving=True)
+        log.debug("Upscale started (request_id=%r)", ticket.request_id)
         kind = request.WhichOneof("image")
         if kind == "encoded":
             source = ImageSource(request.encoded)
@@ -124,27 +131,11 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         else:
             raise RequestError("request carries no image: set `encoded` (an image file) or `raw`")
         record.set(bytes_in=len(source.data))
-        with self._uploads.hold(len(source.data), upload=False):
-            done = await upscale_image(
-                self._context,
-                source,
-                spec,
-                options,
-                snapshot,
-                request_id,
-                received,
-                record,
-                unary=True,
-            )
-        limit = limits.max_message_bytes - RESPONSE_OVERHEAD_BYTES
-        if len(done.image) > limit:
-            raise RequestTooLarge(
-                f"the upscaled image is {len(done.image)} bytes, more than fits in one message "
-                f"(--max-message-bytes {limits.max_message_bytes}); send it through "
-                "UpscaleStream (rdn-client does so by itself) or raise the limit on both ends"
-            )
-        done.response.image = done.image
-        return done.response
+        with self._core.hold(len(source.data)):
+            done = await self._core.upscale(ticket, source, record, unary=True)
+        answer = response(done)
+        answer.image = done.image
+        return answer
 
     @streaming
     async def UpscaleStream(
@@ -154,32 +145,33 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         record: AccessRecord,
     ) -> AsyncIterator[upscale_pb2.UpscaleChunk]:
         received = time.perf_counter()
-        check_serving(self._serving)
-        limits = self._config.limits
-        snapshot = self._repository.snapshot
+        core = self._core
+        core.check_serving()
+
+        tickets: list[UpscaleTicket] = []
 
         def check_header(header: upscale_pb2.UpscaleStreamHeader) -> None:
-            snapshot.check(size_options(header))
+            tickets.append(admit(core, header, record, received, serving=False))
 
         header, data, hold = await receive_stream(
-            requests, limits, self._uploads, record, context.send_initial_metadata, check_header
+            requests,
+            core.config.limits,
+            core.uploads,
+            record,
+            context.send_initial_metadata,
+            check_header,
         )
+        ticket = tickets[0]
         with hold:
-            spec = output_spec(header.output_format, header.quality)
             shape = header.raw_shape
             raw = (shape.height, shape.width, shape.channels)
             source = ImageSource(data, raw if header.HasField("raw_shape") else None)
             del data
             progress = TileProgress() if header.progress else None
             work = asyncio.ensure_future(
-                upscale_image(
-                    self._context,
+                core.upscale(
+                    ticket,
                     source,
-                    spec,
-                    size_options(header),
-                    snapshot,
-                    header.request_id,
-                    received,
                     record,
                     unary=False,
                     progress=progress.update if progress is not None else None,
@@ -198,8 +190,8 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
                 if not work.done():  # the call ended (cancelled, client gone): stop the work
                     work.cancel()
                     await asyncio.wait([work])
-        yield upscale_pb2.UpscaleChunk(result=done.response)
-        step = min(MAX_OUT_CHUNK_BYTES, limits.max_message_bytes // 4)
+        yield upscale_pb2.UpscaleChunk(result=response(done))
+        step = min(MAX_OUT_CHUNK_BYTES, core.config.limits.max_message_bytes // 4)
         for offset in range(0, len(done.image), step):
             piece = done.image[offset : offset + step]
             yield upscale_pb2.UpscaleChunk(data=upscale_pb2.DataChunk(offset=offset, data=piece))
@@ -211,10 +203,10 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         context: grpc.aio.ServicerContext,
         record: AccessRecord,
     ) -> upscale_pb2.ModelInfo:
-        snapshot = self._repository.snapshot
+        snapshot = self._core.snapshot
         pipeline = snapshot.get(request.model) if request.model else snapshot.default()
         record.set(model=pipeline.name)
-        return model_info(pipeline, self._config, snapshot)
+        return model_info(pipeline, self._core.config, snapshot)
 
     @unary
     async def ListModels(
@@ -223,9 +215,10 @@ class UpscalerService(upscale_pb2_grpc.UpscalerServicer):
         context: grpc.aio.ServicerContext,
         record: AccessRecord,
     ) -> upscale_pb2.ListModelsResponse:
-        snapshot = self._repository.snapshot
+        snapshot = self._core.snapshot
+        config = self._core.config
         return upscale_pb2.ListModelsResponse(
-            models=[model_info(p, self._config, snapshot) for p in snapshot.ordered()]
+            models=[model_info(p, config, snapshot) for p in snapshot.ordered()]
         )
 
 
@@ -250,17 +243,24 @@ def check_raw_shape(shape: upscale_pb2.RawShape, total: int, limits: LimitsConfi
         )
 
 
+def check_output_options(header: upscale_pb2.UpscaleStreamHeader) -> None:
+    """The checks of a header that need no server: request id, output format and quality."""
+    check_request_id(header.request_id)
+    output_spec(header.output_format, header.quality)
+
+
 async def receive_stream(
     requests: AsyncIterator[upscale_pb2.UpscaleChunk],
     limits: LimitsConfig,
     uploads: UploadBudget,
     record: AccessRecord,
     send_initial_metadata: Callable[[tuple[tuple[str, str], ...]], Awaitable[None]] | None = None,
-    check_header: Callable[[upscale_pb2.UpscaleStreamHeader], None] | None = None,
+    check_header: Callable[[upscale_pb2.UpscaleStreamHeader], None] = check_output_options,
 ) -> tuple[upscale_pb2.UpscaleStreamHeader, bytes, Hold]:
     """The header, the reassembled bytes and the budget hold of an UpscaleStream upload.
 
-    Everything the header says is checked before any data is read, and its bytes are reserved
+    ``check_header`` checks the header (the door passes the core's admission) before any
+    data is read; then the stream's own checks run and its bytes are reserved
     from ``uploads`` (``Busy`` when they do not fit); then ``send_initial_metadata`` tells the
     client (UPLOAD_ACCEPTED_KEY) that its upload is accepted. The data is collected as it
     arrives, so memory follows the bytes received. The caller releases the hold when the call
@@ -276,11 +276,8 @@ async def receive_stream(
         what = "a data chunk" if kind == "data" else f"{kind or 'an empty message'!s}"
         raise RequestError(f"stream began with {what}; the first message must be the header")
     header = first.header
-    record.set(request_id=check_request_id(header.request_id))
+    check_header(header)  # request id, output, model and size: before the upload
     log.debug("UpscaleStream started (request_id=%r)", header.request_id)
-    output_spec(header.output_format, header.quality)  # fail before the upload, not after
-    if check_header is not None:
-        check_header(header)
     total = header.total_bytes
     if total == 0:
         raise RequestError("header.total_bytes is 0; an image needs at least one byte")

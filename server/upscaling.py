@@ -1,5 +1,6 @@
 """Upscaling one image file or raw image, whatever the protocol that carried it (rdn.v1 gRPC,
 HTTP): verify, resolve the model and size, admit, decode, tile, batch, stitch, resize, encode.
+The answer is a plain ``Upscaled``; each door writes it in its own wire form.
 
 CPU-heavy steps run on the server's bounded codec pool so the event loop keeps answering
 health checks and feeding the batcher while a large image is being prepared.
@@ -14,14 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from server.access import AccessRecord
 from server.batcher import TileBatcher
-from server.calls import AccessRecord, in_pool
 from server.chunked import Progress, to_uint8, to_unit_float
 from server.codec import (
-    JPEG_MAX_SIDE,
-    WEBP_MAX_SIDE,
     DecodedImage,
     check_raw,
+    check_side,
     decode_image,
     decode_raw,
     encode_image,
@@ -30,36 +30,25 @@ from server.codec import (
 )
 from server.config import LimitsConfig
 from server.errors import RequestError, RequestTooLarge
-from server.pb.rdn.v1 import upscale_pb2
 from server.repository import Snapshot
 from server.sizing import SizeOptions, resize_output
-from server.wire import ACCEPTED_FORMATS, DEFAULT_QUALITY, FORMATS, RESPONSE_OVERHEAD_BYTES
+from server.wire import DEFAULT_QUALITY, RESPONSE_OVERHEAD_BYTES
+from server.worker_pool import in_pool
 
 
 @dataclass(frozen=True)
 class OutputSpec:
     """How the answer is encoded."""
 
-    number: int  # OutputFormat enum value as answered (UNSPECIFIED is answered as PNG)
-    name: str  # codec format name
+    name: str  # codec format name: png, jpeg, webp or raw
     quality: int  # 1..100
 
 
-def output_spec(output_format: int, quality: int) -> OutputSpec:
-    """Validate the requested output format and quality."""
-    name = FORMATS.get(output_format)
-    if name is None:
-        raise RequestError(
-            f"output_format {output_format} is not a known OutputFormat; accepted: "
-            f"{ACCEPTED_FORMATS}"
-        )
+def output_spec(name: str, quality: int) -> OutputSpec:
+    """Validate the requested quality (0 = the default) of output format ``name``."""
     if quality > 100:
         raise RequestError(f"quality {quality} is out of range; use 1..100, or 0 for the default")
-    number = upscale_pb2.OUTPUT_FORMAT_PNG if name == "png" else output_format
-    return OutputSpec(number, name, quality or DEFAULT_QUALITY)
-
-
-# ----------------------------------------------------------------------------- servicer
+    return OutputSpec(name, quality or DEFAULT_QUALITY)
 
 
 @dataclass(frozen=True)
@@ -73,8 +62,21 @@ class UpscaleContext:
 
 @dataclass(frozen=True)
 class Upscaled:
-    response: upscale_pb2.UpscaleResponse  # every field but the image
-    image: bytes
+    """One answered image and what the answer says about it."""
+
+    image: bytes  # the encoded (or raw) answer
+    width: int
+    height: int
+    channels: int
+    scale: int
+    format: str  # codec format name of ``image``
+    queue_seconds: float
+    compute_seconds: float
+    total_seconds: float
+    request_id: str
+    tiles: int
+    model: str
+    resized: bool  # the output size differs from scale x the input's
 
 
 @dataclass(frozen=True)
@@ -90,14 +92,9 @@ def check_output(
 ) -> None:
     """Refuse, before any tile is computed, an answer of ``size`` (width, height) that could
     not be given: a JPEG or WebP larger than the format allows, or a unary raw answer larger
-    than one message."""
+    than one message (an encoded answer's size is known once encoded: ``check_message``)."""
     out_w, out_h = size
-    side = {"jpeg": JPEG_MAX_SIDE, "webp": WEBP_MAX_SIDE}.get(spec.name)
-    if side is not None and max(out_w, out_h) > side:
-        raise RequestError(
-            f"{spec.name} output is limited to {side}x{side} pixels and the result would be "
-            f"{out_w}x{out_h}; choose png or raw"
-        )
+    check_side(spec.name, out_w, out_h)
     nbytes = out_w * out_h * channels
     limit = limits.max_message_bytes - RESPONSE_OVERHEAD_BYTES
     if unary and spec.name == "raw" and nbytes > limit:
@@ -198,27 +195,36 @@ async def upscale_image(
         raise
     pipeline.stats.succeeded(1, finished - received, result, finished - started)
     resized = size != (width * scale, height * scale)
-    response = upscale_pb2.UpscaleResponse(
+    record.set(bytes_out=len(image), format=spec.name)
+    if resized:
+        record.set(output_size=f"{size[0]}x{size[1]}")
+    return Upscaled(
+        image=image,
         width=size[0],
         height=size[1],
         channels=decoded.channels,
         scale=scale,
-        format=spec.number,
-        timings=upscale_pb2.Timings(
-            queue_seconds=result.queue_seconds,
-            compute_seconds=result.compute_seconds,
-            total_seconds=time.perf_counter() - received,
-        ),
+        format=spec.name,
+        queue_seconds=result.queue_seconds,
+        compute_seconds=result.compute_seconds,
+        total_seconds=time.perf_counter() - received,
         request_id=request_id,
         tiles=result.tiles,
-        total_bytes=len(image),
         model=pipeline.name,
         resized=resized,
     )
-    record.set(bytes_out=len(image), format=spec.name)
-    if resized:
-        record.set(output_size=f"{size[0]}x{size[1]}")
-    return Upscaled(response, image)
+
+
+def check_message(image: bytes, limits: LimitsConfig) -> None:
+    """A unary answer's encoded image must fit one message (raw answers were checked before
+    any compute, by ``check_output``)."""
+    limit = limits.max_message_bytes - RESPONSE_OVERHEAD_BYTES
+    if len(image) > limit:
+        raise RequestTooLarge(
+            f"the upscaled image is {len(image)} bytes, more than fits in one message "
+            f"(--max-message-bytes {limits.max_message_bytes}); send it through "
+            "UpscaleStream (rdn-client does so by itself) or raise the limit on both ends"
+        )
 
 
 def _finish(
@@ -230,4 +236,4 @@ def _finish(
 ) -> bytes:
     """Worker thread: restore grey/alpha of the upscaled RGB, resize to ``size``, encode."""
     image = resize_output(finish_output(sr_rgb, decoded, scale), size)
-    return encode_image(image, spec.name, spec.quality)
+    return encode_image(image, spec.name, spec.quality, side_checked=True)

@@ -2,8 +2,8 @@
 
 Targets: ``codec.decode_image`` (random bytes; valid files of every accepted format and layout
 with bit flips, byte overwrites, truncations, insertions and header fields set to edge values),
-``codec.decode_raw`` (random shapes and byte counts), ``upscaling.output_spec``,
-``calls.check_request_id`` and the stream reassembly ``service.receive_stream`` (random chunk
+``codec.decode_raw`` (random shapes and byte counts), ``service.output_spec``,
+``access.check_request_id`` and the stream reassembly ``service.receive_stream`` (random chunk
 sequences, driven without a server).
 
 Property: every input either gives a well-formed result (shapes, dtypes and limits consistent)
@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from server.calls import MAX_REQUEST_ID_CHARS, AccessRecord, check_request_id
+from server.access import MAX_REQUEST_ID_CHARS, AccessRecord, check_request_id
 from server.codec import (
     INPUT_FORMATS,
     JPEG_MAX_SCANS,
@@ -43,9 +43,8 @@ from server.codec import (
 from server.config import LimitsConfig, UploadConfig
 from server.errors import RequestError
 from server.pb.rdn.v1 import upscale_pb2
-from server.service import receive_stream
+from server.service import output_spec, receive_stream
 from server.uploads import UploadBudget
-from server.upscaling import output_spec
 from server.wire import DEFAULT_QUALITY, FORMATS
 
 EXAMPLES = int(os.environ.get("RDN_FUZZ_EXAMPLES", "300"))
