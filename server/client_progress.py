@@ -1,6 +1,6 @@
 """The tile progress bar ``rdn-client upscale`` shows for one image that takes a while.
 
-A folder gets one bar of files (in ``server.client``); a single file gets this bar of its
+A folder gets one bar of files (in ``server.client_cli``); a single file gets this bar of its
 tiles, fed by UpscaleStream's Progress messages. It appears only once the image has taken
 ``BAR_DELAY_S``, so quick images print nothing but their result line.
 """

@@ -30,12 +30,9 @@ from server.client import (
     channel_options,
     is_retryable,
     make_payload,
-    option_warnings,
-    output_path,
-    resolve_format,
     stream_messages,
-    writes_single_file,
 )
+from server.client_files import option_warnings, output_path, resolve_format, writes_single_file
 from server.config import BatcherConfig, ServerConfig, TilingConfig
 from server.engine import Engine
 from server.main import BackgroundServer
