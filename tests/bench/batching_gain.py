@@ -1,6 +1,6 @@
 """Throughput with cross-request tile batching over without it, under concurrency.
 
-Two real gRPC servers run in this process (``server.main.build_server`` on 127.0.0.1:0), the
+Two real gRPC servers run in this process (``server.app.build_server`` on 127.0.0.1:0), the
 same model and settings except ``max_batch``: the benchmark's (8 by default) and 1. 8 asyncio
 clients send the same 256x256 PNG to one server at a time; rounds alternate which server goes
 first so that a drift of a shared machine hits both alike. The servers hold separate sessions
@@ -16,8 +16,8 @@ import asyncio
 import dataclasses
 from typing import Any
 
+from server.app import RunningServer, build_server
 from server.config import ServerConfig
-from server.main import RunningServer, build_server
 from tests.bench.common import (
     add_common_arguments,
     bench_model,

@@ -16,7 +16,7 @@ import time
 
 import grpc
 
-from server.main import build_server
+from server.app import build_server
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from tests.bench.common import (
     add_common_arguments,

@@ -1,6 +1,6 @@
 """Service throughput over the raw engine's on the same tiles (target ratio >= 0.85 at 8 clients).
 
-A real gRPC server runs in this process (``server.main.build_server`` on 127.0.0.1:0); C
+A real gRPC server runs in this process (``server.app.build_server`` on 127.0.0.1:0); C
 concurrent asyncio clients send the same 256x256 PNG for a fixed number of requests. The
 baseline is the server's own engine running that image's tiles back to back in batches of
 ``max_batch`` (what a perfect server with free decode, encode and transport would reach), timed
@@ -19,7 +19,7 @@ import argparse
 import asyncio
 from typing import Any
 
-from server.main import RunningServer, build_server
+from server.app import RunningServer, build_server
 from tests.bench.common import (
     add_common_arguments,
     batches,

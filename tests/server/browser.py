@@ -207,8 +207,8 @@ def run_script_page(url: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Serve the shipped models with HTTP on a free port and screenshot the page."""
     from server.config import EngineConfig, ServerConfig
-    from server.main import BackgroundServer
     from server.models import MODELS_DIR
+    from tests.background import BackgroundServer
 
     parser = argparse.ArgumentParser(description="Screenshot the page with the shipped models.")
     parser.add_argument("image", type=Path)

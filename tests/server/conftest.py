@@ -13,7 +13,7 @@ from export.to_onnx import ExportOptions, export_onnx
 from server.client import UpscaleClient
 from server.config import ServerConfig
 from server.engine import Engine
-from server.main import BackgroundServer
+from tests.background import BackgroundServer
 from tests.server.loopback import CPU, NO_RETRY, loopback_config
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from server.config import ServerConfig
 from server.engine import Engine
-from server.main import BackgroundServer
+from tests.background import BackgroundServer
 
 WAIT = 30.0  # seconds: bound on every wait; a broken server fails the test instead of hanging
 # Client deadlines tried in turn by ``call_held_at_the_gate``: the first that outlasts

@@ -23,9 +23,9 @@ import pytest
 from server.client import AsyncUpscaleClient, UpscaleClient, UpscaleError
 from server.config import BatcherConfig, LimitsConfig, ServerConfig, UploadConfig
 from server.engine import Engine
-from server.main import BackgroundServer
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.wire import RETRY_AFTER_KEY
+from tests.background import BackgroundServer
 from tests.server.gated import WAIT, gated_server, until
 from tests.server.loopback import NO_RETRY, TILE, loopback_config
 

@@ -35,9 +35,9 @@ from server.client import (
 from server.client_files import option_warnings, output_path, resolve_format, writes_single_file
 from server.config import BatcherConfig, ServerConfig, TilingConfig
 from server.engine import Engine
-from server.main import BackgroundServer
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.wire import UPLOAD_ACCEPTED_KEY
+from tests.background import BackgroundServer
 from tests.server.cli import run_cli
 from tests.server.gated import gated_server, until
 from tests.server.loopback import NO_RETRY, loopback_config

@@ -20,7 +20,8 @@ import pytest
 
 from server.config import CrossSiteConfig, MetricsConfig, SecurityConfig, ServerConfig
 from server.cross_site import canonical_origin, exposure_warning, foreign_page, http_bind_host
-from server.main import BackgroundServer, build_parser, config_from_args
+from server.main import build_parser, config_from_args
+from tests.background import BackgroundServer
 from tests.server.browser import chromium_driver, run_script_page
 from tests.server.loopback import loopback_config
 from tests.server.test_repository import named_copy

@@ -40,8 +40,8 @@ import pytest
 from server.client import is_retryable
 from server.config import BatcherConfig, EngineConfig, ServerConfig, TilingConfig
 from server.engine import Engine
-from server.main import BackgroundServer
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
+from tests.background import BackgroundServer
 from tests.server.gated import (
     DEADLINES,
     WAIT,

@@ -29,8 +29,8 @@ import pytest
 from PIL import Image
 
 from server.config import BatcherConfig, EngineConfig, LimitsConfig, ServerConfig, TilingConfig
-from server.main import BackgroundServer
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
+from tests.background import BackgroundServer
 
 MAX_PIXELS = 512 * 512
 MAX_REQUEST_BYTES = 2**20

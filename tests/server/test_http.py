@@ -20,9 +20,9 @@ from server.batcher import QueueFull
 from server.config import LimitsConfig, MetricsConfig, SecurityConfig, UploadConfig
 from server.errors import NotServing, RequestTooLarge
 from server.http_door import http_status
-from server.main import BackgroundServer
 from server.pb.inference import grpc_service_pb2 as kpb
 from server.pb.inference import grpc_service_pb2_grpc as kpb_grpc
+from tests.background import BackgroundServer
 from tests.server.browser import chromium_driver, drive_page, tour_page
 from tests.server.loopback import loopback_config
 from tests.server.triton_driver import HTTP_SCRIPT, tritonclient

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from server.main import BackgroundServer
+from tests.background import BackgroundServer
 from tests.server.loopback import loopback_config
 
 TIMEOUT_S = 60

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from server.main import BackgroundServer
+from tests.background import BackgroundServer
 from tests.server.loopback import loopback_config
 from tests.server.test_http_hostile import png
 

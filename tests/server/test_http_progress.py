@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from server.main import BackgroundServer
+from tests.background import BackgroundServer
 from tests.server.loopback import TILE, loopback_config
 
 

@@ -21,6 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from export.metadata import KEY_NAME, read_metadata
+from server.app import ServerStartError
 from server.client import (
     RetryPolicy,
     StreamAssembler,
@@ -39,10 +40,11 @@ from server.config import (
 )
 from server.engine import Engine
 from server.logging_setup import JsonFormatter, TextFormatter
-from server.main import BackgroundServer, ServerStartError, build_parser, config_from_args
+from server.main import build_parser, config_from_args
 from server.models import MODELS_DIR
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.sizing import SizeOptions
+from tests.background import BackgroundServer
 
 RDN_SERVE = Path(sys.executable).with_name("rdn-serve")  # the declared console script
 START_TIMEOUT = 60.0  # seconds for a subprocess to print its first lines

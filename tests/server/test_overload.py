@@ -27,9 +27,9 @@ import pytest
 
 from server.config import BatcherConfig, LimitsConfig, TilingConfig
 from server.engine import Engine
-from server.main import BackgroundServer
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.wire import RETRY_AFTER_KEY
+from tests.background import BackgroundServer
 from tests.server.gated import gated_server, until
 from tests.server.loopback import loopback_config
 

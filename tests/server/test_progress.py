@@ -15,9 +15,9 @@ import pytest
 from server import client_progress
 from server.client import AsyncUpscaleClient, make_payload, stream_messages
 from server.client import main as client_main
-from server.main import BackgroundServer
 from server.pb.rdn.v1 import upscale_pb2_grpc
 from server.progress import TileProgress
+from tests.background import BackgroundServer
 from tests.server.loopback import NO_RETRY, TILE
 
 CALL_TIMEOUT = 60.0  # seconds per call

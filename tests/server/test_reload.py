@@ -23,13 +23,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import server.repository
 from export.metadata import KEY_CONFIG, KEY_NAME, KEY_SCALE
-from server.main import BackgroundServer
 from server.models import MODELS_DIR
 from server.pb.inference import grpc_service_pb2 as kpb
 from server.pb.inference import grpc_service_pb2_grpc as kpb_grpc
 from server.pb.rdn.v1 import upscale_pb2 as pb
 from server.pb.rdn.v1 import upscale_pb2_grpc as pb_grpc
 from server.repository import LoadFailed
+from tests.background import BackgroundServer
 from tests.server.loopback import loopback_config
 from tests.server.test_main import CPU_FLAGS, FAST_FLAGS, ServerProcess
 

@@ -22,7 +22,6 @@ from export.metadata import KEY_NAME, read_metadata
 from server.config import TilingConfig
 from server.errors import RequestError
 from server.local import LocalUpscaler
-from server.main import BackgroundServer
 from server.pb.rdn.v1 import upscale_pb2 as pb
 from server.pb.rdn.v1 import upscale_pb2_grpc as pb_grpc
 from server.repository import (
@@ -40,6 +39,7 @@ from server.sizing import (
     resize_filter,
     smallest_scale,
 )
+from tests.background import BackgroundServer
 from tests.server.cli import run_cli
 from tests.server.loopback import PAD, TILE, loopback_config
 from tests.server.triton_driver import tritonclient, value

@@ -26,13 +26,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from server.app import ServerStartError
 from server.auth import INVALID, MISSING, token_digest, token_problem
 from server.client import RetryPolicy, UpscaleClient, UpscaleError
 from server.config import EngineConfig, SecurityConfig, ServerConfig, TilingConfig
 from server.engine import Engine
 from server.logging_setup import JsonFormatter, TextFormatter
-from server.main import BackgroundServer, ServerStartError, build_parser, config_from_args
+from server.main import build_parser, config_from_args
 from server.security import ClientSecurity, SecurityError, read_token
+from tests.background import BackgroundServer
 
 TOKEN = "tok-3f9a1c77d2e84b05a6c1"  # distinctive, so a leak into a log line is found
 WRONG_TOKEN = "tok-wrong-0000000000000"

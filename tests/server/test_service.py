@@ -35,9 +35,9 @@ from server.client import (
 from server.codec import decode_image
 from server.config import BatcherConfig, LimitsConfig, TilingConfig
 from server.engine import Engine
-from server.main import BackgroundServer
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.tiling import merge_tiles, plan_tiles, split_tiles
+from tests.background import BackgroundServer
 from tests.server.gated import call_held_at_the_gate, gated_server, until
 from tests.server.loopback import MAX_BATCH, NO_RETRY, PAD, TILE, loopback_config
 from tests.server.reference import from_planar, to_planar

@@ -14,8 +14,8 @@ from rdn.imaging import downscale, modcrop, read_rgb, upscale_bicubic
 from rdn.metrics import psnr_y
 from server.client import UpscaleClient
 from server.engine import Engine
-from server.main import BackgroundServer
 from server.models import default_model_path
+from tests.background import BackgroundServer
 from tests.server.loopback import CPU, NO_RETRY, loopback_config
 
 SHIPPED = (2, 4)  # the issue of the shipped models names these two
