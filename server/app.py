@@ -29,7 +29,7 @@ from server.cross_site import exposure_warning as http_exposure_warning
 from server.cross_site import http_bind_host
 from server.engine import CUDA, Engine
 from server.health import NOT_SERVING, SERVING, Health
-from server.http_door import HttpFrontDoor, server_ssl_context
+from server.http_door import HttpFrontDoor
 from server.kserve import KServeService
 from server.metrics import (
     MetricsEndpoint,
@@ -46,6 +46,7 @@ from server.security import (
     SecurityError,
     add_port,
     describe,
+    server_ssl_context,
 )
 from server.service import UpscalerService
 from server.serving import ServingCore
@@ -314,7 +315,7 @@ async def build_server(config: ServerConfig, engine: Engine | None = None) -> Ru
             log.warning("%s", warning)
         http = HttpFrontDoor(core)
         try:
-            await http.start(http_host, config.http_port, server_ssl_context(config))
+            await http.start(http_host, config.http_port, server_ssl_context(config.security))
         except OSError as e:
             await http.stop()
             await server.stop(0)

@@ -28,7 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from rdn.ensemble import N_TRANSFORMS, inverse_transform, transform
-from server.batcher import Reservation, TileResult
+from server.batch_types import Reservation, TileResult
 from server.tiling import TilePlan, merge_tile_range_into, split_tile_range
 
 CHUNK_MIN_TILES = 64  # a chunk is at least this many tiles ...

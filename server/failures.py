@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.batcher import BatcherStopped, QueueFull
-from server.codec import ImageError, ImageTooLarge
+from server.batch_types import BatcherStopped, QueueFull
+from server.codec import ImageError
 from server.errors import (
     Busy,
     NotFound,
@@ -21,6 +21,7 @@ from server.errors import (
     RequestTooLarge,
     UploadTimeout,
 )
+from server.image_headers import ImageTooLarge
 
 QUEUE_FULL_RETRY_AFTER_MS = 100  # a few batches' time on the tiny and small presets
 INTERNAL_MESSAGE = "internal error; the server logged the details"

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -32,8 +31,6 @@ from google.protobuf import json_format
 
 from server.access import AccessRecord, check_request_id
 from server.auth import token_digest, token_problem
-from server.codec import NotAnImage
-from server.config import ServerConfig
 from server.cross_site import CrossSitePolicy, http_bind_host
 from server.errors import NotFound, RequestError, RequestTooLarge, check_name
 from server.failures import classify
@@ -54,6 +51,8 @@ from server.http_limits import (
     connection_cap,
     open_file_limit,
 )
+from server.http_query import CONTENT_TYPES, http_request_id, upscale_options
+from server.image_headers import NotAnImage
 from server.kserve_rest import (
     HEADER_LENGTH,
     JSON_BYTES_PER_VALUE,
@@ -77,7 +76,6 @@ from server.pipeline import Pipeline
 from server.progress import ProgressBoard
 from server.security import AUTH_METADATA_KEY
 from server.serving import ServingCore
-from server.sizing import SizeOptions
 from server.uploads import Hold
 from server.upscaling import ImageSource
 from server.wire import HTTP_METHODS
@@ -89,9 +87,6 @@ CONTROL_BODY_BYTES = 64 * 2**10  # the JSON body of a repository call
 PROGRESS_HEADER = "X-Progress"  # "1": /v1/progress?id=REQUEST_ID follows the upscale's tiles
 METHODS = HTTP_METHODS  # others are counted as OTHER in metrics
 CLIENT_CLOSED = 499  # nginx's status for a request whose client went away (never delivered)
-# A query number: plain ASCII decimal, as JSON writes it (no "nan", "inf", "1_0" or "١")
-DECIMAL = re.compile(r"[0-9]{1,20}(\.[0-9]{0,20})?([eE][+-]?[0-9]{1,3})?|\.[0-9]{1,20}")
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 HTTP_STATUS = {  # failure kind (server.failures) -> HTTP status (one table)
     "INVALID_ARGUMENT": 400,
     "NOT_FOUND": 404,
@@ -120,58 +115,6 @@ def error_response(
     status: int, message: str, headers: dict[str, str] | None = None
 ) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
-
-
-def _whole_number(text: str, what: str) -> int:
-    try:
-        value = int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else -1
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise RequestError(f"{what}={one_line(text, 40)!r} must be a whole number >= 0")
-    return value
-
-
-def _int_query(request: web.Request, name: str) -> int:
-    text = request.query.get(name, "")
-    return _whole_number(text, f"query {name}") if text else 0
-
-
-def _decimal_query(request: web.Request, name: str) -> float:
-    text = request.query.get(name, "")
-    if not text:
-        return 0.0
-    if DECIMAL.fullmatch(text) is None:
-        raise RequestError(f"query {name}={one_line(text, 40)!r} must be a number, e.g. 1.5")
-    return float(text)
-
-
-def http_request_id(request: web.Request) -> str:
-    """The ``X-Request-Id`` header: it is echoed in the answer's headers, so it must be
-    printable text (aiohttp hands undecodable bytes over as surrogates)."""
-    text = request.headers.get("X-Request-Id", "")
-    if not text.isprintable():
-        raise RequestError(
-            f"X-Request-Id {one_line(text, 40)!r} is not printable UTF-8 text; send letters, "
-            "digits and punctuation"
-        )
-    return text
-
-
-def upscale_options(request: web.Request) -> tuple[SizeOptions, str, int]:
-    """Model and size options, output format name and quality of ``POST /v1/upscale``."""
-    outscale = _decimal_query(request, "outscale")
-    options = SizeOptions(
-        model=check_name(request.query.get("model", ""), "model"),
-        scale=_int_query(request, "scale"),
-        target_width=_int_query(request, "width"),
-        target_height=_int_query(request, "height"),
-        outscale=outscale,
-    )
-    fmt = request.query.get("format", "png").lower()
-    if fmt not in CONTENT_TYPES and fmt != "jpg":
-        raise RequestError(f"query format={one_line(fmt, 40)!r}: choose png, jpeg or webp")
-    return options, "jpeg" if fmt == "jpg" else fmt, _int_query(request, "quality")
 
 
 class HttpFrontDoor:
@@ -505,17 +448,3 @@ class HttpFrontDoor:
             content_type="application/octet-stream",
             headers={HEADER_LENGTH: str(len(head))},
         )
-
-
-def server_ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
-    """TLS for the HTTP port from the gRPC flags (``--tls-cert``, ``--tls-key``,
-    ``--tls-client-ca``); None for plaintext."""
-    security = config.security
-    if security.tls_cert is None or security.tls_key is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(security.tls_cert, security.tls_key)
-    if security.tls_client_ca is not None:
-        context.load_verify_locations(cafile=security.tls_client_ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context

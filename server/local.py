@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.batcher import Reservation, TileResult
+from server.batch_types import Reservation, TileResult
 from server.chunked import chunk_tiles, to_uint8, to_unit_float
 from server.codec import decode_image, encode_image, finish_output
 from server.config import EngineConfig, LimitsConfig, TilingConfig

@@ -22,7 +22,7 @@ import numpy as np
 
 from export.metadata import MetadataError, ModelMetadata
 from rdn.ensemble import N_TRANSFORMS
-from server.batcher import Reservation
+from server.batch_types import Reservation
 from server.chunked import ChunkTimings, Progress, TileSource, infer_chunked
 from server.errors import RequestTooLarge
 from server.planner import Planner

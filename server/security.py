@@ -331,3 +331,16 @@ def client_security_from_args(args: argparse.Namespace) -> ClientSecurity:
         server_name=args.tls_server_name,
         token_file=args.token_file,
     )
+
+
+def server_ssl_context(security: SecurityConfig) -> ssl.SSLContext | None:
+    """TLS for the HTTP port from the gRPC flags (``--tls-cert``, ``--tls-key``,
+    ``--tls-client-ca``); None for plaintext."""
+    if security.tls_cert is None or security.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(security.tls_cert, security.tls_key)
+    if security.tls_client_ca is not None:
+        context.load_verify_locations(cafile=security.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context

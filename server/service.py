@@ -19,10 +19,11 @@ import grpc
 from export.metadata import KEY_CONFIG
 from server import upscaling
 from server.access import AccessRecord, check_request_id
-from server.codec import INPUT_FORMATS, RAW_CHANNELS
+from server.codec import RAW_CHANNELS
 from server.config import LimitsConfig, ServerConfig
 from server.errors import RequestError, RequestTooLarge, StreamEnded
 from server.grpc_calls import streaming, unary
+from server.image_headers import INPUT_FORMATS
 from server.limit_text import over_bytes, over_pixels
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.pipeline import Pipeline

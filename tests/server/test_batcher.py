@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.batcher import BatcherStopped, QueueFull, TileBatcher
+from server.batch_types import BatcherStopped, QueueFull
+from server.batcher import TileBatcher
 from server.config import BatcherConfig, EngineConfig
 from server.engine import Engine
 

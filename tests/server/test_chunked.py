@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.batcher import QueueFull, TileBatcher
+from server.batch_types import QueueFull
+from server.batcher import TileBatcher
 from server.chunked import (
     IN_FLIGHT,
     Chunk,

@@ -16,16 +16,15 @@ import pytest
 from PIL import Image, ImageOps
 
 from server.codec import (
-    INPUT_FORMATS,
     OUTPUT_FORMATS,
     DecodedImage,
     ImageError,
-    ImageTooLarge,
     decode_image,
     decode_raw,
     encode_image,
     finish_output,
 )
+from server.image_headers import INPUT_FORMATS, ImageTooLarge
 from tests.server.reference import from_planar, to_planar
 
 MAX_PIXELS = 4096 * 4096 + 1

@@ -30,18 +30,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from server.access import MAX_REQUEST_ID_CHARS, AccessRecord, check_request_id
-from server.codec import (
-    INPUT_FORMATS,
-    JPEG_MAX_SCANS,
-    RAW_CHANNELS,
-    DecodedImage,
-    ImageError,
-    decode_image,
-    decode_raw,
-    sniff_format,
-)
+from server.codec import RAW_CHANNELS, DecodedImage, ImageError, decode_image, decode_raw
 from server.config import LimitsConfig, UploadConfig
 from server.errors import RequestError
+from server.image_headers import INPUT_FORMATS, JPEG_MAX_SCANS, sniff_format
 from server.pb.rdn.v1 import upscale_pb2
 from server.service import output_spec, receive_stream
 from server.uploads import UploadBudget

@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
-from server.batcher import QueueFull
+from server.batch_types import QueueFull
 from server.config import LimitsConfig, MetricsConfig, SecurityConfig, UploadConfig
 from server.errors import NotServing, RequestTooLarge
 from server.http_door import http_status
