@@ -3,10 +3,10 @@
 ``export_onnx`` rebuilds the model from the config stored in the checkpoint, folds each frozen
 BatchNorm into the convolution before it (exact in eval mode, and the graph then has no
 BatchNormalization node), exports with the torch dynamo exporter (dynamic batch, height and
-width), writes ``rdn.*`` metadata (see ``export.metadata``) and, unless told not to, proves the
+width), writes ``rdn.*`` metadata (see ``rdn.metadata``) and, unless told not to, proves the
 file computes what the checkpoint computes: onnxruntime against torch on random inputs of
 several shapes and on a real photograph. Nothing is written at ``output`` unless every check
-passes. The exported graph runs its RGB conv before the last pixel shuffle (``export.subpixel``),
+passes. The exported graph runs its RGB conv before the last pixel shuffle (``rdn.subpixel``),
 which computes the same function with a fraction of the data movement.
 """
 
@@ -40,13 +40,14 @@ from export.int8 import (
     quantize_graph,
     verification_photos,
 )
-from export.metadata import INT8_SUFFIX, ModelMetadata, default_model_name, training_metadata
-from export.subpixel import fold_rgb_before_shuffle
 from rdn.checkpoint import CheckpointError, atomic_write, load_model
+from rdn.constants import CPU, CUDA, INPUT_NAME, OUTPUT_NAME
 from rdn.fold import fold_batchnorm as fold_into_convs
 from rdn.int8 import calibrate, calibration_batches, int8_model
+from rdn.metadata import INT8_SUFFIX, ModelMetadata, default_model_name, training_metadata
 from rdn.model import RDN
 from rdn.quant import float_mode, is_calibrated
+from rdn.subpixel import fold_rgb_before_shuffle
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,6 @@ MIN_OPSET = 17  # lower ones go through onnx's C version converter; 17 is the lo
 MAX_OPSET = 23  # torch.onnx's ONNX_MAX_OPSET in torch 2.13
 FP32_TOLERANCE = 1e-4  # max |onnxruntime - torch| on outputs in [0, 1]
 FP16_TOLERANCE = 1e-2  # float16 weights carry ~3 significant digits
-INPUT_NAME = "lr"
-OUTPUT_NAME = "sr"
 EXAMPLE_SHAPE = (2, 3, 24, 32)  # traced example; batch, height and width are exported dynamic
 # Verification shapes: odd sizes, batch 1 and 3, non-square (none equal to EXAMPLE_SHAPE).
 VERIFY_SHAPES: tuple[tuple[int, int, int, int], ...] = (
@@ -473,9 +472,9 @@ def _check_onnx(
             note = f"fp16 numeric check skipped: {why_not}"
             logger.info("fp16: structure ok (float32 io, float16 weights, runs on CPU); %s", note)
             return None, None, (note,)
-        provider = "CUDAExecutionProvider"
+        provider = CUDA
     else:
-        session, provider = _cpu_session(model_bytes), "CPUExecutionProvider"
+        session, provider = _cpu_session(model_bytes), CPU
         _run_once(session, metadata.scale)
     if not inputs:
         return None, None, ()
@@ -620,7 +619,7 @@ def _run_ort(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
 
 def _cpu_session(model_bytes: bytes) -> ort.InferenceSession:
     try:
-        return ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model_bytes, providers=[CPU])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ExportError(f"onnxruntime cannot load the exported model: {e}") from e
 
@@ -631,19 +630,17 @@ def _cuda_session(model_bytes: bytes) -> tuple[ort.InferenceSession | None, str]
     An onnxruntime-gpu without CUDA 13/cuDNN 9 logs an error and silently falls back to CPU,
     so the providers the session actually got are what counts, not the available ones.
     """
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return None, "this onnxruntime build has no CUDAExecutionProvider"
+    if CUDA not in ort.get_available_providers():
+        return None, f"this onnxruntime build has no {CUDA}"
     ort.set_default_logger_severity(4)  # the fallback's error lines would break one-line output
     try:
-        session = ort.InferenceSession(
-            model_bytes, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
-        )
+        session = ort.InferenceSession(model_bytes, providers=[CUDA, CPU])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
         return None, f"CUDA session failed ({type(e).__name__})"
     finally:
         ort.set_default_logger_severity(_ORT_DEFAULT_LOG_SEVERITY)
     active = session.get_providers()
-    if "CUDAExecutionProvider" not in active:
+    if CUDA not in active:
         return None, f"CUDA provider not active (session runs on {', '.join(active)}; no GPU?)"
     return session, ""
 

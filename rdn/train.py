@@ -709,7 +709,7 @@ def load_init(path: Path) -> dict[str, Any]:
     """The ``--init`` payload: a checkpoint, or a model rebuilt from an rdn-export ONNX file."""
     if path.suffix.lower() != ".onnx":
         return load_checkpoint(path)
-    from export.from_onnx import OnnxImportError, checkpoint_from_onnx  # onnx only when needed
+    from rdn.from_onnx import OnnxImportError, checkpoint_from_onnx  # onnx only when needed
 
     try:
         return checkpoint_from_onnx(path)

@@ -12,7 +12,6 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.metadata import KEY_TRAINING, read_metadata, read_model_metadata
 from export.to_onnx import (
     FP32_TOLERANCE,
     VERIFY_SHAPES,
@@ -25,6 +24,7 @@ from export.to_onnx import (
     weights_sha256,
 )
 from rdn.checkpoint import load_checkpoint, load_model, make_payload, save_checkpoint
+from rdn.metadata import KEY_TRAINING, read_metadata, read_model_metadata
 from rdn.model import RDNConfig
 
 SCALES = (2, 3, 4)

@@ -512,7 +512,7 @@ def test_init_from_a_shipped_onnx_model_starts_from_its_weights(tmp_path: Path) 
     run = tmp_path / "run"
     args = ["--preset", "small", "--batch-size", "2", "--patch-size", "16", "--lr", "1e-9"]
     assert main([*args, "--steps", "1", "--init", str(onnx_model), "--out", str(run)]) == 0
-    from export.from_onnx import model_from_onnx
+    from rdn.from_onnx import model_from_onnx
 
     want = model_from_onnx(onnx_model)[0].state_dict()
     got = load_checkpoint(run / "last.pt")["model"]
