@@ -24,10 +24,10 @@ from export.to_onnx import (
     ExportError,
     ExportOptions,
     check_opset,
-    check_writable,
     export_onnx,
 )
 from export.triton import TritonModelConfig, serve_command, write_model_repository
+from export.verify import check_writable
 from rdn.metadata import valid_model_name
 
 PROG = "rdn-export"
