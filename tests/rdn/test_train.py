@@ -26,15 +26,13 @@ from rdn.checkpoint import load_checkpoint, make_payload, model_from_checkpoint,
 from rdn.distributed import state_sha256
 from rdn.imaging import read_rgb
 from rdn.model import RDN, RDNConfig, batchnorm_frozen, freeze_batchnorm
-from rdn.train import (
+from rdn.train import ema_decay, lr_at, main
+from rdn.train_config import (
     DEFAULT_LR,
     TrainConfig,
     UsageError,
     default_bn_freeze_after,
     default_lr_half_every,
-    ema_decay,
-    lr_at,
-    main,
     make_train_config,
     read_toml_config,
 )
