@@ -6,8 +6,9 @@ BatchNormalization node), exports with the torch dynamo exporter (dynamic batch,
 width), writes ``rdn.*`` metadata (see ``rdn.metadata``) and, unless told not to, proves the
 file computes what the checkpoint computes: onnxruntime against torch on random inputs of
 several shapes and on a real photograph (``export.verify``). Nothing is written at ``output``
-unless every check passes. The exported graph runs its RGB conv before the last pixel shuffle (``rdn.subpixel``),
-which computes the same function with a fraction of the data movement.
+unless every check passes. The exported graph runs its RGB conv before the last pixel
+shuffle (``rdn.subpixel``), which computes the same function with a fraction of the data
+movement.
 """
 
 from __future__ import annotations
