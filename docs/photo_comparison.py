@@ -1,7 +1,7 @@
 """The README's picture of a real JPEG upscaled three ways: bicubic | clean model | photo model.
 
 There is no ground truth for a real JPEG, so the crop shown is the most detailed square of the
-photo model's output (``rdn.evaluate.comparison_box``), enlarged like rdn-eval's comparisons.
+photo model's output (``rdn.eval_pictures.comparison_box``), enlarged like rdn-eval's comparisons.
 
     python docs/photo_comparison.py data/BSDS200/100075.jpg \\
         --clean server/models/default_x2.onnx --photo server/models/rdn_x2_photo.onnx \\
@@ -17,7 +17,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from rdn.evaluate import EvalError, OnnxUpscaler, comparison_image
+from rdn.eval_pictures import comparison_image
+from rdn.evaluate import EvalError, OnnxUpscaler
 from rdn.imaging import ImageReadError, read_rgb, upscale_bicubic
 
 log = logging.getLogger("photo_comparison")

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from export.metadata import valid_model_name
 from export.to_onnx import (
     DEFAULT_OPSET,
     MAX_OPSET,
@@ -25,10 +24,11 @@ from export.to_onnx import (
     ExportError,
     ExportOptions,
     check_opset,
-    check_writable,
     export_onnx,
 )
 from export.triton import TritonModelConfig, serve_command, write_model_repository
+from export.verify import check_writable
+from rdn.metadata import valid_model_name
 
 PROG = "rdn-export"
 log = logging.getLogger(PROG)

@@ -29,7 +29,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from export.metadata import INT8_MAX_LOSS_DB
+from rdn.constants import CPU
 from rdn.imaging import (
     downscale,
     from_tensor_layout,
@@ -38,6 +38,7 @@ from rdn.imaging import (
     read_rgb,
     to_tensor_layout,
 )
+from rdn.metadata import INT8_MAX_LOSS_DB
 from rdn.metrics import psnr_y
 from rdn.model import RDN
 from rdn.quant import ActQuant, execution_order, weight_scales
@@ -242,4 +243,4 @@ def _centre_origin(shape: tuple[int, ...], side: int) -> tuple[int, int]:
 def _cpu_session(model_bytes: bytes) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model_bytes, options, providers=[CPU])

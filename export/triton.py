@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from rdn.checkpoint import atomic_write
+from rdn.constants import INPUT_NAME, OUTPUT_NAME
 
 MODEL_FILENAME = "model.onnx"  # the onnxruntime backend's default_model_filename
 VERSION = 1
@@ -50,8 +51,8 @@ class TritonModelConfig:
     instance_kind: str = "KIND_AUTO"  # GPU when one is visible, else CPU
     warmup_tile: int = 64  # warm-up request: one zero tile of 3 x 64 x 64 LR pixels
     cudnn_conv_algo_search: int = 1  # onnxruntime CUDA: 0 exhaustive, 1 heuristic, 2 default
-    input_name: str = "lr"
-    output_name: str = "sr"
+    input_name: str = INPUT_NAME
+    output_name: str = OUTPUT_NAME
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):

@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rdn.constants import DEFAULT_SCALE, SCALES
 from rdn.quant import ActQuant, QConv2d
 
-SCALES = (2, 3, 4)
+__all__ = ["NORMS", "PRESETS", "QUANTS", "RDN", "SCALES", "RDNConfig"]
+
 NORMS = ("batch", "none")
 QUANTS = ("none", "int8")  # "int8": fake-quantized as the exported int8 model computes
 
@@ -37,7 +39,7 @@ PRESETS: dict[str, tuple[int, int, int, int]] = {
 class RDNConfig:
     """One RDN architecture; stored in every checkpoint so ``RDN(RDNConfig(**d))`` rebuilds it."""
 
-    scale: int = 2
+    scale: int = DEFAULT_SCALE
     G0: int = 64  # feature width of shallow features, block outputs and fusion
     D: int = 16  # number of residual dense blocks
     C: int = 8  # conv layers per residual dense block
@@ -61,7 +63,7 @@ class RDNConfig:
 
     @classmethod
     def from_preset(
-        cls, preset: str, scale: int = 2, norm: str = "batch", quant: str = "none"
+        cls, preset: str, scale: int = DEFAULT_SCALE, norm: str = "batch", quant: str = "none"
     ) -> RDNConfig:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")

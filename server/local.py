@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rdn.constants import CPU
 from server.batch_types import Reservation, TileResult
 from server.chunked import chunk_tiles, to_uint8, to_unit_float
 from server.codec import decode_image, encode_image, finish_output
@@ -31,7 +32,7 @@ from server.planner import make_planner
 from server.repository import RepositoryConfig, discover, model_name_of
 from server.sizing import SizeOptions, check_options, needed_factor, output_size, resize_output
 
-CPU_ONLY = EngineConfig(providers=("CPUExecutionProvider",))
+CPU_ONLY = EngineConfig(providers=(CPU,))
 DEFAULT_TILING = TilingConfig()  # fitted tiles on a CPU, as rdn-serve
 DEFAULT_LIMITS = LimitsConfig()
 LOCAL_MAX_BATCH = 1  # tiles per engine call on a CPU (batching gains nothing there)

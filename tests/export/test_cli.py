@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from export.cli import build_parser
-from export.metadata import read_model_metadata
 from export.triton import MODEL_FILENAME
+from rdn.metadata import read_model_metadata
 
 # What the exporter may say on stderr, one fact per line; anything else (exporter chatter,
 # warnings, onnxruntime log lines) fails the test.

@@ -13,7 +13,7 @@ PSNR_AGREEMENT_DB = 0.01
 
 def rdn_eval(*args: str | Path) -> dict:
     script = Path(sys.executable).with_name("rdn-eval")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "rdn.evaluate"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "rdn.eval_cli"]
     result = subprocess.run(
         [*command, *map(str, args), "--json"],
         capture_output=True,

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from export.int8 import activation_points
-from export.metadata import read_model_metadata
 from rdn.checkpoint import load_model
 from rdn.imaging import from_tensor_layout
 from rdn.int8 import calibrate, calibration_batches, int8_model
+from rdn.metadata import read_model_metadata
 from rdn.metrics import psnr_y
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]

@@ -20,7 +20,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from export.metadata import read_model_metadata
+from rdn.metadata import read_model_metadata
 
 EXPORT = Path(sys.executable).with_name("rdn-export")
 STAGES = ("", "loaded ", "fold: ", "exported with ", "verify: ")  # stderr line prefixes

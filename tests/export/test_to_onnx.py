@@ -12,19 +12,17 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.metadata import KEY_TRAINING, read_metadata, read_model_metadata
 from export.to_onnx import (
-    FP32_TOLERANCE,
-    VERIFY_SHAPES,
     ExportError,
     ExportOptions,
     ExportReport,
     count_op,
     export_onnx,
-    onnx_max_abs_diff,
     weights_sha256,
 )
+from export.verify import FP32_TOLERANCE, VERIFY_SHAPES, onnx_max_abs_diff
 from rdn.checkpoint import load_checkpoint, load_model, make_payload, save_checkpoint
+from rdn.metadata import KEY_TRAINING, read_metadata, read_model_metadata
 from rdn.model import RDNConfig
 
 SCALES = (2, 3, 4)

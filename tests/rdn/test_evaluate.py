@@ -18,17 +18,15 @@ import torch
 from PIL import Image
 
 from rdn.checkpoint import load_model
+from rdn.eval_cli import main
+from rdn.eval_pictures import COMPARISON_GAP, comparison_box, comparison_image
+from rdn.evaluate import SCALES as evaluate_scales
 from rdn.evaluate import (
-    COMPARISON_GAP,
     EvalResult,
-    comparison_box,
-    comparison_image,
     evaluate,
     evaluate_model,
-    main,
     same_device,
 )
-from rdn.evaluate import SCALES as evaluate_scales
 from rdn.imaging import downscale, modcrop, read_rgb, upscale_bicubic
 from rdn.metrics import psnr_y
 from rdn.model import RDN, SCALES, RDNConfig
@@ -217,7 +215,7 @@ def test_onnx_matches_torch_within_a_hundredth_of_a_db(
     torch_report = json.loads(out)
     # A fresh process that must not import torch on the ONNX path (exit 3 if it does).
     code = (
-        "import sys; from rdn.evaluate import main; "
+        "import sys; from rdn.eval_cli import main; "
         f"rc = main(['--onnx', {str(tiny_onnx)!r}, '--data', {str(small_set)!r}, '--json']); "
         "sys.exit(3 if 'torch' in sys.modules else rc)"
     )
@@ -262,10 +260,11 @@ def test_onnx_scale_metadata_is_used(
     assert json.loads(out)["scale"] == 2
     code, out, err = run_main(capsys, "--onnx", good, "--data", small_set, "--scale", "3")
     assert_one_line_error(code, out, err, 2, "--scale 3", "x2")
-    # Metadata wins over the probe: a x2 network labelled x3 fails on the first image.
+    # The probe checks the metadata (rdn.onnx_session's rule, the server's too): a x2 network
+    # labelled x3 is refused when it is opened, before any image.
     lying = export_onnx(model, tmp_path / "lying.onnx", scale_metadata="3")
     code, out, err = run_main(capsys, "--onnx", lying, "--data", small_set, "--json")
-    assert_one_line_error(code, out, err, 1, "a.png", "x3")
+    assert_one_line_error(code, out, err, 1, "rdn.scale=3", "upscales x2")
     broken = export_onnx(model, tmp_path / "broken.onnx", scale_metadata="seven")
     code, out, err = run_main(capsys, "--onnx", broken, "--data", small_set)
     assert_one_line_error(code, out, err, 1, "rdn.scale", "rdn-export")

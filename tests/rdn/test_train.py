@@ -26,15 +26,13 @@ from rdn.checkpoint import load_checkpoint, make_payload, model_from_checkpoint,
 from rdn.distributed import state_sha256
 from rdn.imaging import read_rgb
 from rdn.model import RDN, RDNConfig, batchnorm_frozen, freeze_batchnorm
-from rdn.train import (
+from rdn.train import ema_decay, lr_at, main
+from rdn.train_config import (
     DEFAULT_LR,
     TrainConfig,
     UsageError,
     default_bn_freeze_after,
     default_lr_half_every,
-    ema_decay,
-    lr_at,
-    main,
     make_train_config,
     read_toml_config,
 )
@@ -512,7 +510,7 @@ def test_init_from_a_shipped_onnx_model_starts_from_its_weights(tmp_path: Path) 
     run = tmp_path / "run"
     args = ["--preset", "small", "--batch-size", "2", "--patch-size", "16", "--lr", "1e-9"]
     assert main([*args, "--steps", "1", "--init", str(onnx_model), "--out", str(run)]) == 0
-    from export.from_onnx import model_from_onnx
+    from rdn.from_onnx import model_from_onnx
 
     want = model_from_onnx(onnx_model)[0].state_dict()
     got = load_checkpoint(run / "last.pt")["model"]

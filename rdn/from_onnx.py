@@ -1,7 +1,7 @@
 """A trainable model rebuilt from an exported ONNX file, to fine-tune a shipped model.
 
 Export folds each frozen BatchNorm into the conv before it and moves the RGB conv in front of
-the last pixel shuffle (``export.subpixel``). Both are exact and both invert: the folded conv
+the last pixel shuffle (``rdn.subpixel``). Both are exact and both invert: the folded conv
 keeps its weights with a BatchNorm of identity statistics (mean 0, variance 1 - eps, scale 1,
 shift 0, frozen), and the HR RGB conv is read back from the LR one. The rebuilt model computes
 the ONNX model's function (checked against onnxruntime in the tests) and trains like any
@@ -17,10 +17,10 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from export.metadata import MetadataError, ModelMetadata
-from export.subpixel import hr_conv_weights
 from rdn.checkpoint import make_payload
+from rdn.metadata import MetadataError, ModelMetadata
 from rdn.model import RDN, FreezableBatchNorm2d, RDNConfig, batchnorm_layers, freeze_batchnorm
+from rdn.subpixel import hr_conv_weights
 
 RGB_LR_CONV = "upsample.to_rgb.0"  # the exported name of the RGB conv moved before the shuffle
 RGB_HR_CONV = "upsample.to_rgb"

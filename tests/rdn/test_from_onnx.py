@@ -1,4 +1,4 @@
-"""export.from_onnx: a shipped ONNX model rebuilt as a trainable RDN computes the same image."""
+"""rdn.from_onnx: a shipped ONNX model rebuilt as a trainable RDN computes the same image."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.from_onnx import OnnxImportError, checkpoint_from_onnx, model_from_onnx
-from export.subpixel import hr_conv_weights, subpixel_conv_weights
+from rdn.from_onnx import OnnxImportError, checkpoint_from_onnx, model_from_onnx
 from rdn.model import batchnorm_frozen
+from rdn.subpixel import hr_conv_weights, subpixel_conv_weights
 
 MODELS = Path(__file__).resolve().parents[2] / "server" / "models"
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.metadata import (
+from rdn.metadata import (
     KEY_CONFIG,
     KEY_METADATA_VERSION,
     KEY_SCALE,
@@ -110,5 +110,5 @@ def test_training_metadata_keeps_small_json_only() -> None:
 
 
 def test_metadata_module_does_not_import_torch() -> None:
-    code = "import sys, export.metadata; sys.exit('torch' in sys.modules)"
+    code = "import sys, rdn.metadata; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

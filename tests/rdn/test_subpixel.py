@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from export.subpixel import fold_rgb_before_shuffle, subpixel_conv_weights
 from rdn.model import RDN, RDNConfig
+from rdn.subpixel import fold_rgb_before_shuffle, subpixel_conv_weights
 
 
 def random_conv(co: int, ci: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
