@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rdn.constants import CUDA
 from server.auth import auth_interceptors
 from server.batcher import TileBatcher
 from server.chunked import chunk_tiles
@@ -27,7 +28,7 @@ from server.config import (
 )
 from server.cross_site import exposure_warning as http_exposure_warning
 from server.cross_site import http_bind_host
-from server.engine import CUDA, Engine
+from server.engine import Engine
 from server.health import NOT_SERVING, SERVING, Health
 from server.http_door import HttpFrontDoor
 from server.kserve import KServeService

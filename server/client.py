@@ -54,7 +54,7 @@ from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.security import PLAINTEXT, ClientSecurity
 from server.sizing import SizeOptions
 from server.wire import FORMATS as FORMAT_NAMES
-from server.wire import HTTP2_MAX_FRAME_BYTES, UPLOAD_ACCEPTED_KEY
+from server.wire import HTTP2_MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, UPLOAD_ACCEPTED_KEY
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -81,7 +81,7 @@ __all__ = [
 ]
 
 DEFAULT_TARGET = "localhost:50051"
-DEFAULT_MAX_MESSAGE_BYTES = 8 * 2**20  # the server's --max-message-bytes default
+DEFAULT_MAX_MESSAGE_BYTES = MAX_MESSAGE_BYTES  # the server's --max-message-bytes default
 MAX_CHUNK_BYTES = 1 * 2**20  # data per stream message: far below any sane message limit
 LB_POLICIES = ("pick_first", "round_robin")
 ACK_WAIT_S = 10.0  # longest wait for UPLOAD_ACCEPTED_KEY before uploading anyway

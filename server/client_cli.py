@@ -19,6 +19,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from rdn.constants import SCALES
 from server.client import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TARGET,
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--recursive", action="store_true", help="images in sub-folders of IN too")
     up.add_argument("--model", default="", help="model name (rdn-client models lists them)")
     up.add_argument(
-        "--scale", type=int, choices=(2, 3, 4), default=0, help="that scale's default model"
+        "--scale", type=int, choices=SCALES, default=0, help="that scale's default model"
     )
     up.add_argument("--width", type=_positive_int, default=0, help="output width in pixels")
     up.add_argument("--height", type=_positive_int, default=0, help="output height in pixels")
@@ -187,7 +188,7 @@ def _remote(client: AsyncUpscaleClient, deadline: float | None, tile_bar: bool) 
 def _local(model: str) -> Upscaler:
     """Upscales in this process with ``model`` (``--local``), one image at a time."""
     # Imported when asked: they open an onnxruntime session.
-    from server.engine import ModelLoadError
+    from rdn.onnx_session import ModelLoadError
     from server.local import LocalUpscaler
 
     try:

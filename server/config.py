@@ -5,18 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rdn.constants import DEFAULT_SCALE
+from rdn.onnx_session import SessionConfig
+from server.wire import MAX_MESSAGE_BYTES
+
 
 @dataclass(frozen=True)
-class EngineConfig:
-    """How the onnxruntime session is created."""
+class EngineConfig(SessionConfig):
+    """How the onnxruntime session is created (``rdn.onnx_session.SessionConfig``: one set of
+    defaults for every opener) and run."""
 
-    providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
-    require_gpu: bool = False
-    intra_op_threads: int = 0  # 0 = onnxruntime default
-    spinning: str = "auto"  # intra-op threads spin between ops: on/off; auto: by provider
-    cpu_arena: str = "auto"  # onnxruntime's CPU memory arena: on/off; auto: by provider
-    cudnn_conv_algo_search: str = "EXHAUSTIVE"  # fixed tile shapes make the search a one-time cost
-    gpu_mem_limit_bytes: int = 0  # 0 = no limit
     io_binding: bool = True  # used only when CUDA is active
 
 
@@ -47,7 +45,7 @@ class LimitsConfig:
 
     max_pixels: int = 16_777_216 + 1  # 4096x4096 inputs allowed
     max_request_bytes: int = 64 * 2**20
-    max_message_bytes: int = 8 * 2**20  # gRPC message limit, both directions, one flag
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # gRPC message limit, both directions, one flag
 
 
 @dataclass(frozen=True)
@@ -118,7 +116,7 @@ class ServerConfig:
     models: tuple[Path, ...] = ()  # more model files served beside it
     model_dir: Path | None = None  # every *.onnx in it is served too
     defaults: tuple[str, ...] = ()  # model names made the default of their scale
-    default_scale: int = 2  # without ``model``: whose default answers plain requests
+    default_scale: int = DEFAULT_SCALE  # without ``model``: whose default answers plain requests
     precision: str = "auto"  # which twin a scale's default is (RepositoryConfig.precision)
     host: str = "0.0.0.0"
     port: int = 50051

@@ -17,31 +17,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from rdn.constants import CPU, CUDA
+from rdn.constants import CUDA
 from rdn.onnx_session import (
-    SWITCHES,
     GpuRequired,
-    ModelLoadError,
-    cuda_provider_options,
     open_model,
-    select_providers,
-    session_options,
 )
 from server.config import EngineConfig
 
 log = logging.getLogger(__name__)
-
-# Names the server and tests import from here; each is defined in rdn.onnx_session/constants.
-__all__ = [
-    "CPU",
-    "CUDA",
-    "SWITCHES",
-    "Engine",
-    "ModelLoadError",
-    "cuda_provider_options",
-    "select_providers",
-    "session_options",
-]
 
 
 class Engine:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rdn.constants import INPUT_NAME, OUTPUT_NAME
 from server.errors import NotFound, RequestError, RequestTooLarge, check_name
 from server.limit_text import pixels_over
 from server.pb.inference import grpc_service_pb2 as pb
@@ -28,8 +29,6 @@ MODEL_VERSION = "1"
 PLATFORM = "onnxruntime_onnx"  # Triton's name for what runs the model
 BACKEND = "onnxruntime"
 EXTENSIONS = ("model_repository", "model_configuration", "statistics")  # Triton's names
-INPUT_NAME = "lr"
-OUTPUT_NAME = "sr"
 DATATYPE = "FP32"
 TENSOR_SHAPE = (-1, 3, -1, -1)  # [N, 3, H, W]; -1 = any size
 FLOAT32_LE = np.dtype("<f4")  # the protocol's raw byte layout

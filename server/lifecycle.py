@@ -11,10 +11,11 @@ import asyncio
 import logging
 import signal
 
-from export.metadata import MetadataError
+from rdn.metadata import MetadataError
+from rdn.onnx_session import ModelLoadError
 from server.app import RunningServer, ServerStartError, build_server
 from server.config import ServerConfig
-from server.engine import Engine, ModelLoadError
+from server.engine import Engine
 from server.repository import RepositoryError
 
 log = logging.getLogger("rdn.serve")

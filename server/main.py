@@ -12,7 +12,9 @@ import logging
 import sys
 from pathlib import Path
 
-from export.metadata import INT8_MAX_LOSS_DB
+from rdn.constants import DEFAULT_SCALE, SCALES
+from rdn.metadata import INT8_MAX_LOSS_DB
+from rdn.onnx_session import SWITCHES
 from server.app import CPU_MAX_BATCH, GPU_MAX_BATCH
 from server.config import (
     BatcherConfig,
@@ -24,7 +26,6 @@ from server.config import (
     UploadConfig,
 )
 from server.cross_site import add_http_flags, cross_site_config_from_args
-from server.engine import SWITCHES
 from server.http_limits import raise_open_file_limit
 from server.lifecycle import EarlySignals, serve
 from server.logging_setup import LEVELS, configure_logging
@@ -33,7 +34,7 @@ from server.metrics import (
     add_metrics_flags,
     metrics_config_from_args,
 )
-from server.models import MODELS_DIR, SCALES
+from server.models import MODELS_DIR
 from server.planner import MODES
 from server.security import (
     add_security_flags,
@@ -42,7 +43,6 @@ from server.security import (
 
 log = logging.getLogger("rdn.serve")
 
-DEFAULT_SCALE = 2
 PRECISION_CHOICES = ("auto", "int8", "fp32")  # --precision: see RepositoryConfig.precision
 MIN_MESSAGE_BYTES = 64 * 2**10  # below this even a stream chunk barely fits
 

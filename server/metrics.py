@@ -32,7 +32,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from export.metadata import ModelMetadata
+from rdn.metadata import ModelMetadata
 from server.access import AccessRecord
 from server.config import BatcherConfig, MetricsConfig
 from server.pb.rdn.v1 import upscale_pb2

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rdn.constants import SCALES
+
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-SCALES = (2, 3, 4)  # upscaling factors RDN is built for
 
 
 def default_model_path(scale: int) -> Path:

@@ -1,7 +1,7 @@
 """One loaded model and what runs it: the object both servicers (rdn.v1 and KServe) share.
 
 A ``Pipeline`` holds a model's engine, its tile planner, its metadata (read once, through
-``export.metadata``), the self-ensemble switch and the admission rule, and runs images through
+``rdn.metadata``), the self-ensemble switch and the admission rule, and runs images through
 any ``TileSource``: the server's shared batcher (``TileBatcher.lane(engine)``) or, for the local
 API (``server.local``), the engine directly. It keeps the model's statistics (Triton's
 ModelStatistics). The servicers resolve a request to a pipeline once, at its start, and use
@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from export.metadata import MetadataError, ModelMetadata
 from rdn.ensemble import N_TRANSFORMS
+from rdn.metadata import MetadataError, ModelMetadata
 from server.batch_types import Reservation
 from server.chunked import ChunkTimings, Progress, TileSource, infer_chunked
 from server.errors import RequestTooLarge

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rdn.constants import CUDA
 from server.config import TilingConfig
 from server.tiling import TilePlan, plan_buckets, plan_fit, plan_tiles
 
-CUDA = "CUDAExecutionProvider"
 MODES = ("auto", "fit", "buckets", "grid")
 # LR pixels of one CPU tile, 384x384. onnxruntime's CPU rate per pixel was flat within this VM's
 # noise from 80x80 to 768x768 inputs (0.25-0.35 Mpix/s, shipped x2 model, interleaved runs), so

@@ -24,7 +24,9 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from export.metadata import (
+from rdn.constants import CPU as CPU_PROVIDER
+from rdn.constants import DEFAULT_SCALE
+from rdn.metadata import (
     INT8_MAX_LOSS_DB,
     INT8_SUFFIX,
     KEY_NAME,
@@ -33,7 +35,6 @@ from export.metadata import (
     read_metadata,
     valid_model_name,
 )
-from server.engine import CPU as CPU_PROVIDER
 from server.errors import NotFound, RequestError, check_name
 from server.pipeline import Pipeline
 from server.sizing import SizeOptions, needed_factor, output_size, smallest_scale
@@ -59,7 +60,7 @@ class RepositoryConfig:
     model_dir: Path | None = None  # every *.onnx in it
     models: tuple[Path, ...] = ()  # explicit files; the first is the server default
     defaults: tuple[str, ...] = ()  # names made the default of their scale
-    default_scale: int = 2  # the server default's scale when no explicit file is given
+    default_scale: int = DEFAULT_SCALE  # the server default's scale when no explicit file is given
     # Which twin a scale's default is: "auto" the int8 one on a CPU when its measured loss is
     # within INT8_MAX_LOSS_DB, "int8" the int8 one whenever it is served, "fp32" never.
     precision: str = "auto"

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from export.metadata import KEY_CONFIG
+from rdn.metadata import KEY_CONFIG
 from server import upscaling
 from server.access import AccessRecord, check_request_id
 from server.codec import RAW_CHANNELS

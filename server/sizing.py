@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from rdn.constants import SCALES
 from server.errors import RequestError
-from server.models import SCALES
 
 # A factor within this of a model scale counts as that scale (W * 2 / W is exact, but a
 # target computed by a client through floats may be a pixel's rounding off).

@@ -22,6 +22,7 @@ FORMAT_NUMBERS: dict[str, int] = {  # format name (as users type it) -> OutputFo
     "raw": upscale_pb2.OUTPUT_FORMAT_RAW,
 }
 ACCEPTED_FORMATS = "0 UNSPECIFIED (= PNG), 1 PNG, 2 JPEG, 3 WEBP, 4 RAW"
+MAX_MESSAGE_BYTES = 8 * 2**20  # gRPC message limit, both directions: server and client default
 RESPONSE_OVERHEAD_BYTES = 4096  # room in a message for the response fields besides the data
 
 # Trailer on a transient refusal (full queue, upload budget spent): milliseconds to wait.

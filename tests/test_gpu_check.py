@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from rdn.constants import CPU, CUDA
 from server.config import EngineConfig
-from server.engine import CPU, CUDA, Engine
+from server.engine import Engine
 from server.models import default_model_path
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
 The torch network is rebuilt from the model file alone: ``rdn.config`` from its metadata gives
 the architecture (with ``norm="none"``: export folds every BatchNorm into the Conv before it,
-and runs the RGB conv before the last pixel shuffle, ``export.subpixel``), and the Conv
+and runs the RGB conv before the last pixel shuffle, ``rdn.subpixel``), and the Conv
 weights and biases of the graph, in graph order, are copied into the network's Conv2d modules
 in module order (every shape is checked). Before anything is timed, torch must reproduce
 onnxruntime's output within 1e-4 on the benchmark's own tiles; otherwise the benchmark prints
@@ -29,9 +29,9 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from export.metadata import read_model_metadata
-from export.subpixel import fold_rgb_before_shuffle
+from rdn.metadata import read_model_metadata
 from rdn.model import RDN, RDNConfig
+from rdn.subpixel import fold_rgb_before_shuffle
 from server.config import EngineConfig
 from server.engine import Engine
 from tests.bench.common import (

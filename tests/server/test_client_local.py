@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from export.metadata import KEY_NAME, read_metadata
+from rdn.metadata import KEY_NAME, read_metadata
 from server.local import resolve_model
 from server.models import MODELS_DIR
 from tests.server.cli import run_cli

@@ -11,16 +11,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from server.config import EngineConfig
-from server.engine import (
-    CPU,
-    CUDA,
-    Engine,
+from rdn.constants import CPU, CUDA
+from rdn.onnx_session import (
     ModelLoadError,
     cuda_provider_options,
     select_providers,
     session_options,
 )
+from server.config import EngineConfig
+from server.engine import Engine
 
 CPU_ONLY = EngineConfig(providers=(CPU,), intra_op_threads=1)
 REPO = Path(__file__).resolve().parents[2]

@@ -20,7 +20,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from export.metadata import KEY_NAME, read_metadata
+from rdn.metadata import KEY_NAME, read_metadata
 from server.app import ServerStartError
 from server.client import (
     RetryPolicy,

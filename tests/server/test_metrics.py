@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from export.metadata import KEY_WEIGHTS_SHA256
+from rdn.metadata import KEY_WEIGHTS_SHA256
 from server.app import ServerStartError
 from server.chunked import IN_FLIGHT, chunk_tiles
 from server.client import AsyncUpscaleClient, UpscaleClient, UpscaleError

@@ -13,8 +13,8 @@ import cv2
 import grpc
 import pytest
 
-from export.metadata import INT8_MAX_LOSS_DB, ModelMetadata, read_model_metadata
 from export.to_onnx import ExportOptions, export_onnx
+from rdn.metadata import INT8_MAX_LOSS_DB, ModelMetadata, read_model_metadata
 from server.config import TilingConfig
 from server.local import LocalUpscaler
 from server.pb.inference import grpc_service_pb2 as kpb

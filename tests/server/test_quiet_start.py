@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from server.providers import CUDA, cuda_probe, usable_providers
+from rdn.constants import CUDA
+from rdn.providers import cuda_probe, usable_providers
 
 RDN_SERVE = Path(sys.executable).with_name("rdn-serve")
 TIMEOUT = 60.0  # seconds for start-up and for each awaited log line

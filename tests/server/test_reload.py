@@ -22,7 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import server.repository
-from export.metadata import KEY_CONFIG, KEY_NAME, KEY_SCALE
+from rdn.metadata import KEY_CONFIG, KEY_NAME, KEY_SCALE
 from server.models import MODELS_DIR
 from server.pb.inference import grpc_service_pb2 as kpb
 from server.pb.inference import grpc_service_pb2_grpc as kpb_grpc

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import pytest
 
-from export.metadata import KEY_NAME, read_metadata
+from rdn.metadata import KEY_NAME, read_metadata
 from server.config import TilingConfig
 from server.errors import RequestError
 from server.local import LocalUpscaler

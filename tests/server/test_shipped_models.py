@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.metadata import INT8_MAX_LOSS_DB, read_model_metadata
 from rdn.degradations import degrade, parse_degradation
 from rdn.imaging import downscale, modcrop, read_rgb, upscale_bicubic
+from rdn.metadata import INT8_MAX_LOSS_DB, read_model_metadata
 from rdn.metrics import psnr_y
 from server.client import UpscaleClient
 from server.engine import Engine
