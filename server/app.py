@@ -20,38 +20,38 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rdn.constants import CUDA
-from server.auth import auth_interceptors
-from server.batcher import TileBatcher
-from server.chunked import chunk_tiles
 from server.config import (
     ServerConfig,
 )
-from server.cross_site import exposure_warning as http_exposure_warning
-from server.cross_site import http_bind_host
-from server.engine import Engine
-from server.health import NOT_SERVING, SERVING, Health
-from server.http_door import HttpFrontDoor
-from server.kserve import KServeService
-from server.metrics import (
+from server.core.batcher import TileBatcher
+from server.core.chunked import chunk_tiles
+from server.core.engine import Engine
+from server.core.pipeline import Pipeline, PipelineSettings
+from server.core.planner import Planner, make_planner
+from server.core.repository import ModelRepository, RepositoryConfig, Snapshot
+from server.core.serving import ServingCore
+from server.core.uploads import UploadBudget
+from server.doors.cross_site import exposure_warning as http_exposure_warning
+from server.doors.cross_site import http_bind_host
+from server.doors.http import HttpFrontDoor
+from server.doors.kserve_grpc import KServeService
+from server.doors.parse_guard import ParseGuard
+from server.doors.upscaler import UpscalerService
+from server.ops.auth import auth_interceptors
+from server.ops.health import NOT_SERVING, SERVING, Health
+from server.ops.metrics import (
     MetricsEndpoint,
     ServerMetrics,
     exposure_warning,
 )
-from server.parse_guard import ParseGuard
-from server.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
-from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
-from server.pipeline import Pipeline, PipelineSettings
-from server.planner import Planner, make_planner
-from server.repository import ModelRepository, RepositoryConfig, Snapshot
-from server.security import (
+from server.ops.security import (
     SecurityError,
     add_port,
     describe,
     server_ssl_context,
 )
-from server.service import UpscalerService
-from server.serving import ServingCore
-from server.uploads import UploadBudget
+from server.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.wire import HTTP2_MAX_FRAME_BYTES, SERVICE_NAME
 
 log = logging.getLogger("rdn.serve")

@@ -20,7 +20,7 @@ class EngineConfig(SessionConfig):
 
 @dataclass(frozen=True)
 class TilingConfig:
-    """How images are cut into tiles (server/planner.py), in LR pixels."""
+    """How images are cut into tiles (server/core/planner.py), in LR pixels."""
 
     tile: int = 64  # grid plans: LR core size; also the queue unit, (tile + 2*pad)**2 pixels
     pad: int = 8  # LR context at seams: tiled == whole-image within 1/255 (bench)
@@ -95,13 +95,13 @@ class HttpLimitsConfig:
     # of its previous answer, else it is closed (slow heads and idle keep-alive alike)
     idle_timeout_s: float = 5.0
     # Open HTTP connections; more are closed at once. Lowered at start to leave descriptors
-    # for gRPC and files (server/http_limits.py)
+    # for gRPC and files (server/doors/http_limits.py)
     max_connections: int = 512
 
 
 @dataclass(frozen=True)
 class CrossSiteConfig:
-    """Which web pages and Host names the HTTP door answers (server/cross_site.py)."""
+    """Which web pages and Host names the HTTP door answers (server/doors/cross_site.py)."""
 
     cors_origins: tuple[str, ...] = ()  # pages of these origins may call it (CORS); none by default
     allowed_hosts: tuple[str, ...] = ()  # without a token: Host names answered besides localhost,

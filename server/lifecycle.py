@@ -15,8 +15,8 @@ from rdn.metadata import MetadataError
 from rdn.onnx_session import ModelLoadError
 from server.app import RunningServer, ServerStartError, build_server
 from server.config import ServerConfig
-from server.engine import Engine
-from server.repository import RepositoryError
+from server.core.engine import Engine
+from server.core.repository import RepositoryError
 
 log = logging.getLogger("rdn.serve")
 

@@ -21,16 +21,16 @@ from pathlib import Path
 import numpy as np
 
 from rdn.constants import CPU
-from server.batch_types import Reservation, TileResult
-from server.chunked import chunk_tiles, to_uint8, to_unit_float
-from server.codec import decode_image, encode_image, finish_output
 from server.config import EngineConfig, LimitsConfig, TilingConfig
-from server.engine import Engine
+from server.core.batch_types import Reservation, TileResult
+from server.core.chunked import chunk_tiles, to_uint8, to_unit_float
+from server.core.engine import Engine
+from server.core.pipeline import Pipeline, PipelineEngine, PipelineSettings
+from server.core.planner import make_planner
+from server.core.repository import RepositoryConfig, discover, model_name_of
+from server.core.sizing import SizeOptions, check_options, needed_factor, output_size, resize_output
+from server.imaging.codec import decode_image, encode_image, finish_output
 from server.models import MODELS_DIR
-from server.pipeline import Pipeline, PipelineEngine, PipelineSettings
-from server.planner import make_planner
-from server.repository import RepositoryConfig, discover, model_name_of
-from server.sizing import SizeOptions, check_options, needed_factor, output_size, resize_output
 
 CPU_ONLY = EngineConfig(providers=(CPU,))
 DEFAULT_TILING = TilingConfig()  # fitted tiles on a CPU, as rdn-serve

@@ -25,18 +25,18 @@ from server.config import (
     TilingConfig,
     UploadConfig,
 )
-from server.cross_site import add_http_flags, cross_site_config_from_args
-from server.http_limits import raise_open_file_limit
+from server.core.planner import MODES
+from server.doors.cross_site import add_http_flags, cross_site_config_from_args
+from server.doors.http_limits import raise_open_file_limit
 from server.lifecycle import EarlySignals, serve
-from server.logging_setup import LEVELS, configure_logging
-from server.memory import pin_mmap_threshold
-from server.metrics import (
+from server.models import MODELS_DIR
+from server.ops.logging_setup import LEVELS, configure_logging
+from server.ops.memory import pin_mmap_threshold
+from server.ops.metrics import (
     add_metrics_flags,
     metrics_config_from_args,
 )
-from server.models import MODELS_DIR
-from server.planner import MODES
-from server.security import (
+from server.ops.security import (
     add_security_flags,
     security_config_from_args,
 )

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from server.app import RunningServer, ServerStartError, build_server
 from server.config import ServerConfig
-from server.engine import Engine
+from server.core.engine import Engine
 
 T = TypeVar("T")
 

@@ -10,7 +10,7 @@ import pytest
 
 from rdn.constants import CPU, CUDA
 from server.config import EngineConfig
-from server.engine import Engine
+from server.core.engine import Engine
 from server.models import default_model_path
 
 REPO = Path(__file__).resolve().parents[1]

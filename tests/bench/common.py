@@ -37,10 +37,10 @@ from server.config import (
     ServerConfig,
     TilingConfig,
 )
-from server.engine import Engine
+from server.core.engine import Engine
+from server.core.tiling import plan_tiles, split_tiles
 from server.models import default_model_path
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
-from server.tiling import plan_tiles, split_tiles
 from tests.server.reference import to_planar
 
 log = logging.getLogger("bench")

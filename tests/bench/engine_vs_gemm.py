@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from server.config import EngineConfig
-from server.engine import Engine
+from server.core.engine import Engine
 from tests.bench.common import (
     add_common_arguments,
     bench_model,

@@ -39,7 +39,7 @@ import onnxruntime as ort
 from export.to_onnx import to_float16
 from rdn.constants import CPU, CUDA
 from server.config import EngineConfig
-from server.engine import Engine
+from server.core.engine import Engine
 from server.models import default_model_path
 from tests.bench import batching_gain, service_vs_whole_image
 from tests.bench.common import SET5, emit, setup_logging

@@ -1,6 +1,6 @@
 """The int8 twin against its float model in onnxruntime, on the same input (target >= 2.0).
 
-Both engines are opened as the server opens them (``server.engine.Engine``, CPU, the same
+Both engines are opened as the server opens them (``server.core.engine.Engine``, CPU, the same
 threads) and run the same inputs, passes alternating: a whole 256x256 photograph (what the
 CPU plan runs for a photo that fits one tile) and a batch of 8 tiles of 80x80 (the fixed
 grid). ratio = float median / int8 median, per input; the target holds for each. The CPU's
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.engine import Engine
+from server.core.engine import Engine
 from tests.bench.common import (
     add_common_arguments,
     bench_model,

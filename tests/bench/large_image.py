@@ -29,9 +29,9 @@ import onnx
 
 from server.client import RetryPolicy, UpscaleClient
 from server.config import BatcherConfig, EngineConfig, LimitsConfig, TilingConfig
-from server.engine import Engine
-from server.planner import make_planner
-from server.tiling import TilePlan
+from server.core.engine import Engine
+from server.core.planner import make_planner
+from server.core.tiling import TilePlan
 from tests.bench.common import (
     add_common_arguments,
     bench_model,

@@ -33,7 +33,7 @@ from rdn.metadata import read_model_metadata
 from rdn.model import RDN, RDNConfig
 from rdn.subpixel import fold_rgb_before_shuffle
 from server.config import EngineConfig
-from server.engine import Engine
+from server.core.engine import Engine
 from tests.bench.common import (
     add_common_arguments,
     batches,

@@ -31,8 +31,8 @@ import aiohttp
 import cv2
 import numpy as np
 
-from server.kserve_rest import HEADER_LENGTH, JSON_TENSOR_BYTES
-from server.kserve_rules import INPUT_NAME, OUTPUT_NAME
+from server.core.kserve_rules import INPUT_NAME, OUTPUT_NAME
+from server.doors.kserve_rest import HEADER_LENGTH, JSON_TENSOR_BYTES
 from tests.bench.common import encode_png, photo
 
 CALL_TIMEOUT_S = 120.0  # a valid call, queueing included, on a busy machine

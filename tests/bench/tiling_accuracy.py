@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from server.tiling import merge_tiles, plan_tiles, split_tiles
+from server.core.tiling import merge_tiles, plan_tiles, split_tiles
 
 log = logging.getLogger("tiling_accuracy")
 

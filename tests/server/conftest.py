@@ -12,7 +12,7 @@ import pytest
 from export.to_onnx import ExportOptions, export_onnx
 from server.client import UpscaleClient
 from server.config import ServerConfig
-from server.engine import Engine
+from server.core.engine import Engine
 from tests.background import BackgroundServer
 from tests.server.loopback import CPU, NO_RETRY, loopback_config
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from server.codec import decode_image
+from server.imaging.codec import decode_image
 
 
 def high_water_bytes() -> int:

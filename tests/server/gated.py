@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 
 from server.config import ServerConfig
-from server.engine import Engine
+from server.core.engine import Engine
 from tests.background import BackgroundServer
 
 WAIT = 30.0  # seconds: bound on every wait; a broken server fails the test instead of hanging

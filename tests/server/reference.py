@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from rdn.ensemble import N_TRANSFORMS, inverse_transform, transform
-from server.tiling import TilePlan, merge_tiles, plan_tiles, split_tiles
+from server.core.tiling import TilePlan, merge_tiles, plan_tiles, split_tiles
 
 
 def to_planar(rgb: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ import pytest
 
 from server.client import AsyncUpscaleClient, UpscaleClient, UpscaleError
 from server.config import BatcherConfig, LimitsConfig, ServerConfig, UploadConfig
-from server.engine import Engine
+from server.core.engine import Engine
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.wire import RETRY_AFTER_KEY
 from tests.background import BackgroundServer

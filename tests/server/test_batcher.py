@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.batch_types import BatcherStopped, QueueFull
-from server.batcher import TileBatcher
 from server.config import BatcherConfig, EngineConfig
-from server.engine import Engine
+from server.core.batch_types import BatcherStopped, QueueFull
+from server.core.batcher import TileBatcher
+from server.core.engine import Engine
 
 WAIT = 5.0  # seconds: bound on every await that must finish; a hang fails the test
 

@@ -1,4 +1,5 @@
-"""Chunked inference (server/chunked.py) against the whole-image path it replaces: bit-identical
+"""Chunked inference (server/core/chunked.py) against the whole-image path it replaces:
+bit-identical
 answers, at most two chunks queued per request, queue refusals and cancellation per chunk."""
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.batch_types import QueueFull
-from server.batcher import TileBatcher
-from server.chunked import (
+from server.config import BatcherConfig, EngineConfig
+from server.core.batch_types import QueueFull
+from server.core.batcher import TileBatcher
+from server.core.chunked import (
     IN_FLIGHT,
     Chunk,
     ChunkTimings,
@@ -24,9 +26,8 @@ from server.chunked import (
     to_uint8,
     to_unit_float,
 )
-from server.config import BatcherConfig, EngineConfig
-from server.engine import Engine
-from server.tiling import plan_tiles
+from server.core.engine import Engine
+from server.core.tiling import plan_tiles
 from tests.server.reference import from_planar, stitch, tile_image
 
 WAIT = 10.0  # seconds: bound on every await that must finish

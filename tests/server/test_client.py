@@ -32,9 +32,9 @@ from server.client import (
     make_payload,
     stream_messages,
 )
-from server.client_files import option_warnings, output_path, resolve_format, writes_single_file
+from server.client.files import option_warnings, output_path, resolve_format, writes_single_file
 from server.config import BatcherConfig, ServerConfig, TilingConfig
-from server.engine import Engine
+from server.core.engine import Engine
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.wire import UPLOAD_ACCEPTED_KEY
 from tests.background import BackgroundServer

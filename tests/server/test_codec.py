@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from server.codec import (
+from server.imaging.codec import (
     OUTPUT_FORMATS,
     DecodedImage,
     ImageError,
@@ -24,7 +24,7 @@ from server.codec import (
     encode_image,
     finish_output,
 )
-from server.image_headers import INPUT_FORMATS, ImageTooLarge
+from server.imaging.headers import INPUT_FORMATS, ImageTooLarge
 from tests.server.reference import from_planar, to_planar
 
 MAX_PIXELS = 4096 * 4096 + 1

@@ -19,7 +19,7 @@ import cv2
 import pytest
 
 from server.config import CrossSiteConfig, MetricsConfig, SecurityConfig, ServerConfig
-from server.cross_site import canonical_origin, exposure_warning, foreign_page, http_bind_host
+from server.doors.cross_site import canonical_origin, exposure_warning, foreign_page, http_bind_host
 from server.main import build_parser, config_from_args
 from tests.background import BackgroundServer
 from tests.server.browser import chromium_driver, run_script_page

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.image_headers import DECODE_BYTES_PER_PIXEL
+from server.imaging.headers import DECODE_BYTES_PER_PIXEL
 
 SIDE = 2048  # 4 Mpix: large enough that the decoder's buffers dominate the interpreter's noise
 SCRIPT = Path(__file__).with_name("decode_memory_script.py")

@@ -15,12 +15,12 @@ import grpc
 import numpy as np
 import pytest
 
-from server.chunked import to_uint8
 from server.client import UpscaleClient
+from server.core.chunked import to_uint8
+from server.core.sizing import SizeOptions
 from server.pb.inference import grpc_service_pb2 as kpb
 from server.pb.inference import grpc_service_pb2_grpc as kpb_grpc
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
-from server.sizing import SizeOptions
 from tests.background import BackgroundServer
 from tests.server.loopback import NO_RETRY, loopback_config
 

@@ -19,7 +19,7 @@ from rdn.onnx_session import (
     session_options,
 )
 from server.config import EngineConfig
-from server.engine import Engine
+from server.core.engine import Engine
 
 CPU_ONLY = EngineConfig(providers=(CPU,), intra_op_threads=1)
 REPO = Path(__file__).resolve().parents[2]
@@ -257,7 +257,7 @@ def test_engine_config_is_validated(tiny_onnx_x2: Path) -> None:
 
 
 def test_engine_module_does_not_import_torch() -> None:
-    code = "import sys, server.engine; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, server.core.engine; sys.exit(1 if 'torch' in sys.modules else 0)"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=60)
     assert result.returncode == 0, result.stderr.decode()
 

@@ -39,7 +39,7 @@ import pytest
 
 from server.client import is_retryable
 from server.config import BatcherConfig, EngineConfig, ServerConfig, TilingConfig
-from server.engine import Engine
+from server.core.engine import Engine
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from tests.background import BackgroundServer
 from tests.server.gated import (
@@ -163,7 +163,7 @@ def test_stream_cancelled_mid_way_costs_at_most_the_running_batch(
     gated: tuple[BackgroundServer, GatedEngine], stage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="rdn.access")
-    caplog.set_level(logging.DEBUG, logger="server.service")
+    caplog.set_level(logging.DEBUG, logger="server.doors.upscaler")
     server, engine = gated
     batcher = server.running.batcher
     hold = threading.Event() if stage == "upload" else None

@@ -2,9 +2,9 @@
 
 Targets: ``codec.decode_image`` (random bytes; valid files of every accepted format and layout
 with bit flips, byte overwrites, truncations, insertions and header fields set to edge values),
-``codec.decode_raw`` (random shapes and byte counts), ``service.output_spec``,
-``access.check_request_id`` and the stream reassembly ``service.receive_stream`` (random chunk
-sequences, driven without a server).
+``codec.decode_raw`` (random shapes and byte counts), ``doors.upscaler.output_spec``,
+``access.check_request_id`` and the stream reassembly ``doors.upscaler.receive_stream``
+(random chunk sequences, driven without a server).
 
 Property: every input either gives a well-formed result (shapes, dtypes and limits consistent)
 or raises the documented error (``ImageError`` / ``ImageTooLarge`` / ``RequestError``); nothing
@@ -29,14 +29,14 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from server.access import MAX_REQUEST_ID_CHARS, AccessRecord, check_request_id
-from server.codec import RAW_CHANNELS, DecodedImage, ImageError, decode_image, decode_raw
 from server.config import LimitsConfig, UploadConfig
-from server.errors import RequestError
-from server.image_headers import INPUT_FORMATS, JPEG_MAX_SCANS, sniff_format
+from server.core.access import MAX_REQUEST_ID_CHARS, AccessRecord, check_request_id
+from server.core.errors import RequestError
+from server.core.uploads import UploadBudget
+from server.doors.upscaler import output_spec, receive_stream
+from server.imaging.codec import RAW_CHANNELS, DecodedImage, ImageError, decode_image, decode_raw
+from server.imaging.headers import INPUT_FORMATS, JPEG_MAX_SCANS, sniff_format
 from server.pb.rdn.v1 import upscale_pb2
-from server.service import output_spec, receive_stream
-from server.uploads import UploadBudget
 from server.wire import DEFAULT_QUALITY, FORMATS
 
 EXAMPLES = int(os.environ.get("RDN_FUZZ_EXAMPLES", "300"))

@@ -16,10 +16,10 @@ import grpc
 import numpy as np
 import pytest
 
-from server.batch_types import QueueFull
 from server.config import LimitsConfig, MetricsConfig, SecurityConfig, UploadConfig
-from server.errors import NotServing, RequestTooLarge
-from server.http_door import http_status
+from server.core.batch_types import QueueFull
+from server.core.errors import NotServing, RequestTooLarge
+from server.doors.http import http_status
 from server.pb.inference import grpc_service_pb2 as kpb
 from server.pb.inference import grpc_service_pb2_grpc as kpb_grpc
 from tests.background import BackgroundServer

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.client import UpscaleClient
 from server.config import UploadConfig
-from server.http_limits import FD_RESERVE, connection_cap
+from server.doors.http_limits import FD_RESERVE, connection_cap
 from tests.background import BackgroundServer
 from tests.server.loopback import NO_RETRY, loopback_config
 from tests.server.test_http_hostile import png, start_serve, stop_serve

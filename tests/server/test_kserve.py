@@ -31,11 +31,11 @@ from server.config import (
     MetricsConfig,
     ServerConfig,
 )
-from server.engine import Engine
+from server.core.engine import Engine
+from server.core.tiling import merge_tiles, plan_tiles, split_tiles
 from server.pb.inference import grpc_service_pb2 as pb
 from server.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
-from server.tiling import merge_tiles, plan_tiles, split_tiles
 from server.wire import RETRY_AFTER_KEY
 from tests.background import BackgroundServer
 from tests.server.loopback import CPU, PAD, TILE, loopback_config

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from server.config import LimitsConfig
-from server.limit_text import over_bytes, over_pixels, pixel_limit, pixels_over
+from server.imaging.limit_text import over_bytes, over_pixels, pixel_limit, pixels_over
 
 
 def test_the_default_pixel_limit_reads_as_a_square_in_megapixels() -> None:

@@ -38,12 +38,12 @@ from server.config import (
     TilingConfig,
     UploadConfig,
 )
-from server.engine import Engine
-from server.logging_setup import JsonFormatter, TextFormatter
+from server.core.engine import Engine
+from server.core.sizing import SizeOptions
 from server.main import build_parser, config_from_args
 from server.models import MODELS_DIR
+from server.ops.logging_setup import JsonFormatter, TextFormatter
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
-from server.sizing import SizeOptions
 from tests.background import BackgroundServer
 
 RDN_SERVE = Path(sys.executable).with_name("rdn-serve")  # the declared console script

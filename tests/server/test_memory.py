@@ -1,4 +1,4 @@
-"""server/memory.py: the glibc mmap threshold pin that keeps rdn-serve's RSS on live requests.
+"""server/ops/memory.py: the glibc mmap threshold pin that keeps rdn-serve's RSS on live requests.
 
 Its effect on a real server's RSS is measured by test_hostile.py (2000 hostile requests).
 """
@@ -9,7 +9,7 @@ import platform
 
 import pytest
 
-from server.memory import ENV_OVERRIDE, MMAP_THRESHOLD_BYTES, pin_mmap_threshold
+from server.ops.memory import ENV_OVERRIDE, MMAP_THRESHOLD_BYTES, pin_mmap_threshold
 
 GLIBC = platform.libc_ver()[0] == "glibc"
 

@@ -24,12 +24,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rdn.metadata import KEY_WEIGHTS_SHA256
 from server.app import ServerStartError
-from server.chunked import IN_FLIGHT, chunk_tiles
 from server.client import AsyncUpscaleClient, UpscaleClient, UpscaleError
 from server.config import MetricsConfig, ServerConfig
-from server.engine import Engine
+from server.core.chunked import IN_FLIGHT, chunk_tiles
+from server.core.engine import Engine
 from server.main import build_parser, config_from_args
-from server.metrics import batch_size_bounds, cumulative_buckets, exposure_warning
+from server.ops.metrics import batch_size_bounds, cumulative_buckets, exposure_warning
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from tests.background import BackgroundServer
 from tests.server.gated import gated_server, until

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from server.config import BatcherConfig, LimitsConfig, TilingConfig
-from server.engine import Engine
+from server.core.engine import Engine
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.wire import RETRY_AFTER_KEY
 from tests.background import BackgroundServer

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 from server.app import warmup_shapes, with_provider_defaults
-from server.batcher import TileBatcher
-from server.chunked import infer_chunked, to_uint8, to_unit_float
 from server.client import UpscaleClient
 from server.config import BatcherConfig, ServerConfig, TilingConfig
-from server.engine import Engine
-from server.planner import CPU_MAX_TILE_PIXELS, make_planner
-from server.tiling import fit_axis, plan_buckets, sized_axis
+from server.core.batcher import TileBatcher
+from server.core.chunked import infer_chunked, to_uint8, to_unit_float
+from server.core.engine import Engine
+from server.core.planner import CPU_MAX_TILE_PIXELS, make_planner
+from server.core.tiling import fit_axis, plan_buckets, sized_axis
 from tests.background import BackgroundServer
 from tests.server.loopback import NO_RETRY, loopback_config
 from tests.server.reference import from_planar, to_planar

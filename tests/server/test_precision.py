@@ -16,12 +16,12 @@ import pytest
 from export.to_onnx import ExportOptions, export_onnx
 from rdn.metadata import INT8_MAX_LOSS_DB, ModelMetadata, read_model_metadata
 from server.config import TilingConfig
+from server.core.repository import choose_defaults
 from server.local import LocalUpscaler
 from server.pb.inference import grpc_service_pb2 as kpb
 from server.pb.inference import grpc_service_pb2_grpc as kpb_grpc
 from server.pb.rdn.v1 import upscale_pb2 as pb
 from server.pb.rdn.v1 import upscale_pb2_grpc as pb_grpc
-from server.repository import choose_defaults
 from tests.background import BackgroundServer
 from tests.server.loopback import PAD, TILE, loopback_config
 

@@ -12,11 +12,11 @@ import grpc
 import numpy as np
 import pytest
 
-from server import client_progress
 from server.client import AsyncUpscaleClient, make_payload, stream_messages
 from server.client import main as client_main
+from server.client import progress as client_progress
+from server.core.progress import TileProgress
 from server.pb.rdn.v1 import upscale_pb2_grpc
-from server.progress import TileProgress
 from tests.background import BackgroundServer
 from tests.server.loopback import NO_RETRY, TILE
 

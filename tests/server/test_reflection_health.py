@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from server.client import RetryPolicy, UpscaleClient, UpscaleError
 from server.config import BatcherConfig, ServerConfig
-from server.engine import Engine
+from server.core.engine import Engine
 from server.pb.inference import grpc_service_pb2 as pb
 from server.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.background import BackgroundServer

@@ -21,14 +21,14 @@ import onnx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import server.repository
+import server.core.repository
 from rdn.metadata import KEY_CONFIG, KEY_NAME, KEY_SCALE
+from server.core.repository import LoadFailed
 from server.models import MODELS_DIR
 from server.pb.inference import grpc_service_pb2 as kpb
 from server.pb.inference import grpc_service_pb2_grpc as kpb_grpc
 from server.pb.rdn.v1 import upscale_pb2 as pb
 from server.pb.rdn.v1 import upscale_pb2_grpc as pb_grpc
-from server.repository import LoadFailed
 from tests.background import BackgroundServer
 from tests.server.loopback import loopback_config
 from tests.server.test_main import CPU_FLAGS, FAST_FLAGS, ServerProcess
@@ -198,13 +198,13 @@ def test_a_burst_of_sighups_is_coalesced(tmp_path: Path) -> None:
 def metadata_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
     """Every model file whose metadata the repository reads (the real function, observed)."""
     reads: list[Path] = []
-    real = server.repository.read_metadata
+    real = server.core.repository.read_metadata
 
     def observed(path: Path) -> dict[str, str]:
         reads.append(Path(path))
         return real(path)
 
-    monkeypatch.setattr(server.repository, "read_metadata", observed)
+    monkeypatch.setattr(server.core.repository, "read_metadata", observed)
     yield reads
 
 

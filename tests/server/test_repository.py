@@ -20,18 +20,15 @@ import pytest
 
 from rdn.metadata import KEY_NAME, read_metadata
 from server.config import TilingConfig
-from server.errors import RequestError
-from server.local import LocalUpscaler
-from server.pb.rdn.v1 import upscale_pb2 as pb
-from server.pb.rdn.v1 import upscale_pb2_grpc as pb_grpc
-from server.repository import (
+from server.core.errors import RequestError
+from server.core.repository import (
     LoadFailed,
     RepositoryConfig,
     RepositoryError,
     choose_defaults,
     discover,
 )
-from server.sizing import (
+from server.core.sizing import (
     SizeOptions,
     check_options,
     needed_factor,
@@ -39,6 +36,9 @@ from server.sizing import (
     resize_filter,
     smallest_scale,
 )
+from server.local import LocalUpscaler
+from server.pb.rdn.v1 import upscale_pb2 as pb
+from server.pb.rdn.v1 import upscale_pb2_grpc as pb_grpc
 from tests.background import BackgroundServer
 from tests.server.cli import run_cli
 from tests.server.loopback import PAD, TILE, loopback_config

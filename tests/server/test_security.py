@@ -27,13 +27,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from server.app import ServerStartError
-from server.auth import INVALID, MISSING, token_digest, token_problem
 from server.client import RetryPolicy, UpscaleClient, UpscaleError
 from server.config import EngineConfig, SecurityConfig, ServerConfig, TilingConfig
-from server.engine import Engine
-from server.logging_setup import JsonFormatter, TextFormatter
+from server.core.engine import Engine
 from server.main import build_parser, config_from_args
-from server.security import ClientSecurity, SecurityError, read_token
+from server.ops.auth import INVALID, MISSING, token_digest, token_problem
+from server.ops.logging_setup import JsonFormatter, TextFormatter
+from server.ops.security import ClientSecurity, SecurityError, read_token
 from tests.background import BackgroundServer
 
 TOKEN = "tok-3f9a1c77d2e84b05a6c1"  # distinctive, so a leak into a log line is found

@@ -32,11 +32,11 @@ from server.client import (
     UpscaleError,
     UpscaleResult,
 )
-from server.codec import decode_image
 from server.config import BatcherConfig, LimitsConfig, TilingConfig
-from server.engine import Engine
+from server.core.engine import Engine
+from server.core.tiling import merge_tiles, plan_tiles, split_tiles
+from server.imaging.codec import decode_image
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
-from server.tiling import merge_tiles, plan_tiles, split_tiles
 from tests.background import BackgroundServer
 from tests.server.gated import call_held_at_the_gate, gated_server, until
 from tests.server.loopback import MAX_BATCH, NO_RETRY, PAD, TILE, loopback_config
@@ -474,7 +474,7 @@ def test_unexpected_error_is_internal_with_a_generic_message_and_a_logged_traceb
 ) -> None:
     config = loopback_config(cropping_model(tmp_path / "cropping.onnx"))
     with (
-        caplog.at_level(logging.ERROR, logger="server.grpc_calls"),
+        caplog.at_level(logging.ERROR, logger="server.doors.grpc_calls"),
         BackgroundServer(config) as bg,
         UpscaleClient(f"127.0.0.1:{bg.port}", retry=NO_RETRY) as c,
     ):
@@ -483,7 +483,7 @@ def test_unexpected_error_is_internal_with_a_generic_message_and_a_logged_traceb
         assert c.info(timeout=10).scale == 2  # still serving
     assert error.value.code == grpc.StatusCode.INTERNAL
     assert error.value.details == "internal error; the server logged the details"
-    (record,) = [r for r in caplog.records if r.name == "server.grpc_calls"]
+    (record,) = [r for r in caplog.records if r.name == "server.doors.grpc_calls"]
     assert "doomed" in record.getMessage() and record.exc_info is not None
     assert "tile outputs have shape" in str(record.exc_info[1])  # the cause, in the log only
 

@@ -13,7 +13,7 @@ from rdn.imaging import downscale, modcrop, read_rgb, upscale_bicubic
 from rdn.metadata import INT8_MAX_LOSS_DB, read_model_metadata
 from rdn.metrics import psnr_y
 from server.client import UpscaleClient
-from server.engine import Engine
+from server.core.engine import Engine
 from server.models import default_model_path
 from tests.background import BackgroundServer
 from tests.server.loopback import CPU, NO_RETRY, loopback_config

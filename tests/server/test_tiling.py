@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.config import TilingConfig
-from server.tiling import (
+from server.core.tiling import (
     TilePlan,
     merge_tile_range_into,
     merge_tiles,

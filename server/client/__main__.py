@@ -1,0 +1,7 @@
+"""``python -m server.client``: the ``rdn-client`` command line."""
+
+import sys
+
+from server.client.cli import main
+
+sys.exit(main())

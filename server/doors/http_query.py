@@ -1,0 +1,69 @@
+"""The query and headers of ``POST /v1/upscale`` read into the core's options: whole numbers
+and decimals as JSON writes them (no "nan", "inf", "1_0" or other digits), a printable request
+id, a known output format. Pure functions of the request."""
+
+from __future__ import annotations
+
+import re
+
+from aiohttp import web
+
+from server.core.errors import RequestError, check_name
+from server.core.sizing import SizeOptions
+from server.doors.http_body import one_line
+
+# A query number: plain ASCII decimal, as JSON writes it (no "nan", "inf", "1_0" or "١")
+DECIMAL = re.compile(r"[0-9]{1,20}(\.[0-9]{0,20})?([eE][+-]?[0-9]{1,3})?|\.[0-9]{1,20}")
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+def _whole_number(text: str, what: str) -> int:
+    try:
+        value = int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else -1
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise RequestError(f"{what}={one_line(text, 40)!r} must be a whole number >= 0")
+    return value
+
+
+def _int_query(request: web.Request, name: str) -> int:
+    text = request.query.get(name, "")
+    return _whole_number(text, f"query {name}") if text else 0
+
+
+def _decimal_query(request: web.Request, name: str) -> float:
+    text = request.query.get(name, "")
+    if not text:
+        return 0.0
+    if DECIMAL.fullmatch(text) is None:
+        raise RequestError(f"query {name}={one_line(text, 40)!r} must be a number, e.g. 1.5")
+    return float(text)
+
+
+def http_request_id(request: web.Request) -> str:
+    """The ``X-Request-Id`` header: it is echoed in the answer's headers, so it must be
+    printable text (aiohttp hands undecodable bytes over as surrogates)."""
+    text = request.headers.get("X-Request-Id", "")
+    if not text.isprintable():
+        raise RequestError(
+            f"X-Request-Id {one_line(text, 40)!r} is not printable UTF-8 text; send letters, "
+            "digits and punctuation"
+        )
+    return text
+
+
+def upscale_options(request: web.Request) -> tuple[SizeOptions, str, int]:
+    """Model and size options, output format name and quality of ``POST /v1/upscale``."""
+    outscale = _decimal_query(request, "outscale")
+    options = SizeOptions(
+        model=check_name(request.query.get("model", ""), "model"),
+        scale=_int_query(request, "scale"),
+        target_width=_int_query(request, "width"),
+        target_height=_int_query(request, "height"),
+        outscale=outscale,
+    )
+    fmt = request.query.get("format", "png").lower()
+    if fmt not in CONTENT_TYPES and fmt != "jpg":
+        raise RequestError(f"query format={one_line(fmt, 40)!r}: choose png, jpeg or webp")
+    return options, "jpeg" if fmt == "jpg" else fmt, _int_query(request, "quality")

@@ -1,0 +1,322 @@
+"""Image bytes <-> RGB arrays for the server: OpenCV decode/encode with limits checked first.
+
+Decoding reads the image size from the file header (server/imaging/headers.py) and refuses an
+image over the pixel limit before OpenCV allocates its pixels, so a small file that declares
+100000x100000 pixels (a decompression bomb) costs nothing. What is accepted:
+
+- formats: PNG, JPEG, WebP, BMP, TIFF (recognised by their first bytes, whatever the client
+  calls them); GIF, animated WebP, BigTIFF and anything else are refused;
+- greyscale comes back greyscale; RGBA, grey+alpha and palette-with-transparency PNG come back
+  RGBA, the alpha channel upscaled separately (bicubic); BMP is read as RGB (no alpha);
+- 16-bit images are reduced to 8 bits (rounded); the model works in 8-bit RGB and the output is
+  8-bit; float or 32-bit integer samples are refused;
+- decoding work is bounded by the file: every PNG chunk must fit in the file (at most 65536
+  chunks), a JPEG may have at most 256 scans (each scan is a pass over the whole image);
+- decoding memory is bounded by the pixel limit: a TIFF tile or strip may hold at most
+  ``max_pixels`` pixels of at most 4 samples of at most 16 bits (libtiff sizes its buffers from
+  the tile, not from the image), so no format needs more than ``DECODE_BYTES_PER_PIXEL`` bytes
+  per allowed pixel while it decodes (measured: tests/server/test_codec.py);
+- corrupt and truncated data is refused, never filled in: the decoders' warnings are errors.
+  libjpeg, behind OpenCV, fills a cut scan with grey and only warns, so every JPEG is first
+  decoded by libjpeg-turbo (simplejpeg, strict, at 1/8 scale: about a fifth of a full decode);
+  every TIFF strip or tile must lie inside the file, and a compressed TIFF is also decoded by
+  Pillow, which fails on the damaged data that libtiff behind OpenCV passes over;
+- JPEG EXIF orientation and the TIFF Orientation tag are applied; PNG and WebP pixels are used as
+  stored; CMYK JPEG/TIFF are converted to RGB; a multi-page TIFF yields its first page.
+
+OpenCV decodes everything except 8-bit TIFF pages with an alpha channel, which Pillow reads:
+libtiff's RGBA path in OpenCV premultiplies their colours and drops grey+alpha's alpha.
+
+Errors: ``ImageError`` (gRPC INVALID_ARGUMENT) says what was wrong and what is accepted;
+``ImageTooLarge`` (RESOURCE_EXHAUSTED) says which limit was exceeded. No cv2.error escapes.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import simplejpeg
+from PIL import Image, ImageOps
+
+from server.imaging.headers import (
+    ACCEPTED_TEXT,
+    Header,
+    ImageError,
+    check_bytes,
+    check_pixels,
+    read_header,
+)
+
+OUTPUT_FORMATS = ("png", "jpeg", "webp", "raw")
+RAW_CHANNELS = (1, 3, 4)
+WEBP_MAX_SIDE = 16383  # pixels, a limit of the WebP bitstream
+JPEG_MAX_SIDE = 65535  # pixels, a limit of the JPEG frame header
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded input, ready for the model, with what the output must look like."""
+
+    rgb: np.ndarray  # H x W x 3 uint8, what the model upscales
+    alpha: np.ndarray | None  # H x W uint8 or None
+    channels: int  # 1, 3 or 4: what the output will have (grey in -> grey out)
+    source_format: str  # "png", "jpeg", "webp", "bmp", "tiff", "raw"
+
+
+# --- decoding -----------------------------------------------------------------------------------
+
+
+def _to_8bit(pixels: np.ndarray, fmt: str) -> np.ndarray:
+    """uint8 as is; uint16 rounded to 8 bits (x / 257); other sample types refused."""
+    if pixels.dtype == np.uint8:
+        return pixels
+    if pixels.dtype == np.uint16:
+        # Rounds to nearest (x / 257 is never exactly k + 0.5) straight into uint8.
+        return cv2.convertScaleAbs(pixels, alpha=1 / 257)
+    raise ImageError(
+        f"{fmt.upper()} image has {pixels.dtype} samples, which are not accepted; send 8- or "
+        "16-bit integer images"
+    )
+
+
+def _imdecode(data: bytes, flags: int, fmt: str) -> np.ndarray:
+    try:
+        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error as e:
+        raise ImageError(f"{fmt.upper()} data could not be decoded ({e.err}); corrupt?") from e
+    if pixels is None or pixels.size == 0:
+        raise ImageError(
+            f"{fmt.upper()} data could not be decoded ({len(data)} bytes; truncated or corrupt?); "
+            f"send {ACCEPTED_TEXT}"
+        )
+    return pixels
+
+
+def _decode_tiff_alpha(data: bytes) -> np.ndarray:
+    """An 8-bit TIFF page with alpha, via Pillow, as straight (not premultiplied) RGBA."""
+    try:
+        with Image.open(io.BytesIO(data), formats=["TIFF"]) as image:
+            upright = ImageOps.exif_transpose(image)  # the Orientation tag, as OpenCV applies it
+            return np.asarray(upright.convert("RGBA"))
+    except Exception as e:  # Pillow's TIFF reader raises many types on corrupt files
+        raise ImageError(
+            f"TIFF data could not be decoded ({len(data)} bytes: {e}; truncated or corrupt?); "
+            f"send {ACCEPTED_TEXT}"
+        ) from e
+
+
+def _check_decoded_size(pixels: np.ndarray, header: Header) -> None:
+    height, width = pixels.shape[:2]
+    if {height, width} != {header.height, header.width}:  # orientation may swap them
+        raise ImageError(
+            f"{header.format.upper()} data is corrupt: the header says "
+            f"{header.width}x{header.height} but {width}x{height} pixels were decoded"
+        )
+
+
+def verify_image(data: bytes, max_pixels: int, max_bytes: int) -> tuple[int, int]:
+    """(width, height) as the file header declares them, after the checks that need no pixels
+    kept: the limits, and the strict integrity decodes of JPEG and compressed TIFF (their
+    output is dropped). The orientation tag may swap width and height in the decoded image."""
+    header = read_header(data, max_pixels, max_bytes)
+    _check_integrity(data, header)
+    return header.width, header.height
+
+
+def _check_integrity(data: bytes, header: Header) -> None:
+    if header.format == "jpeg":
+        _check_jpeg_data(data, header.jpeg_components)
+    elif header.tiff_compressed and not header.tiff_alpha:  # the alpha path decodes with Pillow
+        _check_tiff_data(data)
+
+
+def _check_jpeg_data(data: bytes, components: int) -> None:
+    """Decode the JPEG once with libjpeg-turbo in strict mode, at 1/8 scale (every Huffman code
+    is still read), so a corrupt or cut scan is an error instead of a grey fill."""
+    colorspace = {1: "GRAY", 4: "CMYK"}.get(components, "RGB")
+    try:
+        simplejpeg.decode_jpeg(data, colorspace=colorspace, min_height=1, min_width=1)
+    except ValueError as e:
+        raise ImageError(
+            f"JPEG data is corrupt or truncated ({e}); send the complete, undamaged file"
+        ) from e
+
+
+def _check_tiff_data(data: bytes) -> None:
+    """Decode a compressed TIFF page with Pillow too: its decoder fails on damaged compressed
+    data (a bad checksum, a short LZW stream) that libtiff behind OpenCV fills in silently.
+    A page Pillow cannot open at all is left to OpenCV."""
+    try:
+        image = Image.open(io.BytesIO(data), formats=["TIFF"])
+    except Exception:  # unsupported by Pillow (not by OpenCV): nothing to compare
+        return
+    try:
+        with image:
+            image.load()
+    except Exception as e:  # Pillow's decoders raise OSError, ValueError, SyntaxError ...
+        raise ImageError(
+            f"TIFF data is corrupt or truncated ({e}); send the complete, undamaged file"
+        ) from e
+
+
+def decode_image(
+    data: bytes, max_pixels: int, max_bytes: int, *, verified: bool = False
+) -> DecodedImage:
+    """Decode an encoded image file into RGB (+ alpha), refusing oversized ones before decoding.
+
+    ``verified``: ``verify_image`` already passed on ``data``; its integrity decodes are not
+    repeated.
+    """
+    header = read_header(data, max_pixels, max_bytes)
+    fmt = header.format
+    if not verified:
+        _check_integrity(data, header)
+    if header.tiff_alpha:
+        rgba = _decode_tiff_alpha(data)
+        _check_decoded_size(rgba, header)
+        rgb = np.ascontiguousarray(rgba[:, :, :3])
+        return DecodedImage(rgb, np.ascontiguousarray(rgba[:, :, 3]), 4, fmt)
+    if fmt == "jpeg":
+        # Not IMREAD_UNCHANGED: the other modes apply the EXIF orientation (and give 8 bits).
+        flags = cv2.IMREAD_GRAYSCALE if header.jpeg_components == 1 else cv2.IMREAD_COLOR
+    elif header.tiff_cmyk:
+        flags = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH  # CMYK -> BGR through libtiff
+    else:
+        flags = cv2.IMREAD_UNCHANGED  # keeps alpha and 16-bit samples
+    pixels = _to_8bit(_imdecode(data, flags, fmt), fmt)
+
+    _check_decoded_size(pixels, header)
+    height, width = pixels.shape[:2]
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    if channels == 1:
+        grey = pixels.reshape(height, width)
+        return DecodedImage(cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB), None, 1, fmt)
+    if channels == 3:
+        return DecodedImage(cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB), None, 3, fmt)
+    if channels == 4:
+        rgb = cv2.cvtColor(pixels, cv2.COLOR_BGRA2RGB)
+        return DecodedImage(rgb, np.ascontiguousarray(pixels[:, :, 3]), 4, fmt)
+    raise ImageError(
+        f"{fmt.upper()} image has {channels} channels; accepted: 1 (grey), 3 (RGB) or 4 (RGBA)"
+    )
+
+
+def check_raw(
+    size: int, height: int, width: int, channels: int, max_pixels: int, max_bytes: int
+) -> None:
+    """Raise unless ``size`` bytes of raw H x W x C uint8 pixels are a valid, allowed image."""
+    shape = f"{height}x{width}x{channels}"
+    if height < 1 or width < 1:
+        raise ImageError(f"raw image shape {shape}: height and width must be at least 1")
+    if channels not in RAW_CHANNELS:
+        raise ImageError(f"raw image shape {shape}: channels must be 1 (grey), 3 (RGB) or 4 (RGBA)")
+    check_pixels(width, height, max_pixels, "raw image")
+    check_bytes(size, max_bytes, "raw image data")
+    expected = height * width * channels
+    if size != expected:
+        raise ImageError(
+            f"raw image data is {size} bytes but shape {shape} needs exactly {expected} "
+            "bytes (uint8, row-major H x W x C)"
+        )
+
+
+def decode_raw(
+    data: bytes, height: int, width: int, channels: int, max_pixels: int, max_bytes: int
+) -> DecodedImage:
+    """Read raw row-major uint8 H x W x C bytes (C in 1, 3, 4); 3 channels are used in place
+    (a read-only view of ``data``), 1 and 4 are split into RGB (+ alpha)."""
+    check_raw(len(data), height, width, channels, max_pixels, max_bytes)
+    pixels = np.frombuffer(data, np.uint8).reshape(height, width, channels)
+    if channels == 1:
+        return DecodedImage(np.repeat(pixels, 3, axis=2), None, 1, "raw")
+    if channels == 3:
+        return DecodedImage(pixels, None, 3, "raw")
+    return DecodedImage(np.ascontiguousarray(pixels[:, :, :3]), pixels[:, :, 3].copy(), 4, "raw")
+
+
+# --- model input/output -------------------------------------------------------------------------
+
+
+def finish_output(sr_rgb: np.ndarray, decoded: DecodedImage, scale: int) -> np.ndarray:
+    """Give the upscaled RGB the input's channel layout: grey -> 1 channel, RGBA -> alpha
+    upscaled separately (bicubic, clipped) and re-attached. Returns sH x sW x C uint8."""
+    height, width = decoded.rgb.shape[:2]
+    expected = (scale * height, scale * width, 3)
+    if sr_rgb.shape != expected or sr_rgb.dtype != np.uint8:
+        raise ValueError(f"upscaled image is {sr_rgb.shape} {sr_rgb.dtype}; expected {expected}")
+    if decoded.channels == 1:
+        return cv2.cvtColor(sr_rgb, cv2.COLOR_RGB2GRAY)[:, :, None]
+    if decoded.channels == 3:
+        return sr_rgb
+    if decoded.alpha is None:
+        raise ValueError("a 4-channel image lost its alpha channel")
+    # uint8 in, uint8 out: cv2.resize saturates the bicubic overshoot to 0..255.
+    alpha = cv2.resize(
+        decoded.alpha, (scale * width, scale * height), interpolation=cv2.INTER_CUBIC
+    )
+    return np.dstack([sr_rgb, alpha])
+
+
+# --- encoding -----------------------------------------------------------------------------------
+
+
+def check_side(fmt: str, width: int, height: int) -> None:
+    """Refuse an answer of ``width`` x ``height`` that ``fmt`` cannot hold (JPEG and WebP
+    have a largest side); callers check before computing the image, not after."""
+    limit = {"jpeg": JPEG_MAX_SIDE, "webp": WEBP_MAX_SIDE}.get(fmt)
+    if limit is not None and max(height, width) > limit:
+        raise ImageError(
+            f"{fmt} output is limited to {limit}x{limit} pixels and the result would be "
+            f"{width}x{height}; choose png or raw"
+        )
+
+
+def encode_image(image: np.ndarray, fmt: str, quality: int, *, side_checked: bool = False) -> bytes:
+    """Encode H x W x C uint8 (C = 1, 3 RGB or 4 RGBA; H x W is grey) as ``fmt``.
+
+    ``side_checked``: the caller ran ``check_side`` on this size before computing the image
+    (the server does, before any tile), so it is not checked twice.
+
+    ``fmt`` is one of OUTPUT_FORMATS; ``quality`` (1..100) is used by jpeg and webp only.
+    "raw" returns the row-major bytes of the array. JPEG cannot carry alpha and WebP has no grey
+    mode (a grey image is written as RGB).
+    """
+    if fmt not in OUTPUT_FORMATS:
+        raise ImageError(f"output format {fmt!r} is not supported; choose one of {OUTPUT_FORMATS}")
+    if fmt in ("jpeg", "webp") and not 1 <= quality <= 100:
+        raise ImageError(f"{fmt} quality {quality} is out of range; choose 1..100")
+    if image.dtype != np.uint8 or image.ndim not in (2, 3):
+        raise ImageError(
+            f"image to encode is {image.shape} {image.dtype}; expected H x W x C uint8"
+        )
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    if channels not in RAW_CHANNELS:
+        raise ImageError(f"image to encode has {channels} channels; expected 1, 3 or 4")
+    if fmt == "raw":
+        return np.ascontiguousarray(image).tobytes()
+    height, width = image.shape[:2]
+    if fmt == "jpeg" and channels == 4:
+        raise ImageError("JPEG cannot carry the alpha channel of an RGBA image; choose png or webp")
+    if not side_checked:
+        check_side(fmt, width, height)
+    if channels == 1:
+        bgr = image.reshape(height, width)
+    elif channels == 3:
+        bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    else:
+        bgr = cv2.cvtColor(image, cv2.COLOR_RGBA2BGRA)
+    params = {
+        "png": [],
+        "jpeg": [cv2.IMWRITE_JPEG_QUALITY, quality],
+        "webp": [cv2.IMWRITE_WEBP_QUALITY, quality],
+    }[fmt]
+    try:
+        ok, buffer = cv2.imencode("." + fmt, bgr, params)
+    except cv2.error as e:
+        raise ImageError(f"{fmt} encoding of a {width}x{height} image failed: {e.err}") from e
+    if not ok:
+        raise ImageError(f"{fmt} encoding of a {width}x{height} image failed; try png or raw")
+    return buffer.tobytes()
