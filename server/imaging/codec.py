@@ -15,7 +15,7 @@ image over the pixel limit before OpenCV allocates its pixels, so a small file t
 - decoding memory is bounded by the pixel limit: a TIFF tile or strip may hold at most
   ``max_pixels`` pixels of at most 4 samples of at most 16 bits (libtiff sizes its buffers from
   the tile, not from the image), so no format needs more than ``DECODE_BYTES_PER_PIXEL`` bytes
-  per allowed pixel while it decodes (measured: tests/server/test_codec.py);
+  per allowed pixel while it decodes (measured: tests/server/imaging/test_codec.py);
 - corrupt and truncated data is refused, never filled in: the decoders' warnings are errors.
   libjpeg, behind OpenCV, fills a cut scan with grey and only warns, so every JPEG is first
   decoded by libjpeg-turbo (simplejpeg, strict, at 1/8 scale: about a fifth of a full decode);

@@ -6,7 +6,7 @@ returns them to the system on ``free``, but it raises that threshold to the size
 block freed (up to 32 MiB): after the first few large requests, their buffers come from the heap
 and freed heap memory is kept, so RSS climbs to a high-water mark of fragments (measured: +63 MiB
 over 2000 hostile requests; with the threshold pinned, +15 MiB and no trend, see
-tests/server/test_hostile.py). Pinning the threshold keeps large buffers mmapped.
+tests/server/doors/test_hostile.py). Pinning the threshold keeps large buffers mmapped.
 """
 
 from __future__ import annotations

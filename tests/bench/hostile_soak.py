@@ -78,7 +78,7 @@ from tests.bench.common import (
 )
 from tests.bench.load import CALL_TIMEOUT_S, MESSAGE_BYTES, job_mix, rss_mib
 from tests.bench.soak_http import HttpAttacks, HttpDoor, http_answer, http_valid_mix
-from tests.server.test_hostile import tiff_tile_bomb
+from tests.server.doors.test_hostile import tiff_tile_bomb
 
 BENCH = "hostile_soak"
 UPLOAD_IDLE_S = 5.0  # rdn-serve --upload-idle-timeout for this run

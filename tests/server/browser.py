@@ -1,6 +1,7 @@
 """Drives the server's page (``/``) in Debian's headless Chromium through Selenium.
 
-Used by tests/server/test_http.py, and to make the screenshot in docs/ with the shipped models::
+Used by tests/server/doors/test_http.py, and to make the screenshot in docs/ with the shipped
+models::
 
     python -m tests.server.browser tests/data/Set5/butterfly.png docs/http_page.png
 """

@@ -22,7 +22,7 @@ from server.config import EngineConfig
 from server.core.engine import Engine
 
 CPU_ONLY = EngineConfig(providers=(CPU,), intra_op_threads=1)
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def tiles(n: int, size: int = 20, seed: int = 0) -> np.ndarray:

@@ -9,7 +9,7 @@ with bit flips, byte overwrites, truncations, insertions and header fields set t
 Property: every input either gives a well-formed result (shapes, dtypes and limits consistent)
 or raises the documented error (``ImageError`` / ``ImageTooLarge`` / ``RequestError``); nothing
 else escapes and nothing hangs (Hypothesis deadline). CI runs a bounded, derandomized number of
-examples; a long run is ``RDN_FUZZ_EXAMPLES=100000 pytest tests/server/test_fuzz.py`` (random
+examples; a long run is ``RDN_FUZZ_EXAMPLES=100000 pytest tests/server/doors/test_fuzz.py`` (random
 seeds, every failing input shrunk and printed).
 """
 

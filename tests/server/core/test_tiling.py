@@ -24,7 +24,7 @@ from server.core.tiling import (
     split_tiles,
 )
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "server" / "models" / "default_x2.onnx"
+DEFAULT_MODEL = Path(__file__).resolve().parents[3] / "server" / "models" / "default_x2.onnx"
 
 
 def nearest_upscale(batch: np.ndarray, scale: int) -> np.ndarray:

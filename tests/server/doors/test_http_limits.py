@@ -22,8 +22,8 @@ from server.client import UpscaleClient
 from server.config import UploadConfig
 from server.doors.http_limits import FD_RESERVE, connection_cap
 from tests.background import BackgroundServer
+from tests.server.doors.test_http_hostile import png, start_serve, stop_serve
 from tests.server.loopback import NO_RETRY, loopback_config
-from tests.server.test_http_hostile import png, start_serve, stop_serve
 
 HEAD_TIMEOUT_S = 1.0  # --http-idle-timeout of the servers below
 # The flooded server's: long enough that the flood's 450 connects land within it even on a

@@ -56,7 +56,7 @@ def defaults_of(folder: Path, precision: str) -> tuple[dict[str, bool], dict[str
 
 
 def _png() -> bytes:
-    image = cv2.imread(str(Path(__file__).parents[1] / "data" / "Set5" / "baby.png"))[:40, :48]
+    image = cv2.imread(str(Path(__file__).parents[2] / "data" / "Set5" / "baby.png"))[:40, :48]
     ok, data = cv2.imencode(".png", image)
     assert ok
     return data.tobytes()

@@ -18,7 +18,7 @@ from PIL import Image
 from server.imaging.headers import DECODE_BYTES_PER_PIXEL
 
 SIDE = 2048  # 4 Mpix: large enough that the decoder's buffers dominate the interpreter's noise
-SCRIPT = Path(__file__).with_name("decode_memory_script.py")
+SCRIPT = Path(__file__).parents[1] / "decode_memory_script.py"
 
 
 def gradient(channels: int, top: int = 255) -> np.ndarray:

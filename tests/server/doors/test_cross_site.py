@@ -23,8 +23,8 @@ from server.doors.cross_site import canonical_origin, exposure_warning, foreign_
 from server.main import build_parser, config_from_args
 from tests.background import BackgroundServer
 from tests.server.browser import chromium_driver, run_script_page
+from tests.server.core.test_repository import named_copy
 from tests.server.loopback import loopback_config
-from tests.server.test_repository import named_copy
 
 ALLOWED_ORIGIN = "https://photos.example"  # in the server's --http-cors-origin list
 ALLOWED_HOST = "sr.internal"  # in its --http-allowed-host list

@@ -1,11 +1,11 @@
-"""Property-based fuzzing of the HTTP door (as tests/server/test_fuzz.py does for what gRPC
+"""Property-based fuzzing of the HTTP door (as tests/server/doors/test_fuzz.py does for what gRPC
 parses): random methods, routes, model names, query options (huge, tiny, non-finite,
 non-ASCII), headers and bodies (images, random bytes, KServe JSON of random shapes and
 values) against a real server on 127.0.0.1.
 
 Property: every request is answered below 500, and the server logs no error and no traceback.
 CI runs a bounded, derandomized number of examples; a long run is
-``RDN_FUZZ_EXAMPLES=20000 pytest tests/server/test_http_fuzz.py``.
+``RDN_FUZZ_EXAMPLES=20000 pytest tests/server/doors/test_http_fuzz.py``.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.background import BackgroundServer
+from tests.server.doors.test_http_hostile import png
 from tests.server.loopback import loopback_config
-from tests.server.test_http_hostile import png
 
 EXAMPLES = int(os.environ.get("RDN_FUZZ_EXAMPLES", "200"))
 LONG_RUN = "RDN_FUZZ_EXAMPLES" in os.environ
