@@ -1,0 +1,273 @@
+"""What kind of input a request holds, and which model suits it: the clean or the photo one.
+
+The clean models (``default_x*``) were trained on clean bicubic LR; the photo models
+(``rdn_x*_photo``) on LR damaged by JPEG and noise. Each is better on its own kind of input
+(docs/auto.md has the measurements), so ``model=auto`` looks at the input and picks one:
+
+- a JPEG file: the quality it was saved at, from its quantization tables (read from the file
+  header by Pillow, no pixel decoded), matched against the IJG tables that libjpeg,
+  libjpeg-turbo, OpenCV and Pillow all scale from their quality setting;
+- any input: its noise level (a robust form of Immerkaer's fast estimator on the luma) and the
+  blocking of an earlier JPEG compression (the step at 8-pixel boundaries against the steps
+  elsewhere), for PNGs that were once JPEGs.
+
+``measure`` computes the features, ``choose`` decides; both are pure and torch-free. A feature
+that cannot be computed is ``None`` and never fails the request: the choice falls back to the
+clean model and its reason says why.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger("server.input_kind")
+
+Kind = Literal["clean", "photo"]
+
+# IJG base tables (ITU-T T.81 Annex K, natural order), which libjpeg scales by the quality.
+IJG_LUMA = np.array(
+    [
+        [16, 11, 10, 16, 24, 40, 51, 61],
+        [12, 12, 14, 19, 26, 58, 60, 55],
+        [14, 13, 16, 24, 40, 57, 69, 56],
+        [14, 17, 22, 29, 51, 87, 80, 62],
+        [18, 22, 37, 56, 68, 109, 103, 77],
+        [24, 35, 55, 64, 81, 104, 113, 92],
+        [49, 64, 78, 87, 103, 121, 120, 101],
+        [72, 92, 95, 98, 112, 100, 103, 99],
+    ],
+    dtype=np.int32,
+).ravel()
+IJG_CHROMA = np.array(
+    [
+        [17, 18, 24, 47, 99, 99, 99, 99],
+        [18, 21, 26, 66, 99, 99, 99, 99],
+        [24, 26, 56, 99, 99, 99, 99, 99],
+        [47, 66, 99, 99, 99, 99, 99, 99],
+        *[[99] * 8] * 4,
+    ],
+    dtype=np.int32,
+).ravel()
+JPEG_BLOCK = 8  # pixels: the side of a JPEG DCT block in the luma plane
+# 2-D second difference: on white Gaussian noise of sigma s its response has deviation 6 s.
+NOISE_KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float32)
+NOISE_BLOCK = 16  # pixels: side of the blocks whose noise levels are compared
+NOISE_BLOCK_PERCENTILE = 20  # the flattest fifth of the blocks sets the noise level
+# sigma / mean |response|: sqrt(pi / 2) / 6 for Gaussian noise (6 s is the response's
+# deviation), times 1.045 for the low percentile's bias (measured on 512x512 RGB Gaussian
+# noise of sigma 2-20: 0.957-0.958 of the truth without it; greyscale reads 3 % lower).
+NOISE_CALIBRATION = float(np.sqrt(np.pi / 2) / 6) * 1.045
+FLAT_STEP = 4.0  # grey levels: mean neighbouring step below which a spot counts as flat
+MIN_SIDE = 16  # pixels: smaller inputs are too small to measure (two JPEG blocks)
+MAX_MEASURED_PIXELS = 1 << 20  # larger inputs are measured on a centred crop of this many
+
+# Thresholds (docs/auto.md "How the thresholds were set"): at or beyond them the photo model
+# scored higher on held-out photos (BSDS200 crops, which no shipped model trained on).
+PHOTO_MAX_JPEG_QUALITY = {2: 85, 4: 85}  # JPEG quality at or below: photo model
+PHOTO_MIN_NOISE_SIGMA = {2: 3.0, 4: 3.0}  # estimated sigma (0-255) at or above: photo model
+PHOTO_MIN_BLOCKINESS = {2: 1.3, 4: 1.3}  # 8x8 boundary step ratio at or above: photo model
+
+
+@dataclass(frozen=True)
+class JpegQuality:
+    """The IJG quality whose tables are nearest to a file's, and whether they match exactly."""
+
+    quality: int  # 1..100
+    exact: bool  # the file's tables are the IJG tables of ``quality``, entry for entry
+
+
+@dataclass(frozen=True)
+class Features:
+    """What ``measure`` saw: each feature ``None`` where it does not apply or failed."""
+
+    jpeg: JpegQuality | None  # only for JPEG files
+    noise_sigma: float | None  # 0-255 scale, on the luma
+    blockiness: float | None  # ~1.0 for a never-compressed image, larger with 8x8 blocking
+    note: str = ""  # why a feature is missing, if it is
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The model kind for a request and a short reason a person can read."""
+
+    kind: Kind
+    reason: str
+
+
+def ijg_table(base: np.ndarray, quality: int) -> np.ndarray:
+    """The table libjpeg writes for ``quality`` (``jpeg_quality_scaling``, baseline-limited)."""
+    quality = min(max(int(quality), 1), 100)
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    return np.clip((base * scale + 50) // 100, 1, 255)
+
+
+_IJG_LUMA_TABLES = np.stack([ijg_table(IJG_LUMA, q) for q in range(1, 101)])
+_IJG_CHROMA_TABLES = np.stack([ijg_table(IJG_CHROMA, q) for q in range(1, 101)])
+
+
+def quality_from_tables(tables: dict[int, list[int]] | dict[int, np.ndarray]) -> JpegQuality:
+    """The IJG quality of a JPEG's quantization tables (Pillow's ``Image.quantization``).
+
+    Table 0 is luma, table 1 (if present) chroma, both in natural order. Tables from another
+    encoder (a camera, Photoshop, mozjpeg) match no IJG quality exactly: the quality whose
+    tables are nearest (in mean absolute log ratio, so that the fine low frequencies weigh as
+    much as the coarse high ones) is returned with ``exact=False``.
+    """
+    if 0 not in tables:
+        raise ValueError("JPEG has no luma quantization table (table 0)")
+    luma = np.asarray(tables[0], dtype=np.int32).ravel()
+    if luma.size != 64:
+        raise ValueError(f"JPEG luma quantization table has {luma.size} entries, not 64")
+    candidates = [(luma, _IJG_LUMA_TABLES)]
+    if 1 in tables:
+        chroma = np.asarray(tables[1], dtype=np.int32).ravel()
+        if chroma.size == 64:
+            candidates.append((chroma, _IJG_CHROMA_TABLES))
+    exact = np.ones(100, dtype=bool)
+    distance = np.zeros(100)
+    for table, references in candidates:
+        exact &= (references == table).all(axis=1)
+        distance += np.abs(np.log(np.maximum(table, 1)) - np.log(references)).mean(axis=1)
+    if exact.any():
+        # Qualities 98-100 can share tables; the highest one that matches is reported.
+        return JpegQuality(int(np.flatnonzero(exact)[-1]) + 1, True)
+    return JpegQuality(int(np.argmin(distance)) + 1, False)
+
+
+def jpeg_quality(data: bytes) -> JpegQuality | None:
+    """The quality a JPEG file was saved at, from its header; ``None`` if it is not a JPEG.
+
+    Raises ``ValueError`` for a JPEG whose header cannot be read (truncated, no tables).
+    """
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    try:
+        with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
+            tables = getattr(image, "quantization", None)
+    except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors for a broken header
+        raise ValueError(f"JPEG header unreadable: {e}") from e
+    if not tables:
+        raise ValueError("JPEG has no quantization tables")
+    return quality_from_tables(tables)
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """BT.601 luma of an HxWx3 (or HxW) uint8 image, uint8 (what a JPEG encoder blocks)."""
+    if rgb.ndim == 2:
+        return rgb
+    return cv2.cvtColor(np.ascontiguousarray(rgb[:, :, :3]), cv2.COLOR_RGB2GRAY)
+
+
+def centre_crop(image: np.ndarray, max_pixels: int = MAX_MEASURED_PIXELS) -> np.ndarray:
+    """A centred crop of at most ``max_pixels``, its origin on the 8-pixel JPEG grid."""
+    height, width = image.shape[:2]
+    if height * width <= max_pixels:
+        return image
+    side_h = min(height, max(JPEG_BLOCK, int(np.sqrt(max_pixels * height / width))))
+    side_w = min(width, max(JPEG_BLOCK, max_pixels // side_h))
+    top = (height - side_h) // 2 // JPEG_BLOCK * JPEG_BLOCK
+    left = (width - side_w) // 2 // JPEG_BLOCK * JPEG_BLOCK
+    return image[top : top + side_h, left : left + side_w]
+
+
+def noise_sigma(rgb: np.ndarray) -> float:
+    """Standard deviation of white noise per colour channel (0-255), robust to texture.
+
+    Immerkaer's estimator (1996) filters with a 2-D second difference, which cancels locally
+    linear image content and leaves the noise; its mean absolute response over each 16x16
+    block, summed over the channels, is the block's noise level plus its texture. Texture is
+    removed by taking a low percentile of the blocks (the flattest fifth), as noise estimators
+    for textured images do (Liu et al., "Noise level estimation using weak textured
+    patches"). Calibrated on pure Gaussian noise (``NOISE_CALIBRATION``).
+    """
+    image = rgb if rgb.ndim == 3 else rgb[:, :, None]
+    response = cv2.filter2D(image, cv2.CV_16S, NOISE_KERNEL, borderType=cv2.BORDER_REFLECT_101)
+    magnitude = np.abs(response.reshape(*image.shape[:2], -1)).sum(axis=2, dtype=np.int32)
+    side = NOISE_BLOCK
+    rows, cols = (image.shape[0] - 2) // side, (image.shape[1] - 2) // side
+    blocks = magnitude[1 : 1 + rows * side, 1 : 1 + cols * side]
+    sums = blocks.reshape(rows, side, cols, side).sum(axis=(1, 3), dtype=np.int64).ravel()
+    k = int(NOISE_BLOCK_PERCENTILE / 100 * (sums.size - 1))
+    mean_abs = float(np.partition(sums, k)[k]) / (side * side * image.shape[2])
+    return mean_abs * NOISE_CALIBRATION
+
+
+def blockiness(grey: np.ndarray) -> float:
+    """How much larger the steps across the 8-pixel JPEG grid are than the steps elsewhere.
+
+    Over the flat parts of the image (where the two neighbouring steps average at most
+    ``FLAT_STEP`` grey levels; texture would drown the blocking), the mean absolute step
+    between neighbours across block boundaries (columns 7|8, 15|16, ... and the same rows)
+    over that mean at the other positions: about 1.0 for an image never compressed, larger
+    for one decoded from a coarse JPEG, whose blocks were quantized independently. The grid is
+    taken at the image origin, where an uncropped JPEG has it.
+    """
+    y = grey.astype(np.int16)
+    ratios = []
+    for steps in (np.abs(np.diff(y, axis=1)), np.abs(np.diff(y, axis=0)).T):
+        flat = (steps[:, :-2] + steps[:, 2:]) <= 2 * FLAT_STEP
+        step_sums = np.where(flat, steps[:, 1:-1], 0).sum(axis=0, dtype=np.int64)
+        flat_counts = flat.sum(axis=0, dtype=np.int64)
+        boundary = np.arange(1, steps.shape[1] - 1) % JPEG_BLOCK == JPEG_BLOCK - 1
+        across, inside = flat_counts[boundary].sum(), flat_counts[~boundary].sum()
+        if across == 0 or inside == 0:
+            continue
+        mean_across = step_sums[boundary].sum() / across
+        mean_inside = step_sums[~boundary].sum() / inside
+        ratios.append(float(mean_across) / max(float(mean_inside), 0.05))
+    return float(np.mean(ratios)) if ratios else 1.0
+
+
+def measure(data: bytes | None, rgb: np.ndarray | None) -> Features:
+    """The features of one input: its encoded bytes (for JPEG tables) and decoded pixels.
+
+    Either may be ``None`` (a raw-pixel request has no file; a caller may skip the pixels).
+    Nothing here raises: a feature that cannot be computed is ``None`` and ``note`` says why.
+    """
+    notes = []
+    jpeg = None
+    if data is not None:
+        try:
+            jpeg = jpeg_quality(data)
+        except ValueError as e:
+            notes.append(str(e))
+    sigma = blocks = None
+    if rgb is None:
+        notes.append("no pixels")
+    elif rgb.ndim not in (2, 3) or rgb.dtype != np.uint8:
+        notes.append(f"pixels of {rgb.dtype} {rgb.shape} not measured")
+    elif min(rgb.shape[:2]) < MIN_SIDE:
+        notes.append(f"{rgb.shape[1]}x{rgb.shape[0]} too small to measure")
+    else:
+        pixels = centre_crop(rgb)
+        sigma, blocks = noise_sigma(pixels), blockiness(luma(pixels))
+    return Features(jpeg=jpeg, noise_sigma=sigma, blockiness=blocks, note="; ".join(notes))
+
+
+def choose(features: Features, scale: int) -> Choice:
+    """Clean or photo model for an input of ``features`` at ``scale`` (thresholds above).
+
+    The photo model when the input was saved as a JPEG at or below the quality threshold, is
+    noisier than the noise threshold, or shows 8x8 blocking; otherwise the clean model.
+    Scales without thresholds of their own (x3 has no photo model) use x2's.
+    """
+    max_quality = PHOTO_MAX_JPEG_QUALITY.get(scale, PHOTO_MAX_JPEG_QUALITY[2])
+    min_sigma = PHOTO_MIN_NOISE_SIGMA.get(scale, PHOTO_MIN_NOISE_SIGMA[2])
+    min_blocks = PHOTO_MIN_BLOCKINESS.get(scale, PHOTO_MIN_BLOCKINESS[2])
+    if features.jpeg is not None and features.jpeg.quality <= max_quality:
+        approx = "" if features.jpeg.exact else "~"
+        return Choice("photo", f"JPEG quality {approx}{features.jpeg.quality}")
+    if features.noise_sigma is not None and features.noise_sigma >= min_sigma:
+        return Choice("photo", f"noise sigma {features.noise_sigma:.1f}")
+    if features.blockiness is not None and features.blockiness >= min_blocks:
+        return Choice("photo", f"8x8 blocking {features.blockiness:.2f}")
+    if features.noise_sigma is None and features.jpeg is None:
+        return Choice("clean", f"clean (not measured: {features.note or 'no features'})")
+    return Choice("clean", "clean")
