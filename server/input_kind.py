@@ -151,7 +151,7 @@ def jpeg_quality(data: bytes) -> JpegQuality | None:
     try:
         with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
             tables = getattr(image, "quantization", None)
-    except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors for a broken header
+    except Exception as e:  # Pillow's parsers raise OSError, SyntaxError, EOFError, struct.error...
         raise ValueError(f"JPEG header unreadable: {e}") from e
     if not tables:
         raise ValueError("JPEG has no quantization tables")
@@ -246,7 +246,7 @@ def measure(data: bytes | None, rgb: np.ndarray | None) -> Features:
     elif min(rgb.shape[:2]) < MIN_SIDE:
         notes.append(f"{rgb.shape[1]}x{rgb.shape[0]} too small to measure")
     else:
-        pixels = centre_crop(rgb)
+        pixels = centre_crop(rgb if rgb.ndim == 2 else rgb[:, :, :3])
         sigma, blocks = noise_sigma(pixels), blockiness(luma(pixels))
     return Features(jpeg=jpeg, noise_sigma=sigma, blockiness=blocks, note="; ".join(notes))
 
