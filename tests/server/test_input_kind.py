@@ -133,6 +133,8 @@ def test_decision_rules_one_feature_at_a_time() -> None:
     assert choose(Features(None, sigma - 0.1, 1.0), 2) == Choice("clean", "clean")
     assert choose(Features(None, 0.5, blocks), 2) == Choice("photo", f"8x8 blocking {blocks:.2f}")
     assert choose(Features(None, 0.5, blocks), 3).kind == "photo"  # x3 falls back to x2's rule
+    # A JPEG file above the quality threshold: its tables, not its blocks, decide.
+    assert choose(Features(JpegQuality(quality + 5, True), 0.5, blocks + 1), 2).kind == "clean"
 
 
 @pytest.mark.parametrize(
