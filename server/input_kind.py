@@ -60,6 +60,7 @@ JPEG_BLOCK = 8  # pixels: the side of a JPEG DCT block in the luma plane
 NOISE_KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float32)
 NOISE_BLOCK = 8  # pixels: side of the blocks whose noise levels are compared
 NOISE_BLOCK_PERCENTILE = 10  # the flattest tenth of the blocks sets the noise level
+DETAIL_BLOCK_PERCENTILE = 90  # the busiest tenth sets the detail level
 # sigma / mean |response|: sqrt(pi / 2) / 6 for Gaussian noise (6 s is the response's
 # deviation), times 1.136 for the low percentile's bias (measured on 512x512 RGB Gaussian
 # noise of sigma 2-20: 0.877-0.889 of the truth without it; greyscale reads 9 % lower).
@@ -71,11 +72,14 @@ MAX_MEASURED_PIXELS = 1 << 20  # larger inputs are measured on a centred crop of
 # Thresholds, set on 40 BSDS200 photos (every 5th from the first; no shipped model trained on
 # BSDS200), centred crops of 160 LR pixels, fp32 clean and photo models, Y-PSNR as rdn-eval
 # scores it (docs/models.md, "Choosing the model per input"). JPEG: the photo model's mean
-# led from quality 85 down (x2: -0.17 dB at 90, +0.14 at 85; x4: -0.13, +0.03). Noise and
-# blocking: the pair that kept every kind's mean closest to its better model (true sigma 5,
-# the crossover, lost 0.04 dB; sigma 7 and up went to the photo model, 1-4 stayed clean).
+# led from quality 85 down (x2: -0.17 dB at 90, +0.14 at 85; x4: -0.13, +0.03). Noise: from
+# sigma 7 the photo model won on nearly every photo; at sigma 3-6 it won on smooth photos and
+# lost on detailed ones, so there the noise is weighed against the detail. Blocking: the
+# value that kept every PNG kind's mean closest to its better model.
 PHOTO_MAX_JPEG_QUALITY = {2: 85, 4: 85}  # IJG quality of a JPEG file at or below: photo
 PHOTO_MIN_NOISE_SIGMA = {2: 6.5, 4: 6.5}  # ``noise_sigma`` (0-255) at or above: photo
+PHOTO_MIN_SMOOTH_SIGMA = {2: 3.0, 4: 3.0}  # at or above, with noise/detail as below: photo
+PHOTO_MIN_NOISE_TO_DETAIL = {2: 0.55, 4: 0.65}  # noise sigma / detail at or above: photo
 PHOTO_MIN_BLOCKINESS = {2: 1.3, 4: 1.3}  # ``blockiness`` of a file without JPEG tables
 
 
@@ -92,7 +96,8 @@ class Features:
     """What ``measure`` saw: each feature ``None`` where it does not apply or failed."""
 
     jpeg: JpegQuality | None  # only for JPEG files
-    noise_sigma: float | None  # 0-255 scale, on the luma
+    noise_sigma: float | None  # 0-255 scale, per colour channel
+    detail: float | None  # high-frequency content of the busiest blocks, noise_sigma's scale
     blockiness: float | None  # ~1.0 for a never-compressed image, larger with 8x8 blocking
     note: str = ""  # why a feature is missing, if it is
 
@@ -181,15 +186,17 @@ def centre_crop(image: np.ndarray, max_pixels: int = MAX_MEASURED_PIXELS) -> np.
     return image[top : top + side_h, left : left + side_w]
 
 
-def noise_sigma(rgb: np.ndarray) -> float:
-    """Standard deviation of white noise per colour channel (0-255), robust to texture.
+def noise_and_detail(rgb: np.ndarray) -> tuple[float, float]:
+    """Noise sigma per colour channel (0-255) and the image's detail on the same scale.
 
     Immerkaer's estimator (1996) filters with a 2-D second difference, which cancels locally
     linear image content and leaves the noise; its mean absolute response over each 8x8 block
-    (all channels) is the block's noise level plus its texture. Texture is left out by taking
-    a low percentile of the blocks (the flattest tenth), as estimators for textured images do
-    (Liu et al. 2013, "weak textured patches"). Calibrated on pure Gaussian noise
-    (``NOISE_CALIBRATION``).
+    (all channels) is the block's noise level plus its texture. The noise is read from the
+    flattest tenth of the blocks, where texture adds least, as estimators for textured images
+    do (Liu et al. 2013, "weak textured patches"); the detail from the busiest tenth
+    (``DETAIL_BLOCK_PERCENTILE``). Both use the scale that makes the noise of pure Gaussian
+    noise read its sigma (``NOISE_CALIBRATION``); its detail then reads 1.28 sigma (measured,
+    sigma 3 and 10), so noise over detail is at most about 0.78.
     """
     image = rgb if rgb.ndim == 3 else rgb[:, :, None]
     response = cv2.filter2D(image, cv2.CV_16S, NOISE_KERNEL, borderType=cv2.BORDER_REFLECT_101)
@@ -198,9 +205,16 @@ def noise_sigma(rgb: np.ndarray) -> float:
     rows, cols = (image.shape[0] - 2) // side, (image.shape[1] - 2) // side
     blocks = magnitude[1 : 1 + rows * side, 1 : 1 + cols * side]
     sums = blocks.reshape(rows, side, cols, side).sum(axis=(1, 3), dtype=np.int64).ravel()
-    k = int(NOISE_BLOCK_PERCENTILE / 100 * (sums.size - 1))
-    mean_abs = float(np.partition(sums, k)[k]) / (side * side * image.shape[2])
-    return mean_abs * NOISE_CALIBRATION
+    low = int(NOISE_BLOCK_PERCENTILE / 100 * (sums.size - 1))
+    high = int(DETAIL_BLOCK_PERCENTILE / 100 * (sums.size - 1))
+    ordered = np.partition(sums, (low, high))
+    per_sample = NOISE_CALIBRATION / (side * side * image.shape[2])
+    return float(ordered[low]) * per_sample, float(ordered[high]) * per_sample
+
+
+def noise_sigma(rgb: np.ndarray) -> float:
+    """Standard deviation of white noise per colour channel (0-255), robust to texture."""
+    return noise_and_detail(rgb)[0]
 
 
 def blockiness(grey: np.ndarray) -> float:
@@ -242,7 +256,7 @@ def measure(data: bytes | None, rgb: np.ndarray | None) -> Features:
             jpeg = jpeg_quality(data)
         except ValueError as e:
             notes.append(str(e))
-    sigma = blocks = None
+    sigma = detail = blocks = None
     if rgb is None:
         notes.append("no pixels")
     elif rgb.ndim not in (2, 3) or rgb.dtype != np.uint8:
@@ -251,33 +265,37 @@ def measure(data: bytes | None, rgb: np.ndarray | None) -> Features:
         notes.append(f"{rgb.shape[1]}x{rgb.shape[0]} too small to measure")
     else:
         pixels = centre_crop(rgb if rgb.ndim == 2 else rgb[:, :, :3])
-        sigma, blocks = noise_sigma(pixels), blockiness(luma(pixels))
-    return Features(jpeg=jpeg, noise_sigma=sigma, blockiness=blocks, note="; ".join(notes))
+        (sigma, detail), blocks = noise_and_detail(pixels), blockiness(luma(pixels))
+    return Features(jpeg, sigma, detail, blocks, note="; ".join(notes))
 
 
 def choose(features: Features, scale: int) -> Choice:
     """Clean or photo model for an input of ``features`` at ``scale`` (thresholds above).
 
     The photo model when the input was saved as a JPEG at or below the quality threshold, is
-    noisier than the noise threshold, or, not being a JPEG file, shows 8x8 blocking (a JPEG
-    file's own tables say more about its compression than its blocks do); otherwise the clean
-    model.
-    Scales without thresholds of their own (x3 has no photo model) use x2's.
+    noisy (above the noise threshold, or above the lower one on a smooth image: noise at
+    least ``PHOTO_MIN_NOISE_TO_DETAIL`` of its detail), or, not being a JPEG file, shows 8x8
+    blocking (a JPEG file's own tables say more about its compression than its blocks do);
+    otherwise the clean model. Only x2 and x4 have photo models and thresholds: other scales
+    get the clean model.
     """
-    max_quality = PHOTO_MAX_JPEG_QUALITY.get(scale, PHOTO_MAX_JPEG_QUALITY[2])
-    min_sigma = PHOTO_MIN_NOISE_SIGMA.get(scale, PHOTO_MIN_NOISE_SIGMA[2])
-    min_blocks = PHOTO_MIN_BLOCKINESS.get(scale, PHOTO_MIN_BLOCKINESS[2])
-    if features.jpeg is not None and features.jpeg.quality <= max_quality:
-        approx = "" if features.jpeg.exact else "~"
-        return Choice("photo", f"JPEG quality {approx}{features.jpeg.quality}")
-    if features.noise_sigma is not None and features.noise_sigma >= min_sigma:
-        return Choice("photo", f"noise sigma {features.noise_sigma:.1f}")
+    if scale not in PHOTO_MAX_JPEG_QUALITY:
+        return Choice("clean", f"clean (no photo model at x{scale})")
+    jpeg, sigma, detail = features.jpeg, features.noise_sigma, features.detail
+    if jpeg is not None and jpeg.quality <= PHOTO_MAX_JPEG_QUALITY[scale]:
+        return Choice("photo", f"JPEG quality {'' if jpeg.exact else '~'}{jpeg.quality}")
+    if sigma is not None and sigma >= PHOTO_MIN_NOISE_SIGMA[scale]:
+        return Choice("photo", f"noise sigma {sigma:.1f}")
     if (
-        features.jpeg is None
-        and features.blockiness is not None
-        and features.blockiness >= min_blocks
+        sigma is not None
+        and detail is not None
+        and sigma >= PHOTO_MIN_SMOOTH_SIGMA[scale]
+        and sigma >= PHOTO_MIN_NOISE_TO_DETAIL[scale] * detail
     ):
-        return Choice("photo", f"8x8 blocking {features.blockiness:.2f}")
-    if features.noise_sigma is None and features.jpeg is None:
+        return Choice("photo", f"noise sigma {sigma:.1f} on a smooth image (detail {detail:.1f})")
+    blocks = features.blockiness
+    if jpeg is None and blocks is not None and blocks >= PHOTO_MIN_BLOCKINESS[scale]:
+        return Choice("photo", f"8x8 blocking {blocks:.2f}")
+    if sigma is None and jpeg is None:
         return Choice("clean", f"clean (not measured: {features.note or 'no features'})")
     return Choice("clean", "clean")

@@ -197,6 +197,7 @@ def run_scale(
                     "reason": choice.reason,
                     "jpeg_quality": features.jpeg.quality if features.jpeg else None,
                     "noise_sigma": features.noise_sigma,
+                    "detail": features.detail,
                     "blockiness": features.blockiness,
                 }
             )

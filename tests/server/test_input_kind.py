@@ -121,20 +121,41 @@ def test_each_kind_of_file_gets_its_model(tmp_path: Path, scale: int) -> None:
 def test_decision_rules_one_feature_at_a_time() -> None:
     quality = input_kind.PHOTO_MAX_JPEG_QUALITY[2]
     sigma = input_kind.PHOTO_MIN_NOISE_SIGMA[2]
+    smooth = input_kind.PHOTO_MIN_SMOOTH_SIGMA[2]
+    ratio = input_kind.PHOTO_MIN_NOISE_TO_DETAIL[2]
     blocks = input_kind.PHOTO_MIN_BLOCKINESS[2]
-    calm = {"noise_sigma": 0.5, "blockiness": 1.0}
-    at_quality = Features(jpeg=JpegQuality(quality, True), **calm)
-    assert choose(at_quality, 2) == Choice("photo", f"JPEG quality {quality}")
-    assert choose(Features(jpeg=JpegQuality(quality + 1, True), **calm), 2).kind == "clean"
-    assert choose(Features(jpeg=JpegQuality(quality, False), **calm), 2).reason.startswith(
-        "JPEG quality ~"
+
+    def features(
+        jpeg: JpegQuality | None = None,
+        sigma: float = 0.5,
+        detail: float = 20.0,
+        blockiness: float = 1.0,
+    ) -> Features:
+        return Features(jpeg=jpeg, noise_sigma=sigma, detail=detail, blockiness=blockiness)
+
+    assert choose(features(JpegQuality(quality, True)), 2) == Choice(
+        "photo", f"JPEG quality {quality}"
     )
-    assert choose(Features(None, sigma, 1.0), 2) == Choice("photo", f"noise sigma {sigma:.1f}")
-    assert choose(Features(None, sigma - 0.1, 1.0), 2) == Choice("clean", "clean")
-    assert choose(Features(None, 0.5, blocks), 2) == Choice("photo", f"8x8 blocking {blocks:.2f}")
-    assert choose(Features(None, 0.5, blocks), 3).kind == "photo"  # x3 falls back to x2's rule
+    assert choose(features(JpegQuality(quality + 1, True)), 2) == Choice("clean", "clean")
+    assert choose(features(JpegQuality(quality, False)), 2).reason == f"JPEG quality ~{quality}"
+    assert choose(features(sigma=sigma), 2) == Choice("photo", f"noise sigma {sigma:.1f}")
+    assert choose(features(sigma=sigma - 0.1), 2) == Choice("clean", "clean")
+    # Between the two noise thresholds the detail decides: a smooth image goes to photo.
+    smooth_detail = smooth / ratio
+    assert choose(features(sigma=smooth, detail=smooth_detail), 2).reason == (
+        f"noise sigma {smooth:.1f} on a smooth image (detail {smooth_detail:.1f})"
+    )
+    assert choose(features(sigma=smooth, detail=smooth_detail + 0.5), 2).kind == "clean"
+    assert choose(features(sigma=smooth - 0.1, detail=smooth), 2).kind == "clean"
+    assert choose(features(blockiness=blocks), 2) == Choice("photo", f"8x8 blocking {blocks:.2f}")
     # A JPEG file above the quality threshold: its tables, not its blocks, decide.
-    assert choose(Features(JpegQuality(quality + 5, True), 0.5, blocks + 1), 2).kind == "clean"
+    assert choose(features(JpegQuality(quality + 5, True), blockiness=blocks + 1), 2).kind == (
+        "clean"
+    )
+    # x3 has no photo model: always clean, whatever the input.
+    assert choose(features(JpegQuality(30, True), sigma=20), 3) == Choice(
+        "clean", "clean (no photo model at x3)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -161,7 +182,8 @@ def test_truncated_jpeg_still_gives_its_header_quality(tmp_path: Path) -> None:
 )
 def test_pixels_that_cannot_be_measured_give_a_clean_choice(pixels: np.ndarray) -> None:
     features = measure(None, pixels)
-    assert features.noise_sigma is None and features.blockiness is None and features.note
+    assert features.noise_sigma is None and features.detail is None and features.note
+    assert features.blockiness is None
     assert choose(features, 4).kind == "clean"
 
 
