@@ -77,6 +77,10 @@ MAX_MEASURED_PIXELS = 1 << 20  # larger inputs are measured on a centred crop of
 # lost on detailed ones, so there the noise is weighed against the detail. Blocking: the
 # value that kept every PNG kind's mean closest to its better model.
 PHOTO_MAX_JPEG_QUALITY = {2: 85, 4: 85}  # IJG quality of a JPEG file at or below: photo
+# x2 only: a JPEG up to this quality whose detail is at most this is smooth enough for the
+# photo model (quality 90: it won on smooth crops, lost on detailed ones; x4 showed no such
+# split). Detail 7 lies on the tuning crops' plateau (4-7 all gained, +0.01-0.02 dB).
+PHOTO_SMOOTH_JPEG = {2: (90, 7.0)}  # scale: (max JPEG quality, max detail)
 PHOTO_MIN_NOISE_SIGMA = {2: 6.5, 4: 6.5}  # ``noise_sigma`` (0-255) at or above: photo
 PHOTO_MIN_SMOOTH_SIGMA = {2: 3.0, 4: 3.0}  # at or above, with noise/detail as below: photo
 PHOTO_MIN_NOISE_TO_DETAIL = {2: 0.55, 4: 0.65}  # noise sigma / detail at or above: photo
@@ -272,18 +276,28 @@ def measure(data: bytes | None, rgb: np.ndarray | None) -> Features:
 def choose(features: Features, scale: int) -> Choice:
     """Clean or photo model for an input of ``features`` at ``scale`` (thresholds above).
 
-    The photo model when the input was saved as a JPEG at or below the quality threshold, is
-    noisy (above the noise threshold, or above the lower one on a smooth image: noise at
-    least ``PHOTO_MIN_NOISE_TO_DETAIL`` of its detail), or, not being a JPEG file, shows 8x8
-    blocking (a JPEG file's own tables say more about its compression than its blocks do);
-    otherwise the clean model. Only x2 and x4 have photo models and thresholds: other scales
-    get the clean model.
+    The photo model when the input was saved as a JPEG at or below the quality threshold (at
+    x2 a higher one for smooth images), is noisy (above the noise threshold, or above the
+    lower one on a smooth image: noise at least ``PHOTO_MIN_NOISE_TO_DETAIL`` of its detail),
+    or, not being a JPEG file, shows 8x8 blocking (a JPEG file's own tables say more about
+    its compression than its blocks do); otherwise the clean model. Only x2 and x4 have photo
+    models and thresholds: other scales get the clean model.
     """
     if scale not in PHOTO_MAX_JPEG_QUALITY:
         return Choice("clean", f"clean (no photo model at x{scale})")
     jpeg, sigma, detail = features.jpeg, features.noise_sigma, features.detail
     if jpeg is not None and jpeg.quality <= PHOTO_MAX_JPEG_QUALITY[scale]:
         return Choice("photo", f"JPEG quality {'' if jpeg.exact else '~'}{jpeg.quality}")
+    smooth_jpeg = PHOTO_SMOOTH_JPEG.get(scale)
+    if (
+        jpeg is not None
+        and smooth_jpeg is not None
+        and detail is not None
+        and jpeg.quality <= smooth_jpeg[0]
+        and detail <= smooth_jpeg[1]
+    ):
+        quality = f"{'' if jpeg.exact else '~'}{jpeg.quality}"
+        return Choice("photo", f"JPEG quality {quality} on a smooth image (detail {detail:.1f})")
     if sigma is not None and sigma >= PHOTO_MIN_NOISE_SIGMA[scale]:
         return Choice("photo", f"noise sigma {sigma:.1f}")
     if (

@@ -271,16 +271,21 @@ def main(argv: list[str] | None = None) -> int:
         args.crop,
         [k.name for k in args.kinds],
     )
-    met = True
+    missed: list[str] = []
     speeds: dict[str, float] = {}
     for scale in args.scales:
         records, speed = run_scale(scale, paths, args.kinds, args)
         speeds.update(speed)
         for record in records:
             emit(record)
-            met &= record["gap_db"] >= GAP_TARGET_DB
-            if record["kind"] in GAIN_KINDS:
-                met &= record["gain_db"] >= GAIN_TARGET_DB
+            where = f"x{scale} {record['kind']}"
+            if record["gap_db"] < GAP_TARGET_DB:
+                missed.append(f"{where}: gap {record['gap_db']:+.3f} dB")
+            if record["kind"] in GAIN_KINDS and record["gain_db"] < GAIN_TARGET_DB:
+                best = max(record["clean_db"], record["photo_db"]) - record["clean_db"]
+                missed.append(
+                    f"{where}: gain {record['gain_db']:+.3f} dB (the photo model's own {best:+.3f})"
+                )
     cost_ms = feature_cost_ms(read_rgb(paths[0]))
     summary = {
         "bench": BENCH,
@@ -292,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         **{k: round(v) for k, v in speeds.items()},
         "targets": f"gap_db >= {GAP_TARGET_DB} every kind, gain_db >= +{GAIN_TARGET_DB} on "
         + " and ".join(GAIN_KINDS),
+        "targets_missed": missed,
     }
-    return emit_checked(summary, met)
+    return emit_checked(summary, not missed)
 
 
 if __name__ == "__main__":

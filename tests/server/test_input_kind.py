@@ -148,6 +148,14 @@ def test_decision_rules_one_feature_at_a_time() -> None:
     assert choose(features(sigma=smooth, detail=smooth_detail + 0.5), 2).kind == "clean"
     assert choose(features(sigma=smooth - 0.1, detail=smooth), 2).kind == "clean"
     assert choose(features(blockiness=blocks), 2) == Choice("photo", f"8x8 blocking {blocks:.2f}")
+    # At x2 a smooth JPEG a little above the quality threshold goes to photo, at x4 it does not.
+    top, most_detail = input_kind.PHOTO_SMOOTH_JPEG[2]
+    assert choose(features(JpegQuality(top, True), detail=most_detail), 2).reason == (
+        f"JPEG quality {top} on a smooth image (detail {most_detail:.1f})"
+    )
+    assert choose(features(JpegQuality(top, True), detail=most_detail + 0.1), 2).kind == "clean"
+    assert choose(features(JpegQuality(top + 1, True), detail=0.0), 2).kind == "clean"
+    assert 4 not in input_kind.PHOTO_SMOOTH_JPEG
     # A JPEG file above the quality threshold: its tables, not its blocks, decide.
     assert choose(features(JpegQuality(quality + 5, True), blockiness=blocks + 1), 2).kind == (
         "clean"
