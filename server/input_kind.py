@@ -203,16 +203,19 @@ def noise_and_detail(rgb: np.ndarray) -> tuple[float, float]:
     sigma 3 and 10), so noise over detail is at most about 0.78.
     """
     image = rgb if rgb.ndim == 3 else rgb[:, :, None]
+    channels = image.shape[2]
     response = cv2.filter2D(image, cv2.CV_16S, NOISE_KERNEL, borderType=cv2.BORDER_REFLECT_101)
-    magnitude = np.abs(response.reshape(*image.shape[:2], -1)).sum(axis=2, dtype=np.int32)
+    np.abs(response, out=response)
     side = NOISE_BLOCK
     rows, cols = (image.shape[0] - 2) // side, (image.shape[1] - 2) // side
-    blocks = magnitude[1 : 1 + rows * side, 1 : 1 + cols * side]
-    sums = blocks.reshape(rows, side, cols, side).sum(axis=(1, 3), dtype=np.int64).ravel()
+    blocks = response[1 : 1 + rows * side, 1 : 1 + cols * side]  # no border pixels
+    # One sum per block over its rows, columns and channels (a block row is side * channels).
+    sums = blocks.reshape(rows, side, cols, side * channels).sum(axis=(1, 3), dtype=np.int32)
+    sums = sums.ravel()
     low = int(NOISE_BLOCK_PERCENTILE / 100 * (sums.size - 1))
     high = int(DETAIL_BLOCK_PERCENTILE / 100 * (sums.size - 1))
     ordered = np.partition(sums, (low, high))
-    per_sample = NOISE_CALIBRATION / (side * side * image.shape[2])
+    per_sample = NOISE_CALIBRATION / (side * side * channels)
     return float(ordered[low]) * per_sample, float(ordered[high]) * per_sample
 
 
