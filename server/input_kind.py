@@ -2,14 +2,15 @@
 
 The clean models (``default_x*``) were trained on clean bicubic LR; the photo models
 (``rdn_x*_photo``) on LR damaged by JPEG and noise. Each is better on its own kind of input
-(docs/auto.md has the measurements), so ``model=auto`` looks at the input and picks one:
+(docs/models.md, "Choosing the model per input", has the measurements), so ``model=auto``
+looks at the input and picks one:
 
 - a JPEG file: the quality it was saved at, from its quantization tables (read from the file
   header by Pillow, no pixel decoded), matched against the IJG tables that libjpeg,
   libjpeg-turbo, OpenCV and Pillow all scale from their quality setting;
-- any input: its noise level (a robust form of Immerkaer's fast estimator on the luma) and the
-  blocking of an earlier JPEG compression (the step at 8-pixel boundaries against the steps
-  elsewhere), for PNGs that were once JPEGs.
+- any input: its noise level and its detail (a robust form of Immerkaer's fast estimator, on
+  its flattest and busiest 8x8 blocks), and the blocking of an earlier JPEG compression (the
+  step at 8-pixel boundaries against the steps elsewhere), for PNGs that were once JPEGs.
 
 ``measure`` computes the features, ``choose`` decides; both are pure and torch-free. A feature
 that cannot be computed is ``None`` and never fails the request: the choice falls back to the
@@ -19,15 +20,12 @@ clean model and its reason says why.
 from __future__ import annotations
 
 import io
-import logging
 from dataclasses import dataclass
 from typing import Literal
 
 import cv2
 import numpy as np
 from PIL import Image
-
-log = logging.getLogger("server.input_kind")
 
 Kind = Literal["clean", "photo"]
 
@@ -74,7 +72,9 @@ MAX_MEASURED_PIXELS = 1 << 20  # larger inputs are measured on a centred crop of
 # scores it (docs/models.md, "Choosing the model per input"). JPEG: the photo model's mean
 # led from quality 85 down (x2: -0.17 dB at 90, +0.14 at 85; x4: -0.13, +0.03). Noise: from
 # sigma 7 the photo model won on nearly every photo; at sigma 3-6 it won on smooth photos and
-# lost on detailed ones, so there the noise is weighed against the detail. Blocking: the
+# lost on detailed ones, so there the noise is weighed against the detail (x2: 0.55 and 0.6
+# tied on the tuning crops, 0.65 lost 0.19 dB at sigma 5 on the held-out SunHays80 photos;
+# x4: 0.65 both kept the tuning crops and the SunHays80 photos within 0.04 dB). Blocking: the
 # value that kept every PNG kind's mean closest to its better model.
 PHOTO_MAX_JPEG_QUALITY = {2: 85, 4: 85}  # IJG quality of a JPEG file at or below: photo
 # x2 only: a JPEG up to this quality whose detail is at most this is smooth enough for the
