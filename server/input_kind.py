@@ -25,7 +25,7 @@ from typing import Literal
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import JpegImagePlugin
 
 Kind = Literal["clean", "photo"]
 
@@ -162,7 +162,9 @@ def jpeg_quality(data: bytes) -> JpegQuality | None:
     if not data.startswith(b"\xff\xd8"):
         return None
     try:
-        with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
+        # The plugin class, not Image.open: only the header is parsed, and a large declared
+        # size (the request's own limit was checked before) trips no decompression-bomb check.
+        with JpegImagePlugin.JpegImageFile(io.BytesIO(data)) as image:
             tables = getattr(image, "quantization", None)
     except Exception as e:  # Pillow's parsers raise OSError, SyntaxError, EOFError, struct.error...
         raise ValueError(f"JPEG header unreadable: {e}") from e

@@ -76,6 +76,13 @@ def test_quality_of_custom_tables_is_the_nearest_ijg_quality(tmp_path: Path) -> 
     assert 80 <= estimate.quality <= 86
 
 
+def test_quality_of_a_huge_declared_jpeg_is_read_without_a_bomb_check(tmp_path: Path) -> None:
+    data = bytearray(write(tmp_path, "q42.jpg", scene(32), quality=42).read_bytes())
+    frame = data.find(b"\xff\xc0")  # baseline frame header: length, precision, height, width
+    data[frame + 5 : frame + 9] = (60000).to_bytes(2, "big") * 2
+    assert jpeg_quality(bytes(data)) == JpegQuality(42, exact=True)
+
+
 def test_quality_is_none_for_other_formats(tmp_path: Path) -> None:
     assert jpeg_quality(write(tmp_path, "a.png", scene(32)).read_bytes()) is None
 
