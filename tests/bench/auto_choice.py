@@ -5,7 +5,8 @@ from the HR crop as the evaluation protocol makes LR (``rdn.evaluate``: modcrop,
 bicubic downscale, ``rdn.degradations`` for noise, the same OpenCV JPEG encoder): a PNG of the
 clean LR, a JPEG at quality Q, a PNG of the noisy LR, or a JPEG re-saved as PNG. The clean
 model (``default_x<s>.onnx``) and the photo model (``rdn_x<s>_photo.onnx``, fp32) upscale the
-decoded pixels; ``server.input_kind`` measures the request's bytes and pixels and chooses one.
+decoded pixels; ``server.imaging.input_kind`` measures the request's bytes and pixels and
+chooses one.
 Y-PSNR (shave = scale) against the HR crop, mean per kind:
 
     {"bench": "auto_choice", "scale": 2, "kind": "jpeg:50", "clean_db": ..., "photo_db": ...,
@@ -43,7 +44,7 @@ import onnxruntime as ort
 from rdn.degradations import add_gaussian_noise
 from rdn.imaging import downscale, list_images, modcrop, read_rgb
 from rdn.metrics import psnr_y
-from server import input_kind
+from server.imaging import input_kind
 from tests.bench.common import REPO, emit, emit_checked, setup_logging
 
 BENCH = "auto_choice"

@@ -1,4 +1,4 @@
-"""server.input_kind on real files made here: PNGs, JPEGs at known qualities, noisy PNGs.
+"""server.imaging.input_kind on real files made here: PNGs, JPEGs at known qualities, noisy PNGs.
 
 Each file is written to disk by Pillow or OpenCV and read back as bytes and pixels, as a
 request would arrive; images are 96-192 pixels so that the module runs in milliseconds.
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server import input_kind
-from server.input_kind import Choice, Features, JpegQuality, choose, jpeg_quality, measure
+from server.imaging import input_kind
+from server.imaging.input_kind import Choice, Features, JpegQuality, choose, jpeg_quality, measure
 
 SIDE = 192
 
@@ -215,5 +215,5 @@ def test_large_inputs_are_measured_on_a_crop_on_the_jpeg_grid() -> None:
 
 
 def test_module_does_not_import_torch() -> None:
-    code = "import sys, server.input_kind; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, server.imaging.input_kind; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
