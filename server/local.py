@@ -4,6 +4,7 @@ same codecs), without a server and without torch.
     from server.local import LocalUpscaler
 
     upscaler = LocalUpscaler("rdn_x2")  # a shipped model's name, or an .onnx file's path
+    upscaler = LocalUpscaler("auto", scale=2)  # per image: the clean or the photo x2 model
     sr = upscaler.upscale(rgb)  # H x W x 3 uint8 RGB -> 2H x 2W x 3
     png = upscaler.upscale_bytes(open("photo.jpg", "rb").read(), "png", width=1000).image
 
@@ -20,17 +21,26 @@ from pathlib import Path
 
 import numpy as np
 
-from rdn.constants import CPU
+from rdn.constants import CPU, DEFAULT_SCALE
 from server.config import EngineConfig, LimitsConfig, TilingConfig
 from server.core.batch_types import Reservation, TileResult
 from server.core.chunked import chunk_tiles, to_uint8, to_unit_float
 from server.core.engine import Engine
+from server.core.model_choice import ModelChoice, choose_model
 from server.core.pipeline import Pipeline, PipelineEngine, PipelineSettings
 from server.core.planner import make_planner
-from server.core.repository import RepositoryConfig, discover, model_name_of
+from server.core.repository import (
+    RepositoryConfig,
+    Snapshot,
+    choose_defaults,
+    choose_photos,
+    discover,
+    model_name_of,
+)
 from server.core.sizing import SizeOptions, check_options, needed_factor, output_size, resize_output
 from server.imaging.codec import decode_image, encode_image, finish_output
 from server.models import MODELS_DIR
+from server.wire import AUTO_MODEL
 
 CPU_ONLY = EngineConfig(providers=(CPU,))
 DEFAULT_TILING = TilingConfig()  # fitted tiles on a CPU, as rdn-serve
@@ -73,11 +83,38 @@ class LocalResult:
     width: int
     height: int
     resized: bool  # the model's output was resized to the requested size
+    model: str = ""  # the model that ran
+    model_reason: str = ""  # why (model "auto": what the input showed)
+
+
+def _open(path: Path, engine: EngineConfig, tiling: TilingConfig, ensemble: bool) -> Pipeline:
+    opened = Engine(path, engine)
+    planner = make_planner(tiling, opened.active_provider)
+    settings = PipelineSettings(ensemble=ensemble, chunk_tiles=chunk_tiles(LOCAL_MAX_BATCH))
+    return Pipeline(model_name_of(path), path, opened, planner, settings)
+
+
+def shipped_choice(
+    scale: int, engine: EngineConfig, tiling: TilingConfig, ensemble: bool
+) -> Snapshot:
+    """The shipped models of ``scale`` that ``model=auto`` chooses between, picked by
+    rdn-serve's rules (its default clean model and photo model, int8 twins where preferred)."""
+    shipped = discover(RepositoryConfig(model_dir=MODELS_DIR))
+    found = {n: p for n, p in shipped.items() if f"_x{scale}" in n or n == f"default_x{scale}"}
+    models = {n: _open(p, engine, tiling, ensemble) for n, p in found.items()}
+    models = {n: p for n, p in models.items() if p.scale == scale}
+    if not models:
+        raise ValueError(f"no shipped model of scale x{scale}; shipped: {', '.join(shipped)}")
+    defaults = choose_defaults(models, ())
+    photos = choose_photos(models, defaults)
+    used = {defaults[scale], *photos.values()}
+    return Snapshot({n: models[n] for n in used}, defaults, defaults[scale], photos)
 
 
 class LocalUpscaler:
-    """One ONNX model and its pipeline, run in this process: ``model`` is an .onnx file or the
-    name of a shipped model (``rdn_x2``, ``rdn_x4_photo`` ...)."""
+    """ONNX models and their pipeline, run in this process: ``model`` is an .onnx file, the
+    name of a shipped model (``rdn_x2``, ``rdn_x4_photo`` ...), or ``"auto"``: the shipped clean
+    and photo models of ``scale``, one chosen per image as rdn-serve's ``model=auto`` does."""
 
     def __init__(
         self,
@@ -86,27 +123,40 @@ class LocalUpscaler:
         tiling: TilingConfig = DEFAULT_TILING,
         limits: LimitsConfig = DEFAULT_LIMITS,
         ensemble: bool = False,
+        scale: int = DEFAULT_SCALE,
     ) -> None:
-        path = resolve_model(model)
-        opened = Engine(path, engine)
-        planner = make_planner(tiling, opened.active_provider)
-        settings = PipelineSettings(ensemble=ensemble, chunk_tiles=chunk_tiles(LOCAL_MAX_BATCH))
-        self.pipeline = Pipeline(model_name_of(path), path, opened, planner, settings)
+        if str(model) == AUTO_MODEL:
+            self._models = shipped_choice(scale, engine, tiling, ensemble)
+            self.pipeline = self._models.default()
+        else:
+            self.pipeline = _open(resolve_model(model), engine, tiling, ensemble)
+            name = self.pipeline.name
+            self._models = Snapshot({name: self.pipeline}, {self.pipeline.scale: name}, name)
+        self._options = SizeOptions(model="" if str(model) == AUTO_MODEL else self.pipeline.name)
         self.limits = limits
 
     @property
     def scale(self) -> int:
         return self.pipeline.scale
 
+    def choose(self, rgb: np.ndarray, data: bytes | None = None) -> ModelChoice:
+        """The model that answers this image (``data``: its file, read for JPEG tables)."""
+        height, width = rgb.shape[:2]
+        units = self.pipeline.units(height, width)
+        return choose_model(self._models, self._options, self.pipeline, data, rgb, units, False)
+
     def upscale(self, rgb: np.ndarray) -> np.ndarray:
         """An H x W x 3 uint8 RGB array upscaled by the model's scale."""
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"expected an H x W x 3 uint8 array, got {rgb.shape} {rgb.dtype}")
+        return self._run(self.choose(rgb).pipeline, rgb)
+
+    def _run(self, pipeline: Pipeline, rgb: np.ndarray) -> np.ndarray:
         height, width = rgb.shape[:2]
-        scale = self.pipeline.scale
+        scale = pipeline.scale
         out = np.empty((scale * height, scale * width, 3), np.uint8)
-        run = self.pipeline.run(
-            _Direct(self.pipeline.engine),
+        run = pipeline.run(
+            _Direct(pipeline.engine),
             [rgb.transpose(2, 0, 1)],
             [out.transpose(2, 0, 1)],
             "local",
@@ -136,6 +186,8 @@ class LocalUpscaler:
         scale = self.pipeline.scale
         size = output_size(options, in_w, in_h) or (in_w * scale, in_h * scale)
         needed_factor(in_w, in_h, size, scale, f"the scale of {self.pipeline.name}")
-        sr = finish_output(self.upscale(decoded.rgb), decoded, scale)
+        choice = self.choose(decoded.rgb, data)
+        sr = finish_output(self._run(choice.pipeline, decoded.rgb), decoded, scale)
         image = encode_image(resize_output(sr, size), output_format, quality)
-        return LocalResult(image, size[0], size[1], size != (in_w * scale, in_h * scale))
+        resized = size != (in_w * scale, in_h * scale)
+        return LocalResult(image, size[0], size[1], resized, choice.pipeline.name, choice.reason)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from server.pb.rdn.v1 import upscale_pb2
 
 SERVICE_NAME = "rdn.v1.Upscaler"
+AUTO_MODEL = "auto"  # model=auto: the clean or the photo model of the scale, by the input
 DEFAULT_QUALITY = 95  # the proto's meaning of quality 0 for JPEG / WebP
 FORMATS: dict[int, str] = {  # OutputFormat -> codec format name
     upscale_pb2.OUTPUT_FORMAT_UNSPECIFIED: "png",

@@ -19,7 +19,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from rdn.constants import SCALES
+from rdn.constants import DEFAULT_SCALE, SCALES
 from server.client.files import (
     expand_inputs,
     option_warnings,
@@ -40,7 +40,7 @@ from server.client.library import (
 from server.core.sizing import SizeOptions
 from server.ops.security import add_client_security_flags, client_security_from_args
 from server.pb.rdn.v1 import upscale_pb2
-from server.wire import DEFAULT_QUALITY
+from server.wire import AUTO_MODEL, DEFAULT_QUALITY
 
 log = logging.getLogger("rdn.client")
 
@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--local",
         metavar="MODEL",
         help="upscale in this process with MODEL, a shipped model's name (rdn_x2, rdn_x4_photo "
-        "...) or an .onnx file (no server; same tiling and resize)",
+        "...), an .onnx file, or auto (the shipped clean or photo model of --scale, chosen per "
+        "image as the server does); no server, same tiling and resize",
     )
     up.add_argument(
         "--format",
@@ -151,21 +152,25 @@ def size_options(args: argparse.Namespace) -> SizeOptions:
     )
     if options.outscale and (options.target_width or options.target_height):
         raise ValueError("--outscale cannot be combined with --width / --height; pick one")
-    if args.local is not None and (options.model or options.scale):
-        raise ValueError("--local runs the given file; --model and --scale choose a served model")
+    local_auto = args.local == AUTO_MODEL
+    if args.local is not None and (options.model or (options.scale and not local_auto)):
+        raise ValueError(
+            "--local runs the given file; --model and --scale choose a served model "
+            "(--scale goes with --local auto)"
+        )
     return options
 
 
-Upscaler = Callable[[bytes, str, int, str, SizeOptions], Awaitable[tuple[bytes, str]]]
+# An upscale of one file: its bytes, their size tag, the model that ran and why.
+Upscaled = tuple[bytes, str, str, str]
+Upscaler = Callable[[bytes, str, int, str, SizeOptions], Awaitable[Upscaled]]
 
 
 def _remote(client: AsyncUpscaleClient, deadline: float | None, tile_bar: bool) -> Upscaler:
     """Upscales through the server; with ``tile_bar`` (one file) a bar follows its tiles."""
     from server.client.progress import TileBar  # tqdm: only for the command line
 
-    async def run(
-        data: bytes, fmt: str, quality: int, name: str, options: SizeOptions
-    ) -> tuple[bytes, str]:
+    async def run(data: bytes, fmt: str, quality: int, name: str, options: SizeOptions) -> Upscaled:
         bar = TileBar(name) if tile_bar else None
         try:
             result = await client.upscale(
@@ -180,26 +185,25 @@ def _remote(client: AsyncUpscaleClient, deadline: float | None, tile_bar: bool) 
         finally:
             if bar is not None:
                 bar.close()
-        return result.image, size_tag(result.width, result.height, result.scale, result.resized)
+        tag = size_tag(result.width, result.height, result.scale, result.resized)
+        return result.image, tag, result.model, result.model_reason
 
     return run
 
 
-def _local(model: str) -> Upscaler:
+def _local(model: str, scale: int) -> Upscaler:
     """Upscales in this process with ``model`` (``--local``), one image at a time."""
     # Imported when asked: they open an onnxruntime session.
     from rdn.onnx_session import ModelLoadError
     from server.local import LocalUpscaler
 
     try:
-        upscaler = LocalUpscaler(model)
+        upscaler = LocalUpscaler(model, scale=scale or DEFAULT_SCALE)
     except (ModelLoadError, ValueError) as e:
         raise ValueError(f"--local: {e}") from e
     lock = asyncio.Lock()  # one image at a time: the session already uses every core
 
-    async def run(
-        data: bytes, fmt: str, quality: int, name: str, options: SizeOptions
-    ) -> tuple[bytes, str]:
+    async def run(data: bytes, fmt: str, quality: int, name: str, options: SizeOptions) -> Upscaled:
         async with lock:
             result = await asyncio.to_thread(
                 upscaler.upscale_bytes,
@@ -210,7 +214,8 @@ def _local(model: str) -> Upscaler:
                 height=options.target_height,
                 outscale=options.outscale,
             )
-        return result.image, size_tag(result.width, result.height, upscaler.scale, result.resized)
+        tag = size_tag(result.width, result.height, upscaler.scale, result.resized)
+        return result.image, tag, result.model, result.model_reason
 
     return run
 
@@ -235,11 +240,12 @@ async def _upscale_files(args: argparse.Namespace, write: Callable[[str], None])
         async with limit:
             try:
                 data = await asyncio.to_thread(source.read_bytes)
-                image, tag = await run(data, fmt, args.quality, source.name, options)
+                image, tag, model, reason = await run(data, fmt, args.quality, source.name, options)
                 target = output_path(relative, args.output, to_file, fmt, tag)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 await asyncio.to_thread(target.write_bytes, image)
                 write(f"{source} -> {target}")
+                log.info("%s: %s (%s)", source.name, model, reason)
             except (UpscaleError, OSError, ValueError) as e:
                 failures += 1
                 log.error("%s: %s", source, e)
@@ -248,7 +254,7 @@ async def _upscale_files(args: argparse.Namespace, write: Callable[[str], None])
 
     try:
         if args.local is not None:
-            run = await asyncio.to_thread(_local, args.local)
+            run = await asyncio.to_thread(_local, args.local, args.scale)
             await asyncio.gather(*(one(run, s, r) for s, r in sources))
         else:
             async with AsyncUpscaleClient(args.target, **_client_kwargs(args)) as client:

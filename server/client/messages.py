@@ -48,6 +48,7 @@ class UpscaleResult:
     total_seconds: float
     streamed: bool  # travelled through UpscaleStream
     model: str = ""  # the model that ran
+    model_reason: str = ""  # why it ran (model=auto: what the server saw in the input)
     resized: bool = False  # the model's output was resized to the requested size
 
     def to_array(self) -> np.ndarray:
@@ -227,6 +228,7 @@ def result_from_response(response: upscale_pb2.UpscaleResponse, streamed: bool) 
         total_seconds=response.timings.total_seconds,
         streamed=streamed,
         model=response.model,
+        model_reason=response.model_reason,
         resized=response.resized,
     )
 

@@ -38,9 +38,11 @@ from rdn.metadata import (
 from server.core.errors import NotFound, RequestError, check_name
 from server.core.pipeline import Pipeline
 from server.core.sizing import SizeOptions, needed_factor, output_size, smallest_scale
+from server.wire import AUTO_MODEL
 
 log = logging.getLogger(__name__)
 
+PHOTO_SUFFIX = "_photo"  # rdn_x2_photo: the photo model beside the clean rdn_x2
 READY = "READY"
 UNAVAILABLE = "UNAVAILABLE"
 
@@ -139,6 +141,7 @@ class Snapshot:
     models: Mapping[str, Pipeline] = field(default_factory=dict)
     defaults: Mapping[int, str] = field(default_factory=dict)  # scale -> model name
     primary: str = ""  # the server default's name ("" when nothing is loaded)
+    photos: Mapping[int, str] = field(default_factory=dict)  # scale -> its photo model's name
 
     @property
     def scales(self) -> tuple[int, ...]:
@@ -173,10 +176,19 @@ class Snapshot:
             raise NotFound(f"no model of scale x{scale} is served; scales served: {served}")
         return self.models[name]
 
+    def photo_for(self, options: SizeOptions, pipeline: Pipeline) -> Pipeline | None:
+        """The photo model that ``model=auto`` may choose instead of ``pipeline``: when the
+        request names no model and ``pipeline`` is its scale's default, that scale's photo
+        model (``{default}_photo``, or its int8 twin where the default would be int8)."""
+        if named(options) or self.defaults.get(pipeline.scale) != pipeline.name:
+            return None
+        name = self.photos.get(pipeline.scale)
+        return self.models[name] if name is not None else None
+
     def check(self, options: SizeOptions) -> None:
         """Fail early (before any pixel is decoded) on a model or scale not served, or a
         named model and a scale that disagree."""
-        if options.model:
+        if named(options):
             pipeline = self.get(options.model)
             if options.scale and options.scale != pipeline.scale:
                 raise RequestError(
@@ -195,7 +207,7 @@ class Snapshot:
         (the model's own when no sizing option is set)."""
         self.check(options)
         size = output_size(options, width, height)
-        if options.model:
+        if named(options):
             pipeline = self.get(options.model)
         elif options.scale:
             pipeline = self.for_scale(options.scale)
@@ -232,6 +244,29 @@ def choose_defaults(
         if name not in chosen and twin is not None and int8_preferred(twin, precision):
             defaults[scale] = twin.name
     return defaults
+
+
+def named(options: SizeOptions) -> bool:
+    """The request names its model (``model=auto`` and an empty model leave it to the server)."""
+    return options.model not in ("", AUTO_MODEL)
+
+
+def choose_photos(
+    models: Mapping[str, Pipeline], defaults: Mapping[int, str], precision: str = "auto"
+) -> dict[int, str]:
+    """Scale -> the photo model ``model=auto`` may choose: ``{clean}_photo`` beside the scale's
+    default clean model ``{clean}`` (or ``{clean}_int8``), as its int8 twin where
+    ``int8_preferred`` says so, as the defaults are chosen."""
+    photos: dict[int, str] = {}
+    for scale, name in defaults.items():
+        clean = name.removesuffix(INT8_SUFFIX)
+        photo = models.get(f"{clean}{PHOTO_SUFFIX}")
+        if photo is None or photo.scale != scale:
+            continue
+        twin = models.get(f"{photo.name}{INT8_SUFFIX}")
+        preferred = twin is not None and int8_preferred(twin, precision)
+        photos[scale] = twin.name if preferred and twin is not None else photo.name
+    return photos
 
 
 def is_int8(pipeline: Pipeline) -> bool:
@@ -336,8 +371,10 @@ class ModelRepository:
         return defaults[min(defaults)] if defaults else ""
 
     def _publish(self, models: dict[str, Pipeline]) -> None:
-        defaults = choose_defaults(models, self.config.defaults, self.config.precision)
-        self._snapshot = Snapshot(models, defaults, self._primary(models, defaults))
+        precision = self.config.precision
+        defaults = choose_defaults(models, self.config.defaults, precision)
+        photos = choose_photos(models, defaults, precision)
+        self._snapshot = Snapshot(models, defaults, self._primary(models, defaults), photos)
         for listener in self._listeners:
             listener(self._snapshot)
 

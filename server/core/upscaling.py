@@ -20,6 +20,7 @@ from server.core.access import AccessRecord
 from server.core.batcher import TileBatcher
 from server.core.chunked import Progress, to_uint8, to_unit_float
 from server.core.errors import RequestError, RequestTooLarge
+from server.core.model_choice import choose_model
 from server.core.repository import Snapshot
 from server.core.sizing import SizeOptions, resize_output
 from server.core.worker_pool import in_pool
@@ -76,6 +77,7 @@ class Upscaled:
     request_id: str
     tiles: int
     model: str
+    model_reason: str  # why that model ran (model=auto: what the input showed)
     resized: bool  # the output size differs from scale x the input's
 
 
@@ -158,9 +160,15 @@ async def upscale_image(
             if decoded.rgb.shape[:2] != (height, width):  # turned by its orientation tag
                 height, width = decoded.rgb.shape[:2]
                 pipeline, size = snapshot.resolve(options, width, height)
+            encoded = source.data if source.raw_shape is None else None
+            turnable = source.raw_shape is None
+            args = (snapshot, options, pipeline, encoded, decoded.rgb, units, turnable)
+            choice = await in_pool(server.pool, choose_model, *args)
+            pipeline = choice.pipeline
             scale = pipeline.scale
             record.set(
                 model=pipeline.name,
+                model_reason=choice.reason,
                 width=width,
                 height=height,
                 channels=decoded.channels,
@@ -211,6 +219,7 @@ async def upscale_image(
         request_id=request_id,
         tiles=result.tiles,
         model=pipeline.name,
+        model_reason=choice.reason,
         resized=resized,
     )
 

@@ -314,6 +314,7 @@ class HttpFrontDoor:
             del data
         headers = {
             "X-Model": done.model,
+            "X-Model-Reason": done.model_reason,
             "X-Width": str(done.width),
             "X-Height": str(done.height),
             "X-Scale": str(done.scale),

@@ -104,6 +104,7 @@ def response(done: Upscaled) -> upscale_pb2.UpscaleResponse:
         total_bytes=len(done.image),
         model=done.model,
         resized=done.resized,
+        model_reason=done.model_reason,
     )
 
 

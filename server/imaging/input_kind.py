@@ -53,6 +53,7 @@ IJG_CHROMA = np.array(
     ],
     dtype=np.int32,
 ).ravel()
+JPEG_HEADER_BYTES = 1 << 20  # the tables precede the scans: markers past this are not read
 JPEG_BLOCK = 8  # pixels: the side of a JPEG DCT block in the luma plane
 # 2-D second difference: on white Gaussian noise of sigma s its response has deviation 6 s.
 NOISE_KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float32)
@@ -154,13 +155,16 @@ def quality_from_tables(tables: dict[int, list[int]] | dict[int, np.ndarray]) ->
     return JpegQuality(int(np.argmin(distance)) + 1, False)
 
 
-def jpeg_quality(data: bytes) -> JpegQuality | None:
+def jpeg_quality(data: bytes | bytearray) -> JpegQuality | None:
     """The quality a JPEG file was saved at, from its header; ``None`` if it is not a JPEG.
 
-    Raises ``ValueError`` for a JPEG whose header cannot be read (truncated, no tables).
+    Only the first JPEG_HEADER_BYTES are read (the tables come before the scan data), so a
+    large upload is not copied. Raises ``ValueError`` for a JPEG whose header cannot be read
+    (truncated, no tables).
     """
     if not data.startswith(b"\xff\xd8"):
         return None
+    data = bytes(data[:JPEG_HEADER_BYTES])
     try:
         # The plugin class, not Image.open: only the header is parsed, and a large declared
         # size (the request's own limit was checked before) trips no decompression-bomb check.
@@ -252,7 +256,7 @@ def blockiness(grey: np.ndarray) -> float:
     return float(np.mean(ratios)) if ratios else 1.0
 
 
-def measure(data: bytes | None, rgb: np.ndarray | None) -> Features:
+def measure(data: bytes | bytearray | None, rgb: np.ndarray | None) -> Features:
     """The features of one input: its encoded bytes (for JPEG tables) and decoded pixels.
 
     Either may be ``None`` (a raw-pixel request has no file; a caller may skip the pixels).

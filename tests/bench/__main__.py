@@ -18,6 +18,7 @@ from tests.bench.common import add_common_arguments, bench_model, common_argv, s
 BENCHES = (
     "service_vs_whole_image",
     "service_int8_vs_whole_image",
+    "auto_choice_cost",
     "int8_vs_fp32",
     "service_vs_engine",
     "idle_latency",

@@ -73,7 +73,7 @@ class Timings(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class UpscaleResponse(_message.Message):
-    __slots__ = ("image", "width", "height", "channels", "scale", "format", "timings", "request_id", "tiles", "total_bytes", "model", "resized")
+    __slots__ = ("image", "width", "height", "channels", "scale", "format", "timings", "request_id", "tiles", "total_bytes", "model", "resized", "model_reason")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class UpscaleResponse(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RESIZED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_REASON_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     width: int
     height: int
@@ -98,7 +99,8 @@ class UpscaleResponse(_message.Message):
     total_bytes: int
     model: str
     resized: bool
-    def __init__(self, image: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., channels: _Optional[int] = ..., scale: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ..., tiles: _Optional[int] = ..., total_bytes: _Optional[int] = ..., model: _Optional[str] = ..., resized: _Optional[bool] = ...) -> None: ...
+    model_reason: str
+    def __init__(self, image: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., channels: _Optional[int] = ..., scale: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ..., tiles: _Optional[int] = ..., total_bytes: _Optional[int] = ..., model: _Optional[str] = ..., resized: _Optional[bool] = ..., model_reason: _Optional[str] = ...) -> None: ...
 
 class UpscaleStreamHeader(_message.Message):
     __slots__ = ("raw_shape", "total_bytes", "output_format", "quality", "request_id", "model", "scale", "target_width", "target_height", "outscale", "progress")
