@@ -64,21 +64,24 @@ def read_metadata(data: bytes, fmt: str) -> FileMetadata:
             with Image.open(io.BytesIO(data), formats=[name]) as image:
                 icc = image.info.get("icc_profile") or None
                 xmp = image.info.get("xmp") or image.info.get("XML:com.adobe.xmp") or None
-                raw_exif = image.info.get("exif") if fmt != "tiff" else None
-                tiff_exif = image.getexif() if fmt == "tiff" else None
+                if fmt == "tiff":  # its own first-page tags hold the EXIF; tag 700 the XMP
+                    xmp = image.tag_v2.get(700) or None  # type: ignore[attr-defined]
+                    exif, orientation, notes = _parse_exif(None, image.getexif())
+                else:
+                    exif, orientation, notes = _parse_exif(image.info.get("exif"), None)
     except Exception as e:  # the pixel decoders decide whether the file is good
         log.debug("metadata of a %s file not read: %s", fmt, e)
         return FileMetadata()
     if isinstance(xmp, str):
         xmp = xmp.encode("utf-8")
-    exif, orientation, notes = _parse_exif(raw_exif, tiff_exif)
     return FileMetadata(icc, exif, xmp, orientation, notes)
 
 
 def _parse_exif(
     raw: bytes | None, tiff_tags: Image.Exif | None
 ) -> tuple[bytes | None, int, tuple[str, ...]]:
-    """(EXIF to carry, orientation, notes) from a file's EXIF block or a TIFF's own tags."""
+    """(EXIF to carry, orientation, notes) from a file's EXIF block or a TIFF's own tags (read
+    while the file is open: their sub-IFDs are read from it)."""
     if not raw and not tiff_tags:
         return None, 1, ()
     try:
@@ -90,7 +93,7 @@ def _parse_exif(
                 exif = Image.Exif()
                 exif.load(raw)
             for ifd in (EXIF_IFD, GPS_IFD):
-                if ifd in exif:
+                if ifd in exif and not isinstance(exif[ifd], dict):
                     exif.get_ifd(ifd)  # parsed now: a broken sub-IFD is found here
             orientation = int(exif.get(ORIENTATION, 1))
             carried = exif.tobytes() if len(exif) else None
