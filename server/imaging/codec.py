@@ -7,7 +7,7 @@ image over the pixel limit before OpenCV allocates its pixels, so a small file t
 - formats: PNG, JPEG, WebP, BMP, TIFF (recognised by their first bytes, whatever the client
   calls them); GIF, animated WebP, BigTIFF and anything else are refused;
 - greyscale comes back greyscale; RGBA, grey+alpha and palette-with-transparency PNG come back
-  RGBA, the alpha channel upscaled separately (bicubic); BMP is read as RGB (no alpha);
+  RGBA, the alpha upscaled by the model or bicubic (``ImageOptions.alpha``); BMP is RGB;
 - 16-bit PNG and TIFF keep their 16 bits: the model is fed them at full precision and a PNG
   answer is 16-bit (8-bit-only answers, JPEG, WebP and raw, are rounded to 8 bits and say so);
   float or 32-bit integer samples are refused;
