@@ -183,3 +183,35 @@ def test_a_sixteen_bit_answer_is_computed_from_sixteen_bits(
     assert np.abs(answer16.astype(np.int64) - reference).max() <= 257
     assert np.abs(answer16.astype(np.int64) - answer8).max() > 257 // 2
     assert (answer16.astype(np.int64) != answer8).mean() > 0.5
+
+
+@pytest.mark.parametrize(
+    "query, fragment",
+    [("alpha=blur", "choose one of model, bicubic"), ("to_srgb=yes", "must be 1 (yes) or 0")],
+)
+def test_bad_options_are_400_naming_the_choices(
+    server: BackgroundServer, photo: np.ndarray, query: str, fragment: str
+) -> None:
+    assert server.running.http is not None
+    connection = http.client.HTTPConnection("127.0.0.1", server.running.http.port, timeout=30)
+    try:
+        connection.request("POST", f"/v1/upscale?{query}", body=make_file(photo, "PNG"))
+        answer = connection.getresponse()
+        status, body = answer.status, answer.read()
+    finally:
+        connection.close()
+    assert status == 400 and fragment in json.loads(body)["error"]
+
+
+def test_rdn_client_flags_strip_and_keep(photo: np.ndarray, tmp_path: Path) -> None:
+    from tests.server.cli import run_cli
+
+    source, icc = tmp_path / "in.jpg", swapped_profile()  # made once: lcms stamps the time
+    source.write_bytes(make_file(photo, "JPEG", icc=icc, exif=exif_with(6)))
+    for flags, has_exif in (((), True), (("--strip-metadata",), False)):
+        out = tmp_path / f"out{len(flags)}.jpg"
+        done = run_cli("upscale", str(source), "-o", str(out), "--local", "rdn_x2", *flags)
+        assert done.returncode == 0, done.stderr
+        pixels, info, exif = read_back(out.read_bytes())
+        assert pixels.shape[:2] == (56, 40) and info.get("icc_profile") == icc
+        assert (ORIENTATION in exif) == has_exif
