@@ -24,7 +24,7 @@ import numpy as np
 from rdn.constants import CPU, DEFAULT_SCALE
 from server.config import EngineConfig, LimitsConfig, TilingConfig
 from server.core.batch_types import Reservation, TileResult
-from server.core.chunked import chunk_tiles, to_uint8, to_unit_float
+from server.core.chunked import chunk_tiles, from_unit_float, to_unit_float
 from server.core.engine import Engine
 from server.core.model_choice import ModelChoice, choose_model
 from server.core.pipeline import Pipeline, PipelineEngine, PipelineSettings
@@ -38,7 +38,9 @@ from server.core.repository import (
     model_name_of,
 )
 from server.core.sizing import SizeOptions, check_options, needed_factor, output_size, resize_output
-from server.imaging.codec import decode_image, encode_image, finish_output
+from server.imaging.alpha import alpha_planes, fold_alpha
+from server.imaging.codec import answer_notes, decode_image, encode_image, finish_output
+from server.imaging.options import ImageOptions, alpha_mode
 from server.models import MODELS_DIR
 from server.wire import AUTO_MODEL
 
@@ -85,6 +87,7 @@ class LocalResult:
     resized: bool  # the model's output was resized to the requested size
     model: str = ""  # the model that ran
     model_reason: str = ""  # why (model "auto": what the input showed)
+    notes: tuple[str, ...] = ()  # what the answer could not keep (16 bits in a JPEG ...)
 
 
 def _open(path: Path, engine: EngineConfig, tiling: TilingConfig, ensemble: bool) -> Pipeline:
@@ -146,25 +149,31 @@ class LocalUpscaler:
         return choose_model(self._models, self._options, self.pipeline, data, rgb, units, False)
 
     def upscale(self, rgb: np.ndarray) -> np.ndarray:
-        """An H x W x 3 uint8 RGB array upscaled by the model's scale."""
-        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-            raise ValueError(f"expected an H x W x 3 uint8 array, got {rgb.shape} {rgb.dtype}")
-        return self._run(self.choose(rgb).pipeline, rgb)
+        """An H x W x 3 uint8 (or uint16: 16-bit in, 16-bit out) RGB array upscaled by the
+        model's scale (model "auto": the model its pixels call for)."""
+        if rgb.dtype not in (np.uint8, np.uint16) or rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ValueError(
+                f"expected an H x W x 3 uint8 or uint16 array, got {rgb.shape} {rgb.dtype}"
+            )
+        pipeline = self.choose(rgb).pipeline if rgb.dtype == np.uint8 else self.pipeline
+        return self._run(pipeline, [rgb.transpose(2, 0, 1)], rgb.dtype)[0]
 
-    def _run(self, pipeline: Pipeline, rgb: np.ndarray) -> np.ndarray:
-        height, width = rgb.shape[:2]
+    def _run(
+        self, pipeline: Pipeline, planes: list[np.ndarray], dtype: np.dtype
+    ) -> list[np.ndarray]:
+        """Each 3 x H x W of ``planes`` upscaled by ``pipeline``, as sH x sW x 3 ``dtype``."""
         scale = pipeline.scale
-        out = np.empty((scale * height, scale * width, 3), np.uint8)
+        outs = [np.empty((scale * p.shape[1], scale * p.shape[2], 3), dtype) for p in planes]
         run = pipeline.run(
             _Direct(pipeline.engine),
-            [rgb.transpose(2, 0, 1)],
-            [out.transpose(2, 0, 1)],
+            planes,
+            [out.transpose(2, 0, 1) for out in outs],
             "local",
             to_model=to_unit_float,
-            from_model=to_uint8,
+            from_model=from_unit_float(dtype),
         )
         asyncio.run(run)
-        return out
+        return outs
 
     def upscale_bytes(
         self,
@@ -175,19 +184,40 @@ class LocalUpscaler:
         width: int = 0,
         height: int = 0,
         outscale: float = 0.0,
+        convert_to_srgb: bool = False,
+        strip_metadata: bool = False,
+        alpha: str = "",
     ) -> LocalResult:
         """An image file (PNG, JPEG, WebP, BMP, TIFF) upscaled and encoded as
         ``output_format`` ("png", "jpeg", "webp", "raw"); ``width`` and/or ``height`` or
-        ``outscale`` resize the model's output as the server does (within 1 .. its scale)."""
+        ``outscale`` resize the model's output as the server does (within 1 .. its scale).
+
+        As the server: the ICC profile, EXIF (orientation applied, then 1) and XMP are carried
+        and 16 bits kept where the format holds them; ``convert_to_srgb`` converts the pixels
+        to sRGB instead of carrying the profile, ``strip_metadata`` drops EXIF and XMP,
+        ``alpha`` ("model" or "bicubic", "" = the default) says how alpha is upscaled."""
         options = SizeOptions(target_width=width, target_height=height, outscale=outscale)
         check_options(options)
-        decoded = decode_image(data, self.limits.max_pixels, self.limits.max_request_bytes)
+        handling = ImageOptions(convert_to_srgb, strip_metadata, alpha_mode(alpha))
+        limits = self.limits
+        decoded = decode_image(data, limits.max_pixels, limits.max_request_bytes, options=handling)
         in_h, in_w = decoded.rgb.shape[:2]
         scale = self.pipeline.scale
         size = output_size(options, in_w, in_h) or (in_w * scale, in_h * scale)
         needed_factor(in_w, in_h, size, scale, f"the scale of {self.pipeline.name}")
+        planes = [decoded.rgb.transpose(2, 0, 1)]
+        by_model = decoded.alpha is not None and handling.alpha == "model"
+        if by_model:
+            planes.append(alpha_planes(decoded.alpha))
         choice = self.choose(decoded.rgb, data)
-        sr = finish_output(self._run(choice.pipeline, decoded.rgb), decoded, scale)
-        image = encode_image(resize_output(sr, size), output_format, quality)
+        outs = self._run(choice.pipeline, planes, decoded.rgb.dtype)
+        sr_alpha = fold_alpha(outs[1]) if by_model else None
+        sr = finish_output(outs[0], decoded, scale, sr_alpha)
+        image = encode_image(
+            resize_output(sr, size), output_format, quality, metadata=decoded.metadata
+        )
         resized = size != (in_w * scale, in_h * scale)
-        return LocalResult(image, size[0], size[1], resized, choice.pipeline.name, choice.reason)
+        notes = answer_notes(decoded, output_format)
+        return LocalResult(
+            image, size[0], size[1], resized, choice.pipeline.name, choice.reason, notes
+        )

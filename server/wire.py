@@ -23,6 +23,12 @@ FORMAT_NUMBERS: dict[str, int] = {  # format name (as users type it) -> OutputFo
     "raw": upscale_pb2.OUTPUT_FORMAT_RAW,
 }
 ACCEPTED_FORMATS = "0 UNSPECIFIED (= PNG), 1 PNG, 2 JPEG, 3 WEBP, 4 RAW"
+ALPHA_MODES: dict[int, str] = {  # AlphaMode -> alpha mode name ("" = the server's default)
+    upscale_pb2.ALPHA_MODE_UNSPECIFIED: "",
+    upscale_pb2.ALPHA_MODE_MODEL: "model",
+    upscale_pb2.ALPHA_MODE_BICUBIC: "bicubic",
+}
+ALPHA_NUMBERS: dict[str, int] = {name: number for number, name in ALPHA_MODES.items()}
 MAX_MESSAGE_BYTES = 8 * 2**20  # gRPC message limit, both directions: server and client default
 RESPONSE_OVERHEAD_BYTES = 4096  # room in a message for the response fields besides the data
 

@@ -31,6 +31,7 @@ from server.client.library import (
     unary_request,
 )
 from server.core.sizing import SizeOptions
+from server.imaging.options import ImageOptions
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -39,6 +40,7 @@ __all__ = [
     "LB_POLICIES",
     "AnswerError",
     "AsyncUpscaleClient",
+    "ImageOptions",
     "Payload",
     "ProgressCallback",
     "RetryPolicy",

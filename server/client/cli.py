@@ -38,6 +38,7 @@ from server.client.library import (
     UpscaleError,
 )
 from server.core.sizing import SizeOptions
+from server.imaging.options import ALPHA_MODES, DEFAULT_ALPHA, ImageOptions
 from server.ops.security import add_client_security_flags, client_security_from_args
 from server.pb.rdn.v1 import upscale_pb2
 from server.wire import AUTO_MODEL, DEFAULT_QUALITY
@@ -120,6 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="output format (default: the extension of -o for one file, else png)",
     )
     up.add_argument("--quality", type=_quality, default=0, help="JPEG/WebP 1..100; 0 = default")
+    up.add_argument(
+        "--to-srgb",
+        action="store_true",
+        help="convert from the image's colour profile to sRGB (default: keep the profile)",
+    )
+    up.add_argument(
+        "--strip-metadata",
+        action="store_true",
+        help="drop EXIF and XMP, GPS included (default: keep them, orientation reset to 1)",
+    )
+    up.add_argument(
+        "--alpha",
+        choices=ALPHA_MODES,
+        default=DEFAULT_ALPHA,
+        help=f"how an alpha channel is upscaled ({DEFAULT_ALPHA})",
+    )
     up.add_argument("--concurrency", type=_positive_int, default=4, help="requests in flight (4)")
     info = commands.add_parser("info", parents=[common], help="print ModelInfo as JSON")
     info.add_argument("--model", default="", help="a model's name (default: the server's default)")
@@ -166,7 +183,19 @@ Upscaled = tuple[bytes, str, str, str]
 Upscaler = Callable[[bytes, str, int, str, SizeOptions], Awaitable[Upscaled]]
 
 
-def _remote(client: AsyncUpscaleClient, deadline: float | None, tile_bar: bool) -> Upscaler:
+def image_options(args: argparse.Namespace) -> ImageOptions:
+    """The colour, metadata and alpha options of ``rdn-client upscale``."""
+    return ImageOptions(args.to_srgb, args.strip_metadata, args.alpha)
+
+
+def _say_notes(name: str, notes: tuple[str, ...]) -> None:
+    for note in notes:
+        log.warning("%s: %s", name, note)
+
+
+def _remote(
+    client: AsyncUpscaleClient, deadline: float | None, tile_bar: bool, image: ImageOptions
+) -> Upscaler:
     """Upscales through the server; with ``tile_bar`` (one file) a bar follows its tiles."""
     from server.client.progress import TileBar  # tqdm: only for the command line
 
@@ -181,17 +210,19 @@ def _remote(client: AsyncUpscaleClient, deadline: float | None, tile_bar: bool) 
                 timeout=deadline,
                 options=options,
                 progress=bar,
+                image=image,
             )
         finally:
             if bar is not None:
                 bar.close()
+        _say_notes(name, result.notes)
         tag = size_tag(result.width, result.height, result.scale, result.resized)
         return result.image, tag, result.model, result.model_reason
 
     return run
 
 
-def _local(model: str, scale: int) -> Upscaler:
+def _local(model: str, scale: int, image: ImageOptions) -> Upscaler:
     """Upscales in this process with ``model`` (``--local``), one image at a time."""
     # Imported when asked: they open an onnxruntime session.
     from rdn.onnx_session import ModelLoadError
@@ -213,7 +244,11 @@ def _local(model: str, scale: int) -> Upscaler:
                 width=options.target_width,
                 height=options.target_height,
                 outscale=options.outscale,
+                convert_to_srgb=image.convert_to_srgb,
+                strip_metadata=image.strip_metadata,
+                alpha=image.alpha,
             )
+        _say_notes(name, result.notes)
         tag = size_tag(result.width, result.height, upscaler.scale, result.resized)
         return result.image, tag, result.model, result.model_reason
 
@@ -254,11 +289,11 @@ async def _upscale_files(args: argparse.Namespace, write: Callable[[str], None])
 
     try:
         if args.local is not None:
-            run = await asyncio.to_thread(_local, args.local, args.scale)
+            run = await asyncio.to_thread(_local, args.local, args.scale, image_options(args))
             await asyncio.gather(*(one(run, s, r) for s, r in sources))
         else:
             async with AsyncUpscaleClient(args.target, **_client_kwargs(args)) as client:
-                run = _remote(client, args.deadline, tile_bar=len(sources) == 1)
+                run = _remote(client, args.deadline, len(sources) == 1, image_options(args))
                 await asyncio.gather(*(one(run, s, r) for s, r in sources))
     finally:
         progress.close()

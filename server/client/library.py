@@ -50,6 +50,7 @@ from server.client.retry import (
     retry_after_s,
 )
 from server.core.sizing import SizeOptions
+from server.imaging.options import ImageOptions
 from server.ops.security import PLAINTEXT, ClientSecurity
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.wire import FORMATS as FORMAT_NAMES
@@ -189,10 +190,12 @@ class UpscaleClient(_ClientBase):
         timeout: float | None = None,
         stream: bool | None = None,
         options: SizeOptions | None = None,
+        image: ImageOptions | None = None,
     ) -> UpscaleResult:
         """Upscale file bytes or a uint8 array; ``timeout`` bounds all attempts together;
         ``options`` names a model or scale and the output size (the server's default model
-        and factor when None)."""
+        and factor when None); ``image`` asks for sRGB, stripped metadata or an alpha mode
+        (the server's defaults when None: profile and metadata kept)."""
         payload = make_payload(data)
         use_stream = self._use_stream(payload, stream, options)
         attempts = self._attempts(timeout)
@@ -200,10 +203,12 @@ class UpscaleClient(_ClientBase):
             try:
                 if use_stream:
                     result = self._stream(
-                        payload, output_format, quality, request_id, remaining, options
+                        payload, output_format, quality, request_id, remaining, options, image
                     )
                 else:
-                    request = unary_request(payload, output_format, quality, request_id, options)
+                    request = unary_request(
+                        payload, output_format, quality, request_id, options, image
+                    )
                     response = self._stub.Upscale(
                         request, timeout=remaining, metadata=self._metadata
                     )
@@ -223,8 +228,11 @@ class UpscaleClient(_ClientBase):
         request_id: str,
         timeout: float | None,
         options: SizeOptions | None,
+        image: ImageOptions | None = None,
     ) -> UpscaleResult:
-        messages = stream_messages(payload, fmt, quality, request_id, self._chunk_bytes, options)
+        messages = stream_messages(
+            payload, fmt, quality, request_id, self._chunk_bytes, options, image=image
+        )
         assembler = StreamAssembler(max_answer_bytes(payload))
         call = self._stub.UpscaleStream(messages, timeout=timeout, metadata=self._metadata)
         try:
@@ -303,10 +311,12 @@ class AsyncUpscaleClient(_ClientBase):
         stream: bool | None = None,
         options: SizeOptions | None = None,
         progress: ProgressCallback | None = None,
+        image: ImageOptions | None = None,
     ) -> UpscaleResult:
         """Upscale file bytes or a uint8 array; ``timeout`` bounds all attempts together;
         ``options`` names a model or scale and the output size (the server's default model
-        and factor when None); ``progress(done, total)`` follows the image's tiles (the call
+        and factor when None); ``image`` asks for sRGB, stripped metadata or an alpha mode;
+        ``progress(done, total)`` follows the image's tiles (the call
         then goes through UpscaleStream whatever the image's size)."""
         payload = make_payload(data)
         use_stream = progress is not None or self._use_stream(payload, stream, options)
@@ -315,10 +325,19 @@ class AsyncUpscaleClient(_ClientBase):
             try:
                 if use_stream:
                     result = await self._stream(
-                        payload, output_format, quality, request_id, remaining, options, progress
+                        payload,
+                        output_format,
+                        quality,
+                        request_id,
+                        remaining,
+                        options,
+                        progress,
+                        image,
                     )
                 else:
-                    request = unary_request(payload, output_format, quality, request_id, options)
+                    request = unary_request(
+                        payload, output_format, quality, request_id, options, image
+                    )
                     response = await self._stub.Upscale(
                         request, timeout=remaining, metadata=self._metadata
                     )
@@ -339,6 +358,7 @@ class AsyncUpscaleClient(_ClientBase):
         timeout: float | None,
         options: SizeOptions | None,
         progress: ProgressCallback | None = None,
+        image: ImageOptions | None = None,
     ) -> UpscaleResult:
         """The header first; the data once the server acknowledged it in its initial metadata
         (UPLOAD_ACCEPTED_KEY). A refusal at the header then ends the call before any data is
@@ -355,6 +375,7 @@ class AsyncUpscaleClient(_ClientBase):
             self._chunk_bytes,
             options,
             progress is not None,
+            image,
         )
         call = self._stub.UpscaleStream(timeout=timeout, metadata=self._metadata)
         assembler = StreamAssembler(max_answer_bytes(payload), progress)

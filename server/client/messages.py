@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 
 from server.core.sizing import SizeOptions
+from server.imaging.options import ImageOptions
 from server.pb.rdn.v1 import upscale_pb2
+from server.wire import ALPHA_NUMBERS
 from server.wire import FORMAT_NUMBERS as FORMATS
 from server.wire import FORMATS as FORMAT_NAMES
 
@@ -50,6 +52,7 @@ class UpscaleResult:
     model: str = ""  # the model that ran
     model_reason: str = ""  # why it ran (model=auto: what the server saw in the input)
     resized: bool = False  # the model's output was resized to the requested size
+    notes: tuple[str, ...] = ()  # what the answer could not keep (16 bits in a JPEG ...)
 
     def to_array(self) -> np.ndarray:
         """The image as uint8 H x W x C (RGB order; C = 1, 3 or 4)."""
@@ -160,12 +163,24 @@ def option_fields(options: SizeOptions | None) -> dict[str, Any]:
     }
 
 
+def image_fields(image: ImageOptions | None) -> dict[str, Any]:
+    """The colour, metadata and alpha fields of a request or stream header (both have them)."""
+    if image is None:
+        return {}
+    return {
+        "convert_to_srgb": image.convert_to_srgb,
+        "strip_metadata": image.strip_metadata,
+        "alpha": ALPHA_NUMBERS[image.alpha],
+    }
+
+
 def unary_request(
     payload: Payload,
     output_format: str,
     quality: int,
     request_id: str,
     options: SizeOptions | None = None,
+    image: ImageOptions | None = None,
 ) -> upscale_pb2.UpscaleRequest:
     """The Upscale request for a payload."""
     request = upscale_pb2.UpscaleRequest(
@@ -173,6 +188,7 @@ def unary_request(
         quality=quality,
         request_id=request_id,
         **option_fields(options),
+        **image_fields(image),
     )
     if payload.raw_shape is None:
         request.encoded = payload.data
@@ -191,6 +207,7 @@ def stream_messages(
     chunk_bytes: int,
     options: SizeOptions | None = None,
     progress: bool = False,
+    image: ImageOptions | None = None,
 ) -> Iterator[upscale_pb2.UpscaleChunk]:
     """Header (asking for Progress messages when ``progress``), then data chunks of at most
     ``chunk_bytes`` in offset order."""
@@ -201,6 +218,7 @@ def stream_messages(
         request_id=request_id,
         progress=progress,
         **option_fields(options),
+        **image_fields(image),
     )
     if payload.raw_shape is not None:
         h, w, c = payload.raw_shape
@@ -230,6 +248,7 @@ def result_from_response(response: upscale_pb2.UpscaleResponse, streamed: bool) 
         model=response.model,
         model_reason=response.model_reason,
         resized=response.resized,
+        notes=tuple(response.notes),
     )
 
 

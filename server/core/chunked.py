@@ -98,9 +98,11 @@ def plan_chunks(
 
 
 def to_unit_float(tiles: np.ndarray) -> np.ndarray:
-    """uint8 tiles -> float32 in [0, 1], the same arithmetic as whole-image inference's
-    ``to_planar`` (tests/server/reference.py)."""
-    return np.multiply(tiles, np.float32(1 / 255), dtype=np.float32)
+    """uint8 or uint16 tiles -> float32 in [0, 1], the same arithmetic as whole-image
+    inference's ``to_planar`` (tests/server/reference.py); 16-bit samples keep their
+    precision (x / 65535)."""
+    top = 65535 if tiles.dtype == np.uint16 else 255
+    return np.multiply(tiles, np.float32(1 / top), dtype=np.float32)
 
 
 def to_uint8(values: np.ndarray) -> np.ndarray:
@@ -111,6 +113,19 @@ def to_uint8(values: np.ndarray) -> np.ndarray:
     scaled += np.float32(0.5)
     np.clip(scaled, 0, 255.5, out=scaled)
     return scaled.astype(np.uint8)
+
+
+def to_uint16(values: np.ndarray) -> np.ndarray:
+    """float [0, 1] -> uint16, rounded and clipped like ``to_uint8`` (a 16-bit answer)."""
+    scaled = np.multiply(values, np.float32(65535), dtype=np.float32)
+    scaled += np.float32(0.5)
+    np.clip(scaled, 0, 65535.5, out=scaled)
+    return scaled.astype(np.uint16)
+
+
+def from_unit_float(dtype: np.dtype) -> Callable[[np.ndarray], np.ndarray]:
+    """The conversion of model output to samples of ``dtype`` (uint8 or uint16)."""
+    return to_uint16 if dtype == np.uint16 else to_uint8
 
 
 def _identity(values: np.ndarray) -> np.ndarray:

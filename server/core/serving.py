@@ -39,6 +39,7 @@ from server.core.upscaling import (
     upscale_image,
 )
 from server.core.worker_pool import in_pool
+from server.imaging.options import DEFAULT_OPTIONS, ImageOptions
 
 T = TypeVar("T")
 
@@ -116,14 +117,16 @@ class ServingCore:
         *,
         received: float | None = None,
         check_serving: bool = True,
+        image: ImageOptions = DEFAULT_OPTIONS,
     ) -> UpscaleTicket:
         """Every check an upscale passes before its image is read: request id, serving state,
-        output options, model and size options against the served models."""
+        output options, model and size options against the served models; ``image``: how
+        the file's profile, metadata and alpha are handled."""
         request_id = check_request_id(request_id)
         record.set(request_id=request_id)
         if check_serving:
             self.check_serving()
-        spec = output_spec(output_format, quality)
+        spec = output_spec(output_format, quality, image)
         check_options(options)
         snapshot = self.repository.snapshot  # this call's models, whatever reloads follow
         snapshot.check(options)

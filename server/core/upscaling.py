@@ -18,14 +18,16 @@ import numpy as np
 from server.config import LimitsConfig
 from server.core.access import AccessRecord
 from server.core.batcher import TileBatcher
-from server.core.chunked import Progress, to_uint8, to_unit_float
+from server.core.chunked import Progress, from_unit_float, to_unit_float
 from server.core.errors import RequestError, RequestTooLarge
 from server.core.model_choice import choose_model
 from server.core.repository import Snapshot
 from server.core.sizing import SizeOptions, resize_output
 from server.core.worker_pool import in_pool
+from server.imaging.alpha import alpha_planes, declares_alpha, fold_alpha
 from server.imaging.codec import (
     DecodedImage,
+    answer_notes,
     check_raw,
     check_side,
     decode_image,
@@ -34,6 +36,7 @@ from server.imaging.codec import (
     finish_output,
     verify_image,
 )
+from server.imaging.options import DEFAULT_OPTIONS, ImageOptions
 from server.wire import DEFAULT_QUALITY, RESPONSE_OVERHEAD_BYTES
 
 
@@ -43,13 +46,14 @@ class OutputSpec:
 
     name: str  # codec format name: png, jpeg, webp or raw
     quality: int  # 1..100
+    image: ImageOptions = DEFAULT_OPTIONS  # profile, metadata and alpha handling
 
 
-def output_spec(name: str, quality: int) -> OutputSpec:
+def output_spec(name: str, quality: int, image: ImageOptions = DEFAULT_OPTIONS) -> OutputSpec:
     """Validate the requested quality (0 = the default) of output format ``name``."""
     if quality > 100:
         raise RequestError(f"quality {quality} is out of range; use 1..100, or 0 for the default")
-    return OutputSpec(name, quality or DEFAULT_QUALITY)
+    return OutputSpec(name, quality or DEFAULT_QUALITY, image)
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ class Upscaled:
     model: str
     model_reason: str  # why that model ran (model=auto: what the input showed)
     resized: bool  # the output size differs from scale x the input's
+    notes: tuple[str, ...] = ()  # what the answer could not keep (16 bits in JPEG ...)
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,8 @@ async def upscale_image(
     if source.raw_shape is None:
         args = (source.data, limits.max_pixels, limits.max_request_bytes)
         width, height = await in_pool(server.pool, verify_image, *args)
-        decode = functools.partial(decode_image, *args, verified=True)
+        decode = functools.partial(decode_image, *args, verified=True, options=spec.image)
+        has_alpha = declares_alpha(source.data)
     else:
         height, width, channels = source.raw_shape
         check_raw(
@@ -151,8 +157,10 @@ async def upscale_image(
             limits.max_pixels,
             limits.max_request_bytes,
         )
+        has_alpha = channels == 4
     pipeline, size = snapshot.resolve(options, width, height)
-    units = pipeline.units(height, width, turnable=source.raw_shape is None)
+    images = 2 if has_alpha and spec.image.alpha == "model" else 1  # alpha through the model
+    units = pipeline.units(height, width, images, turnable=source.raw_shape is None)
     pipeline.admit(units, f"a {width}x{height} image")
     try:
         with server.batcher.reserve(units) as reservation:
@@ -175,16 +183,24 @@ async def upscale_image(
                 source=decoded.source_format,
             )
             check_output(size, decoded.channels, spec, limits, unary)
-            # Chunk by chunk into the uint8 answer (server/core/chunked.py): bounded memory.
-            sr_rgb = np.empty((scale * height, scale * width, 3), np.uint8)
+            # Chunk by chunk into the answer (server/core/chunked.py): bounded memory; 16-bit
+            # input is fed and answered at 16 bits.
+            dtype = decoded.rgb.dtype
+            sr_rgb = np.empty((scale * height, scale * width, 3), dtype)
+            sources, canvases = [decoded.rgb.transpose(2, 0, 1)], [sr_rgb.transpose(2, 0, 1)]
+            sr_alpha = None
+            if decoded.alpha is not None and spec.image.alpha == "model":
+                sr_alpha = np.empty_like(sr_rgb)
+                sources.append(alpha_planes(decoded.alpha))
+                canvases.append(sr_alpha.transpose(2, 0, 1))
             result = await pipeline.run(
                 server.batcher.lane(pipeline.engine),
-                [decoded.rgb.transpose(2, 0, 1)],
-                [sr_rgb.transpose(2, 0, 1)],
+                sources,
+                canvases,
                 request_id,
                 reservation,
                 to_model=to_unit_float,
-                from_model=to_uint8,
+                from_model=from_unit_float(dtype),
                 progress=progress,
             )
         record.set(
@@ -196,7 +212,9 @@ async def upscale_image(
             compute_ms=round(1e3 * result.compute_seconds, 2),
         )
         started = time.perf_counter()
-        image = await in_pool(server.pool, _finish, sr_rgb, decoded, spec, scale, size)
+        image, notes = await in_pool(
+            server.pool, _finish, sr_rgb, sr_alpha, decoded, spec, scale, size
+        )
         finished = time.perf_counter()
     except Exception:
         pipeline.stats.failed(time.perf_counter() - received)
@@ -206,6 +224,8 @@ async def upscale_image(
     record.set(bytes_out=len(image), format=spec.name)
     if resized:
         record.set(output_size=f"{size[0]}x{size[1]}")
+    if notes:
+        record.set(notes="; ".join(notes))
     return Upscaled(
         image=image,
         width=size[0],
@@ -221,6 +241,7 @@ async def upscale_image(
         model=pipeline.name,
         model_reason=choice.reason,
         resized=resized,
+        notes=notes,
     )
 
 
@@ -238,11 +259,17 @@ def check_message(image: bytes, limits: LimitsConfig) -> None:
 
 def _finish(
     sr_rgb: np.ndarray,
+    sr_alpha: np.ndarray | None,
     decoded: DecodedImage,
     spec: OutputSpec,
     scale: int,
     size: tuple[int, int],
-) -> bytes:
-    """Worker thread: restore grey/alpha of the upscaled RGB, resize to ``size``, encode."""
-    image = resize_output(finish_output(sr_rgb, decoded, scale), size)
-    return encode_image(image, spec.name, spec.quality, side_checked=True)
+) -> tuple[bytes, tuple[str, ...]]:
+    """Worker thread: restore grey/alpha of the upscaled RGB, resize to ``size``, encode with
+    the input's profile and metadata; also what the answer could not keep."""
+    alpha = None if sr_alpha is None else fold_alpha(sr_alpha)
+    image = resize_output(finish_output(sr_rgb, decoded, scale, alpha), size)
+    encoded = encode_image(
+        image, spec.name, spec.quality, side_checked=True, metadata=decoded.metadata
+    )
+    return encoded, answer_notes(decoded, spec.name)

@@ -65,7 +65,12 @@ from server.doors.http_limits import (
     connection_cap,
     open_file_limit,
 )
-from server.doors.http_query import CONTENT_TYPES, http_request_id, upscale_options
+from server.doors.http_query import (
+    CONTENT_TYPES,
+    http_request_id,
+    image_query,
+    upscale_options,
+)
 from server.doors.kserve_rest import (
     HEADER_LENGTH,
     JSON_BYTES_PER_VALUE,
@@ -289,7 +294,7 @@ class HttpFrontDoor:
         check_encoding(request)
         options, fmt, quality = upscale_options(request)
         ticket = self._core.admit_upscale(
-            request_id, options, fmt, quality, record, received=received
+            request_id, options, fmt, quality, record, received=received, image=image_query(request)
         )
         data, hold = await self._body(request, self._config.limits.max_request_bytes)
         with hold:
@@ -323,6 +328,8 @@ class HttpFrontDoor:
             "X-Total-Seconds": f"{time.perf_counter() - received:.4f}",
             "X-Request-Id": done.request_id,
         }
+        if done.notes:  # what the answer could not keep, on one ASCII line
+            headers["X-Notes"] = one_line("; ".join(done.notes), 1000)
         return web.Response(
             body=done.image, content_type=CONTENT_TYPES[done.format], headers=headers
         )

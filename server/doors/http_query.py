@@ -11,6 +11,8 @@ from aiohttp import web
 from server.core.errors import RequestError, check_name
 from server.core.sizing import SizeOptions
 from server.doors.http_body import one_line
+from server.imaging.headers import ImageError
+from server.imaging.options import ImageOptions, alpha_mode
 
 # A query number: plain ASCII decimal, as JSON writes it (no "nan", "inf", "1_0" or "١")
 DECIMAL = re.compile(r"[0-9]{1,20}(\.[0-9]{0,20})?([eE][+-]?[0-9]{1,3})?|\.[0-9]{1,20}")
@@ -67,3 +69,24 @@ def upscale_options(request: web.Request) -> tuple[SizeOptions, str, int]:
     if fmt not in CONTENT_TYPES and fmt != "jpg":
         raise RequestError(f"query format={one_line(fmt, 40)!r}: choose png, jpeg or webp")
     return options, "jpeg" if fmt == "jpg" else fmt, _int_query(request, "quality")
+
+
+def _flag_query(request: web.Request, name: str) -> bool:
+    text = request.query.get(name, "")
+    if text not in ("", "0", "1"):
+        raise RequestError(f"query {name}={one_line(text, 40)!r} must be 1 (yes) or 0 (no)")
+    return text == "1"
+
+
+def image_query(request: web.Request) -> ImageOptions:
+    """The colour, metadata and alpha options of ``POST /v1/upscale``: ``to_srgb=1``,
+    ``strip=1``, ``alpha=model|bicubic``."""
+    try:
+        alpha = alpha_mode(request.query.get("alpha", ""))
+    except ImageError as e:
+        raise RequestError(f"query alpha: {e}") from None
+    return ImageOptions(
+        convert_to_srgb=_flag_query(request, "to_srgb"),
+        strip_metadata=_flag_query(request, "strip"),
+        alpha=alpha,
+    )

@@ -32,8 +32,15 @@ from server.doors.grpc_calls import streaming, unary
 from server.imaging.codec import RAW_CHANNELS
 from server.imaging.headers import INPUT_FORMATS
 from server.imaging.limit_text import over_bytes, over_pixels
+from server.imaging.options import ImageOptions, alpha_mode
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
-from server.wire import ACCEPTED_FORMATS, FORMAT_NUMBERS, FORMATS, UPLOAD_ACCEPTED_KEY
+from server.wire import (
+    ACCEPTED_FORMATS,
+    ALPHA_MODES,
+    FORMAT_NUMBERS,
+    FORMATS,
+    UPLOAD_ACCEPTED_KEY,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,21 @@ def size_options(message: Options) -> SizeOptions:
         target_width=message.target_width,
         target_height=message.target_height,
         outscale=message.outscale,
+    )
+
+
+def image_options(message: Options) -> ImageOptions:
+    """The colour, metadata and alpha options of a request or stream header."""
+    name = ALPHA_MODES.get(message.alpha)
+    if name is None:
+        raise RequestError(
+            f"alpha {message.alpha} is not a known AlphaMode; accepted: 0 UNSPECIFIED (= the "
+            "server's default), 1 MODEL, 2 BICUBIC"
+        )
+    return ImageOptions(
+        convert_to_srgb=message.convert_to_srgb,
+        strip_metadata=message.strip_metadata,
+        alpha=alpha_mode(name),
     )
 
 
@@ -83,6 +105,7 @@ def admit(
         record,
         received=received,
         check_serving=serving,
+        image=image_options(message),
     )
 
 
@@ -105,6 +128,7 @@ def response(done: Upscaled) -> upscale_pb2.UpscaleResponse:
         model=done.model,
         resized=done.resized,
         model_reason=done.model_reason,
+        notes=done.notes,
     )
 
 

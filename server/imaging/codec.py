@@ -7,9 +7,10 @@ image over the pixel limit before OpenCV allocates its pixels, so a small file t
 - formats: PNG, JPEG, WebP, BMP, TIFF (recognised by their first bytes, whatever the client
   calls them); GIF, animated WebP, BigTIFF and anything else are refused;
 - greyscale comes back greyscale; RGBA, grey+alpha and palette-with-transparency PNG come back
-  RGBA, the alpha channel upscaled separately (bicubic); BMP is read as RGB (no alpha);
-- 16-bit images are reduced to 8 bits (rounded); the model works in 8-bit RGB and the output is
-  8-bit; float or 32-bit integer samples are refused;
+  RGBA, the alpha upscaled by the model or bicubic (``ImageOptions.alpha``); BMP is RGB;
+- 16-bit PNG and TIFF keep their 16 bits: the model is fed them at full precision and a PNG
+  answer is 16-bit (8-bit-only answers, JPEG, WebP and raw, are rounded to 8 bits and say so);
+  float or 32-bit integer samples are refused;
 - decoding work is bounded by the file: every PNG chunk must fit in the file (at most 65536
   chunks), a JPEG may have at most 256 scans (each scan is a pass over the whole image);
 - decoding memory is bounded by the pixel limit: a TIFF tile or strip may hold at most
@@ -21,8 +22,12 @@ image over the pixel limit before OpenCV allocates its pixels, so a small file t
   decoded by libjpeg-turbo (simplejpeg, strict, at 1/8 scale: about a fifth of a full decode);
   every TIFF strip or tile must lie inside the file, and a compressed TIFF is also decoded by
   Pillow, which fails on the damaged data that libtiff behind OpenCV passes over;
-- JPEG EXIF orientation and the TIFF Orientation tag are applied; PNG and WebP pixels are used as
-  stored; CMYK JPEG/TIFF are converted to RGB; a multi-page TIFF yields its first page.
+- the EXIF orientation is applied to the pixels (by OpenCV for JPEG and TIFF, here for PNG and
+  WebP) and written as 1 in the answer; CMYK JPEG/TIFF are converted to RGB; a multi-page TIFF
+  yields its first page;
+- the ICC profile, EXIF and XMP are read (server/imaging/metadata.py) and carried into PNG, JPEG
+  and WebP answers; an unparseable profile is refused; ``ImageOptions`` may convert the pixels
+  to sRGB (server/imaging/profiles.py) or strip EXIF and XMP.
 
 OpenCV decodes everything except 8-bit TIFF pages with an alpha channel, which Pillow reads:
 libtiff's RGBA path in OpenCV premultiplies their colours and drops grey+alpha's alpha.
@@ -49,6 +54,18 @@ from server.imaging.headers import (
     check_pixels,
     read_header,
 )
+from server.imaging.metadata import (
+    NO_METADATA,
+    FileMetadata,
+    answer_exif,
+    answer_xmp,
+    orient,
+    pillow_encode,
+    png_with_metadata,
+    read_metadata,
+)
+from server.imaging.options import DEFAULT_OPTIONS, ImageOptions
+from server.imaging.profiles import colour_space, fits_pixels, parse_profile, to_srgb
 
 OUTPUT_FORMATS = ("png", "jpeg", "webp", "raw")
 RAW_CHANNELS = (1, 3, 4)
@@ -60,22 +77,28 @@ JPEG_MAX_SIDE = 65535  # pixels, a limit of the JPEG frame header
 class DecodedImage:
     """A decoded input, ready for the model, with what the output must look like."""
 
-    rgb: np.ndarray  # H x W x 3 uint8, what the model upscales
-    alpha: np.ndarray | None  # H x W uint8 or None
+    rgb: np.ndarray  # H x W x 3 uint8 or uint16 (16-bit PNG/TIFF), what the model upscales
+    alpha: np.ndarray | None  # H x W, rgb's dtype, or None
     channels: int  # 1, 3 or 4: what the output will have (grey in -> grey out)
     source_format: str  # "png", "jpeg", "webp", "bmp", "tiff", "raw"
+    metadata: FileMetadata = NO_METADATA  # what the answer carries besides pixels
 
 
 # --- decoding -----------------------------------------------------------------------------------
 
 
-def _to_8bit(pixels: np.ndarray, fmt: str) -> np.ndarray:
-    """uint8 as is; uint16 rounded to 8 bits (x / 257); other sample types refused."""
+def to_8bit(pixels: np.ndarray) -> np.ndarray:
+    """uint8 as is; uint16 rounded to 8 bits (x / 257)."""
     if pixels.dtype == np.uint8:
         return pixels
-    if pixels.dtype == np.uint16:
-        # Rounds to nearest (x / 257 is never exactly k + 0.5) straight into uint8.
-        return cv2.convertScaleAbs(pixels, alpha=1 / 257)
+    # Rounds to nearest (x / 257 is never exactly k + 0.5) straight into uint8.
+    return cv2.convertScaleAbs(pixels, alpha=1 / 257)
+
+
+def _check_depth(pixels: np.ndarray, fmt: str) -> np.ndarray:
+    """uint8 and uint16 samples as they are; other sample types refused."""
+    if pixels.dtype in (np.uint8, np.uint16):
+        return pixels
     raise ImageError(
         f"{fmt.upper()} image has {pixels.dtype} samples, which are not accepted; send 8- or "
         "16-bit integer images"
@@ -163,17 +186,27 @@ def _check_tiff_data(data: bytes) -> None:
 
 
 def decode_image(
-    data: bytes, max_pixels: int, max_bytes: int, *, verified: bool = False
+    data: bytes,
+    max_pixels: int,
+    max_bytes: int,
+    *,
+    verified: bool = False,
+    options: ImageOptions = DEFAULT_OPTIONS,
 ) -> DecodedImage:
-    """Decode an encoded image file into RGB (+ alpha), refusing oversized ones before decoding.
+    """Decode an encoded image file into RGB (+ alpha), refusing oversized ones before decoding,
+    with its profile and metadata read and handled as ``options`` ask.
 
     ``verified``: ``verify_image`` already passed on ``data``; its integrity decodes are not
     repeated.
     """
     header = read_header(data, max_pixels, max_bytes)
-    fmt = header.format
     if not verified:
         _check_integrity(data, header)
+    return _carry(_decode_pixels(data, header), data, options)
+
+
+def _decode_pixels(data: bytes, header: Header) -> DecodedImage:
+    fmt = header.format
     if header.tiff_alpha:
         rgba = _decode_tiff_alpha(data)
         _check_decoded_size(rgba, header)
@@ -186,7 +219,7 @@ def decode_image(
         flags = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH  # CMYK -> BGR through libtiff
     else:
         flags = cv2.IMREAD_UNCHANGED  # keeps alpha and 16-bit samples
-    pixels = _to_8bit(_imdecode(data, flags, fmt), fmt)
+    pixels = _check_depth(_imdecode(data, flags, fmt), fmt)
 
     _check_decoded_size(pixels, header)
     height, width = pixels.shape[:2]
@@ -202,6 +235,30 @@ def decode_image(
     raise ImageError(
         f"{fmt.upper()} image has {channels} channels; accepted: 1 (grey), 3 (RGB) or 4 (RGBA)"
     )
+
+
+def _carry(decoded: DecodedImage, data: bytes, options: ImageOptions) -> DecodedImage:
+    """``decoded`` with the file's profile, EXIF and XMP: pixels turned upright (PNG, WebP; the
+    other decoders did it), converted to sRGB if asked, metadata stripped if asked."""
+    fmt = decoded.source_format
+    meta = read_metadata(data, fmt)
+    rgb, alpha, icc, notes = decoded.rgb, decoded.alpha, meta.icc, list(meta.notes)
+    if icc is not None:
+        profile = parse_profile(icc, fmt)
+        if not fits_pixels(profile, decoded.channels):
+            notes.append(
+                f"the {colour_space(profile)} ICC profile is not carried: the pixels were "
+                "decoded to RGB"
+            )
+            icc = None
+        elif options.convert_to_srgb:
+            rgb, icc = to_srgb(rgb, profile, grey=decoded.channels == 1), None
+    if meta.orientation != 1 and fmt in ("png", "webp"):
+        rgb = orient(rgb, meta.orientation)
+        alpha = None if alpha is None else orient(alpha, meta.orientation)
+    exif, xmp = (None, None) if options.strip_metadata else (meta.exif, meta.xmp)
+    kept = FileMetadata(icc, exif, xmp, meta.orientation, tuple(notes))
+    return DecodedImage(rgb, alpha, decoded.channels, fmt, kept)
 
 
 def check_raw(
@@ -240,24 +297,43 @@ def decode_raw(
 # --- model input/output -------------------------------------------------------------------------
 
 
-def finish_output(sr_rgb: np.ndarray, decoded: DecodedImage, scale: int) -> np.ndarray:
-    """Give the upscaled RGB the input's channel layout: grey -> 1 channel, RGBA -> alpha
-    upscaled separately (bicubic, clipped) and re-attached. Returns sH x sW x C uint8."""
+def finish_output(
+    sr_rgb: np.ndarray, decoded: DecodedImage, scale: int, sr_alpha: np.ndarray | None = None
+) -> np.ndarray:
+    """Give the upscaled RGB the input's channel layout: grey -> 1 channel, RGBA -> the alpha
+    re-attached: ``sr_alpha`` (the model's, sH x sW) when given, else the input's alpha
+    upscaled by bicubic (clipped). Returns sH x sW x C of the input's sample type."""
     height, width = decoded.rgb.shape[:2]
     expected = (scale * height, scale * width, 3)
-    if sr_rgb.shape != expected or sr_rgb.dtype != np.uint8:
-        raise ValueError(f"upscaled image is {sr_rgb.shape} {sr_rgb.dtype}; expected {expected}")
+    if sr_rgb.shape != expected or sr_rgb.dtype != decoded.rgb.dtype:
+        raise ValueError(
+            f"upscaled image is {sr_rgb.shape} {sr_rgb.dtype}; expected {expected} "
+            f"{decoded.rgb.dtype}"
+        )
     if decoded.channels == 1:
         return cv2.cvtColor(sr_rgb, cv2.COLOR_RGB2GRAY)[:, :, None]
     if decoded.channels == 3:
         return sr_rgb
     if decoded.alpha is None:
         raise ValueError("a 4-channel image lost its alpha channel")
-    # uint8 in, uint8 out: cv2.resize saturates the bicubic overshoot to 0..255.
-    alpha = cv2.resize(
-        decoded.alpha, (scale * width, scale * height), interpolation=cv2.INTER_CUBIC
-    )
-    return np.dstack([sr_rgb, alpha])
+    if sr_alpha is None:
+        # integer in, integer out: cv2.resize saturates the bicubic overshoot.
+        sr_alpha = cv2.resize(
+            decoded.alpha, (scale * width, scale * height), interpolation=cv2.INTER_CUBIC
+        )
+    return np.dstack([sr_rgb, sr_alpha])
+
+
+def answer_notes(decoded: DecodedImage, fmt: str) -> tuple[str, ...]:
+    """What an answer in ``fmt`` cannot keep of ``decoded`` (said in the response and logged):
+    16 bits in an 8-bit-only format, metadata in raw pixels, plus the notes of decoding."""
+    notes = list(decoded.metadata.notes)
+    if decoded.rgb.dtype == np.uint16 and fmt != "png":
+        notes.append(f"16-bit image answered with 8 bits: {fmt} holds 8 bits (choose png for 16)")
+    meta = decoded.metadata
+    if fmt == "raw" and (meta.icc or meta.exif or meta.xmp):
+        notes.append("raw pixels carry no ICC profile, EXIF or XMP (choose png, jpeg or webp)")
+    return tuple(notes)
 
 
 # --- encoding -----------------------------------------------------------------------------------
@@ -274,27 +350,39 @@ def check_side(fmt: str, width: int, height: int) -> None:
         )
 
 
-def encode_image(image: np.ndarray, fmt: str, quality: int, *, side_checked: bool = False) -> bytes:
-    """Encode H x W x C uint8 (C = 1, 3 RGB or 4 RGBA; H x W is grey) as ``fmt``.
+def encode_image(
+    image: np.ndarray,
+    fmt: str,
+    quality: int,
+    *,
+    side_checked: bool = False,
+    metadata: FileMetadata | None = None,
+) -> bytes:
+    """Encode H x W x C uint8 or uint16 (C = 1, 3 RGB or 4 RGBA; H x W is grey) as ``fmt``.
 
     ``side_checked``: the caller ran ``check_side`` on this size before computing the image
-    (the server does, before any tile), so it is not checked twice.
+    (the server does, before any tile), so it is not checked twice. ``metadata``: the profile,
+    EXIF (orientation reset to 1, its size tags set to the image's) and XMP to write; PNG, JPEG
+    and WebP hold them, raw does not.
 
     ``fmt`` is one of OUTPUT_FORMATS; ``quality`` (1..100) is used by jpeg and webp only.
-    "raw" returns the row-major bytes of the array. JPEG cannot carry alpha and WebP has no grey
-    mode (a grey image is written as RGB).
+    "raw" returns the row-major bytes of the array. uint16 stays 16-bit in PNG and is rounded
+    to 8 bits for the others. JPEG cannot carry alpha and WebP has no grey mode (a grey image
+    is written as RGB).
     """
     if fmt not in OUTPUT_FORMATS:
         raise ImageError(f"output format {fmt!r} is not supported; choose one of {OUTPUT_FORMATS}")
     if fmt in ("jpeg", "webp") and not 1 <= quality <= 100:
         raise ImageError(f"{fmt} quality {quality} is out of range; choose 1..100")
-    if image.dtype != np.uint8 or image.ndim not in (2, 3):
+    if image.dtype not in (np.uint8, np.uint16) or image.ndim not in (2, 3):
         raise ImageError(
-            f"image to encode is {image.shape} {image.dtype}; expected H x W x C uint8"
+            f"image to encode is {image.shape} {image.dtype}; expected H x W x C uint8 or uint16"
         )
     channels = 1 if image.ndim == 2 else image.shape[2]
     if channels not in RAW_CHANNELS:
         raise ImageError(f"image to encode has {channels} channels; expected 1, 3 or 4")
+    if fmt != "png":
+        image = to_8bit(image)
     if fmt == "raw":
         return np.ascontiguousarray(image).tobytes()
     height, width = image.shape[:2]
@@ -302,6 +390,19 @@ def encode_image(image: np.ndarray, fmt: str, quality: int, *, side_checked: boo
         raise ImageError("JPEG cannot carry the alpha channel of an RGBA image; choose png or webp")
     if not side_checked:
         check_side(fmt, width, height)
+    meta = metadata or NO_METADATA
+    exif = answer_exif(meta.exif, width, height) if meta.exif else None
+    xmp = answer_xmp(meta.xmp) if meta.xmp else None
+    if fmt != "png" and (meta.icc or exif or xmp):
+        return pillow_encode(image, fmt, quality, meta.icc, exif, xmp)
+    encoded = _cv2_encode(image, fmt, quality, channels)
+    if fmt == "png" and (meta.icc or exif or xmp):
+        return png_with_metadata(encoded, meta.icc, exif, xmp)
+    return encoded
+
+
+def _cv2_encode(image: np.ndarray, fmt: str, quality: int, channels: int) -> bytes:
+    height, width = image.shape[:2]
     if channels == 1:
         bgr = image.reshape(height, width)
     elif channels == 3:

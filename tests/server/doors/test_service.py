@@ -27,6 +27,7 @@ from onnx import TensorProto, helper
 from rdn.ensemble import N_TRANSFORMS, inverse_transform, transform
 from server.client import (
     AsyncUpscaleClient,
+    ImageOptions,
     RetryPolicy,
     UpscaleClient,
     UpscaleError,
@@ -186,7 +187,17 @@ def test_rgba_keeps_an_upscaled_alpha(
     out = result.to_array()
     assert result.channels == 4 and out.shape == (72, 80, 4)
     assert_close_to(out[:, :, :3], tiled_reference(engine, rgb))
-    assert_close_to(out[:, :, 3], cv2.resize(alpha, (80, 72), interpolation=cv2.INTER_CUBIC))
+    # by default the model upscales the alpha as a grey image through the same tiles
+    by_model = tiled_reference(engine, np.dstack([alpha] * 3))
+    assert_close_to(out[:, :, 3], cv2.cvtColor(by_model, cv2.COLOR_RGB2GRAY))
+    bicubic = client.upscale(
+        encode(np.dstack([rgb, alpha]), ".png"),
+        "png",
+        timeout=CALL_TIMEOUT,
+        image=ImageOptions(alpha="bicubic"),
+    ).to_array()
+    assert_close_to(bicubic[:, :, :3], tiled_reference(engine, rgb))
+    assert_close_to(bicubic[:, :, 3], cv2.resize(alpha, (80, 72), interpolation=cv2.INTER_CUBIC))
 
 
 def test_large_request_travels_by_stream_under_a_4_mib_limit(

@@ -174,15 +174,19 @@ def test_grey_alpha_and_palette_transparency_become_rgba(photo, save) -> None:
     np.testing.assert_array_equal(decoded.rgb, np.asarray(opaque.convert("RGB")))
 
 
-def test_sixteen_bit_inputs_are_rounded_to_eight_bits(save, tmp_path: Path) -> None:
+def test_sixteen_bit_inputs_keep_sixteen_bits_and_eight_bit_answers_round(
+    save, tmp_path: Path
+) -> None:
     ramp = np.linspace(0, 65535, 40 * 56).reshape(40, 56).astype(np.uint16)
     ramp[0, :4] = [0, 128, 129, 65535]  # 128/257 rounds down, 129/257 rounds up
     expected = np.rint(ramp / 257.0).astype(np.uint8)
     assert tuple(expected[0, :4]) == (0, 0, 1, 255)
 
     decoded = decode(save(Image.fromarray(ramp), "PNG"))
-    assert decoded.channels == 1
-    np.testing.assert_array_equal(decoded.rgb[:, :, 0], expected)
+    assert decoded.channels == 1 and decoded.rgb.dtype == np.uint16
+    np.testing.assert_array_equal(decoded.rgb[:, :, 0], ramp)
+    raw = encode_image(decoded.rgb[:, :, :1], "raw", 95)  # 8-bit only: rounded
+    np.testing.assert_array_equal(np.frombuffer(raw, np.uint8).reshape(40, 56), expected)
 
     rgb16 = np.dstack([ramp, ramp[::-1], 65535 - ramp])
     for ext in ("png", "tiff"):
@@ -190,7 +194,11 @@ def test_sixteen_bit_inputs_are_rounded_to_eight_bits(save, tmp_path: Path) -> N
         assert cv2.imwrite(str(path), rgb16[:, :, ::-1].copy())
         decoded = decode(path.read_bytes())
         assert decoded.channels == 3
-        np.testing.assert_array_equal(decoded.rgb, np.rint(rgb16 / 257.0).astype(np.uint8))
+        np.testing.assert_array_equal(decoded.rgb, rgb16)
+        png = encode_image(decoded.rgb, "png", 95)
+        np.testing.assert_array_equal(
+            cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)[:, :, ::-1], rgb16
+        )
 
 
 def test_float_tiff_is_refused(photo, save) -> None:

@@ -24,43 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eserver/pb/rdn/v1/upscale.proto\x12\x06rdn.v1\"=\n\nImageShape\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x10\n\x08\x63hannels\x18\x03 \x01(\r\";\n\x08RawImage\x12!\n\x05shape\x18\x01 \x01(\x0b\x32\x12.rdn.v1.ImageShape\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xfc\x01\n\x0eUpscaleRequest\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\x1f\n\x03raw\x18\x02 \x01(\x0b\x32\x10.rdn.v1.RawImageH\x00\x12+\n\routput_format\x18\x03 \x01(\x0e\x32\x14.rdn.v1.OutputFormat\x12\x0f\n\x07quality\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\r\n\x05scale\x18\x07 \x01(\r\x12\x14\n\x0ctarget_width\x18\x08 \x01(\r\x12\x15\n\rtarget_height\x18\t \x01(\r\x12\x10\n\x08outscale\x18\n \x01(\x01\x42\x07\n\x05image\"P\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\x96\x02\n\x0fUpscaleResponse\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\r\n\x05scale\x18\x05 \x01(\r\x12$\n\x06\x66ormat\x18\x06 \x01(\x0e\x32\x14.rdn.v1.OutputFormat\x12 \n\x07timings\x18\x07 \x01(\x0b\x32\x0f.rdn.v1.Timings\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\r\n\x05tiles\x18\t \x01(\r\x12\x13\n\x0btotal_bytes\x18\n \x01(\x04\x12\r\n\x05model\x18\x0b \x01(\t\x12\x0f\n\x07resized\x18\x0c \x01(\x08\x12\x14\n\x0cmodel_reason\x18\r \x01(\t\"\x92\x02\n\x13UpscaleStreamHeader\x12%\n\traw_shape\x18\x01 \x01(\x0b\x32\x12.rdn.v1.ImageShape\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12+\n\routput_format\x18\x03 \x01(\x0e\x32\x14.rdn.v1.OutputFormat\x12\x0f\n\x07quality\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\r\n\x05scale\x18\x07 \x01(\r\x12\x14\n\x0ctarget_width\x18\x08 \x01(\r\x12\x15\n\rtarget_height\x18\t \x01(\r\x12\x10\n\x08outscale\x18\n \x01(\x01\x12\x10\n\x08progress\x18\x0b \x01(\x08\"3\n\x08Progress\x12\x12\n\ntiles_done\x18\x01 \x01(\r\x12\x13\n\x0btiles_total\x18\x02 \x01(\r\")\n\tDataChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xb9\x01\n\x0cUpscaleChunk\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.rdn.v1.UpscaleStreamHeaderH\x00\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x17.rdn.v1.UpscaleResponseH\x00\x12!\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x11.rdn.v1.DataChunkH\x00\x12$\n\x08progress\x18\x04 \x01(\x0b\x32\x10.rdn.v1.ProgressH\x00\x42\x06\n\x04kind\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.rdn.v1.ModelInfo\"N\n\x11ModelArchitecture\x12\n\n\x02g0\x18\x01 \x01(\r\x12\t\n\x01\x64\x18\x02 \x01(\r\x12\t\n\x01\x63\x18\x03 \x01(\r\x12\t\n\x01g\x18\x04 \x01(\r\x12\x0c\n\x04norm\x18\x05 \x01(\t\"\xf1\x05\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\r\x12/\n\x0c\x61rchitecture\x18\x03 \x01(\x0b\x32\x19.rdn.v1.ModelArchitecture\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x05 \x01(\t\x12\x15\n\rtraining_step\x18\x06 \x01(\x04\x12\x1a\n\x12\x65xecution_provider\x18\x07 \x01(\t\x12\x11\n\tproviders\x18\x08 \x03(\t\x12\x11\n\ttile_size\x18\t \x01(\r\x12\x10\n\x08tile_pad\x18\n \x01(\r\x12\x11\n\tmax_batch\x18\x0b \x01(\r\x12\x14\n\x0cmax_delay_ms\x18\x0c \x01(\x01\x12\x17\n\x0fmax_queue_tiles\x18\r \x01(\r\x12\x12\n\nmax_pixels\x18\x0e \x01(\x04\x12\x19\n\x11max_request_bytes\x18\x0f \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x10 \x01(\x04\x12\x15\n\rinput_formats\x18\x11 \x03(\t\x12,\n\x0eoutput_formats\x18\x12 \x03(\x0e\x32\x14.rdn.v1.OutputFormat\x12\x15\n\rself_ensemble\x18\x13 \x01(\x08\x12\x0e\n\x06tiling\x18\x14 \x01(\t\x12\x17\n\x0fmax_tile_pixels\x18\x15 \x01(\x04\x12\x18\n\x10intra_op_threads\x18\x16 \x01(\r\x12\x16\n\x0e\x64\x65\x63ode_workers\x18\x17 \x01(\r\x12\x13\n\x0bmax_uploads\x18\x18 \x01(\r\x12\x1a\n\x12max_buffered_bytes\x18\x19 \x01(\x04\x12\x14\n\x0cort_spinning\x18\x1a \x01(\x08\x12\x15\n\rort_cpu_arena\x18\x1b \x01(\x08\x12\x14\n\x0ctile_windows\x18\x1c \x03(\r\x12\x12\n\nis_default\x18\x1d \x01(\x08\x12\x16\n\x0eserver_default\x18\x1e \x01(\x08\x12\x0c\n\x04\x66ile\x18\x1f \x01(\t\x12\x0f\n\x07version\x18  \x01(\r*\x8b\x01\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x03\x12\x15\n\x11OUTPUT_FORMAT_RAW\x10\x04\x32\x8c\x02\n\x08Upscaler\x12:\n\x07Upscale\x12\x16.rdn.v1.UpscaleRequest\x1a\x17.rdn.v1.UpscaleResponse\x12?\n\rUpscaleStream\x12\x14.rdn.v1.UpscaleChunk\x1a\x14.rdn.v1.UpscaleChunk(\x01\x30\x01\x12>\n\x0cGetModelInfo\x12\x1b.rdn.v1.GetModelInfoRequest\x1a\x11.rdn.v1.ModelInfo\x12\x43\n\nListModels\x12\x19.rdn.v1.ListModelsRequest\x1a\x1a.rdn.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eserver/pb/rdn/v1/upscale.proto\x12\x06rdn.v1\"=\n\nImageShape\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x10\n\x08\x63hannels\x18\x03 \x01(\r\";\n\x08RawImage\x12!\n\x05shape\x18\x01 \x01(\x0b\x32\x12.rdn.v1.ImageShape\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xcf\x02\n\x0eUpscaleRequest\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\x1f\n\x03raw\x18\x02 \x01(\x0b\x32\x10.rdn.v1.RawImageH\x00\x12+\n\routput_format\x18\x03 \x01(\x0e\x32\x14.rdn.v1.OutputFormat\x12\x0f\n\x07quality\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\r\n\x05scale\x18\x07 \x01(\r\x12\x14\n\x0ctarget_width\x18\x08 \x01(\r\x12\x15\n\rtarget_height\x18\t \x01(\r\x12\x10\n\x08outscale\x18\n \x01(\x01\x12\x17\n\x0f\x63onvert_to_srgb\x18\x0e \x01(\x08\x12\x16\n\x0estrip_metadata\x18\x0f \x01(\x08\x12 \n\x05\x61lpha\x18\x10 \x01(\x0e\x32\x11.rdn.v1.AlphaModeB\x07\n\x05image\"P\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xa5\x02\n\x0fUpscaleResponse\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\r\n\x05scale\x18\x05 \x01(\r\x12$\n\x06\x66ormat\x18\x06 \x01(\x0e\x32\x14.rdn.v1.OutputFormat\x12 \n\x07timings\x18\x07 \x01(\x0b\x32\x0f.rdn.v1.Timings\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\r\n\x05tiles\x18\t \x01(\r\x12\x13\n\x0btotal_bytes\x18\n \x01(\x04\x12\r\n\x05model\x18\x0b \x01(\t\x12\x0f\n\x07resized\x18\x0c \x01(\x08\x12\x14\n\x0cmodel_reason\x18\r \x01(\t\x12\r\n\x05notes\x18\x0e \x03(\t\"\xe5\x02\n\x13UpscaleStreamHeader\x12%\n\traw_shape\x18\x01 \x01(\x0b\x32\x12.rdn.v1.ImageShape\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12+\n\routput_format\x18\x03 \x01(\x0e\x32\x14.rdn.v1.OutputFormat\x12\x0f\n\x07quality\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\r\n\x05scale\x18\x07 \x01(\r\x12\x14\n\x0ctarget_width\x18\x08 \x01(\r\x12\x15\n\rtarget_height\x18\t \x01(\r\x12\x10\n\x08outscale\x18\n \x01(\x01\x12\x10\n\x08progress\x18\x0b \x01(\x08\x12\x17\n\x0f\x63onvert_to_srgb\x18\x0e \x01(\x08\x12\x16\n\x0estrip_metadata\x18\x0f \x01(\x08\x12 \n\x05\x61lpha\x18\x10 \x01(\x0e\x32\x11.rdn.v1.AlphaMode\"3\n\x08Progress\x12\x12\n\ntiles_done\x18\x01 \x01(\r\x12\x13\n\x0btiles_total\x18\x02 \x01(\r\")\n\tDataChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xb9\x01\n\x0cUpscaleChunk\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.rdn.v1.UpscaleStreamHeaderH\x00\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x17.rdn.v1.UpscaleResponseH\x00\x12!\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x11.rdn.v1.DataChunkH\x00\x12$\n\x08progress\x18\x04 \x01(\x0b\x32\x10.rdn.v1.ProgressH\x00\x42\x06\n\x04kind\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.rdn.v1.ModelInfo\"N\n\x11ModelArchitecture\x12\n\n\x02g0\x18\x01 \x01(\r\x12\t\n\x01\x64\x18\x02 \x01(\r\x12\t\n\x01\x63\x18\x03 \x01(\r\x12\t\n\x01g\x18\x04 \x01(\r\x12\x0c\n\x04norm\x18\x05 \x01(\t\"\xf1\x05\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\r\x12/\n\x0c\x61rchitecture\x18\x03 \x01(\x0b\x32\x19.rdn.v1.ModelArchitecture\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x05 \x01(\t\x12\x15\n\rtraining_step\x18\x06 \x01(\x04\x12\x1a\n\x12\x65xecution_provider\x18\x07 \x01(\t\x12\x11\n\tproviders\x18\x08 \x03(\t\x12\x11\n\ttile_size\x18\t \x01(\r\x12\x10\n\x08tile_pad\x18\n \x01(\r\x12\x11\n\tmax_batch\x18\x0b \x01(\r\x12\x14\n\x0cmax_delay_ms\x18\x0c \x01(\x01\x12\x17\n\x0fmax_queue_tiles\x18\r \x01(\r\x12\x12\n\nmax_pixels\x18\x0e \x01(\x04\x12\x19\n\x11max_request_bytes\x18\x0f \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x10 \x01(\x04\x12\x15\n\rinput_formats\x18\x11 \x03(\t\x12,\n\x0eoutput_formats\x18\x12 \x03(\x0e\x32\x14.rdn.v1.OutputFormat\x12\x15\n\rself_ensemble\x18\x13 \x01(\x08\x12\x0e\n\x06tiling\x18\x14 \x01(\t\x12\x17\n\x0fmax_tile_pixels\x18\x15 \x01(\x04\x12\x18\n\x10intra_op_threads\x18\x16 \x01(\r\x12\x16\n\x0e\x64\x65\x63ode_workers\x18\x17 \x01(\r\x12\x13\n\x0bmax_uploads\x18\x18 \x01(\r\x12\x1a\n\x12max_buffered_bytes\x18\x19 \x01(\x04\x12\x14\n\x0cort_spinning\x18\x1a \x01(\x08\x12\x15\n\rort_cpu_arena\x18\x1b \x01(\x08\x12\x14\n\x0ctile_windows\x18\x1c \x03(\r\x12\x12\n\nis_default\x18\x1d \x01(\x08\x12\x16\n\x0eserver_default\x18\x1e \x01(\x08\x12\x0c\n\x04\x66ile\x18\x1f \x01(\t\x12\x0f\n\x07version\x18  \x01(\r*\x8b\x01\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x03\x12\x15\n\x11OUTPUT_FORMAT_RAW\x10\x04*U\n\tAlphaMode\x12\x1a\n\x16\x41LPHA_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41LPHA_MODE_MODEL\x10\x01\x12\x16\n\x12\x41LPHA_MODE_BICUBIC\x10\x02\x32\x8c\x02\n\x08Upscaler\x12:\n\x07Upscale\x12\x16.rdn.v1.UpscaleRequest\x1a\x17.rdn.v1.UpscaleResponse\x12?\n\rUpscaleStream\x12\x14.rdn.v1.UpscaleChunk\x1a\x14.rdn.v1.UpscaleChunk(\x01\x30\x01\x12>\n\x0cGetModelInfo\x12\x1b.rdn.v1.GetModelInfoRequest\x1a\x11.rdn.v1.ModelInfo\x12\x43\n\nListModels\x12\x19.rdn.v1.ListModelsRequest\x1a\x1a.rdn.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'server.pb.rdn.v1.upscale_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTPUTFORMAT']._serialized_start=2298
-  _globals['_OUTPUTFORMAT']._serialized_end=2437
+  _globals['_OUTPUTFORMAT']._serialized_start=2479
+  _globals['_OUTPUTFORMAT']._serialized_end=2618
+  _globals['_ALPHAMODE']._serialized_start=2620
+  _globals['_ALPHAMODE']._serialized_end=2705
   _globals['_IMAGESHAPE']._serialized_start=42
   _globals['_IMAGESHAPE']._serialized_end=103
   _globals['_RAWIMAGE']._serialized_start=105
   _globals['_RAWIMAGE']._serialized_end=164
   _globals['_UPSCALEREQUEST']._serialized_start=167
-  _globals['_UPSCALEREQUEST']._serialized_end=419
-  _globals['_TIMINGS']._serialized_start=421
-  _globals['_TIMINGS']._serialized_end=501
-  _globals['_UPSCALERESPONSE']._serialized_start=504
-  _globals['_UPSCALERESPONSE']._serialized_end=782
-  _globals['_UPSCALESTREAMHEADER']._serialized_start=785
-  _globals['_UPSCALESTREAMHEADER']._serialized_end=1059
-  _globals['_PROGRESS']._serialized_start=1061
-  _globals['_PROGRESS']._serialized_end=1112
-  _globals['_DATACHUNK']._serialized_start=1114
-  _globals['_DATACHUNK']._serialized_end=1155
-  _globals['_UPSCALECHUNK']._serialized_start=1158
-  _globals['_UPSCALECHUNK']._serialized_end=1343
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1345
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1381
-  _globals['_LISTMODELSREQUEST']._serialized_start=1383
-  _globals['_LISTMODELSREQUEST']._serialized_end=1402
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1404
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1459
-  _globals['_MODELARCHITECTURE']._serialized_start=1461
-  _globals['_MODELARCHITECTURE']._serialized_end=1539
-  _globals['_MODELINFO']._serialized_start=1542
-  _globals['_MODELINFO']._serialized_end=2295
-  _globals['_UPSCALER']._serialized_start=2440
-  _globals['_UPSCALER']._serialized_end=2708
+  _globals['_UPSCALEREQUEST']._serialized_end=502
+  _globals['_TIMINGS']._serialized_start=504
+  _globals['_TIMINGS']._serialized_end=584
+  _globals['_UPSCALERESPONSE']._serialized_start=587
+  _globals['_UPSCALERESPONSE']._serialized_end=880
+  _globals['_UPSCALESTREAMHEADER']._serialized_start=883
+  _globals['_UPSCALESTREAMHEADER']._serialized_end=1240
+  _globals['_PROGRESS']._serialized_start=1242
+  _globals['_PROGRESS']._serialized_end=1293
+  _globals['_DATACHUNK']._serialized_start=1295
+  _globals['_DATACHUNK']._serialized_end=1336
+  _globals['_UPSCALECHUNK']._serialized_start=1339
+  _globals['_UPSCALECHUNK']._serialized_end=1524
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1526
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1562
+  _globals['_LISTMODELSREQUEST']._serialized_start=1564
+  _globals['_LISTMODELSREQUEST']._serialized_end=1583
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1585
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1640
+  _globals['_MODELARCHITECTURE']._serialized_start=1642
+  _globals['_MODELARCHITECTURE']._serialized_end=1720
+  _globals['_MODELINFO']._serialized_start=1723
+  _globals['_MODELINFO']._serialized_end=2476
+  _globals['_UPSCALER']._serialized_start=2708
+  _globals['_UPSCALER']._serialized_end=2976
 # @@protoc_insertion_point(module_scope)

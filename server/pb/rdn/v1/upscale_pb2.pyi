@@ -14,11 +14,20 @@ class OutputFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTPUT_FORMAT_JPEG: _ClassVar[OutputFormat]
     OUTPUT_FORMAT_WEBP: _ClassVar[OutputFormat]
     OUTPUT_FORMAT_RAW: _ClassVar[OutputFormat]
+
+class AlphaMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ALPHA_MODE_UNSPECIFIED: _ClassVar[AlphaMode]
+    ALPHA_MODE_MODEL: _ClassVar[AlphaMode]
+    ALPHA_MODE_BICUBIC: _ClassVar[AlphaMode]
 OUTPUT_FORMAT_UNSPECIFIED: OutputFormat
 OUTPUT_FORMAT_PNG: OutputFormat
 OUTPUT_FORMAT_JPEG: OutputFormat
 OUTPUT_FORMAT_WEBP: OutputFormat
 OUTPUT_FORMAT_RAW: OutputFormat
+ALPHA_MODE_UNSPECIFIED: AlphaMode
+ALPHA_MODE_MODEL: AlphaMode
+ALPHA_MODE_BICUBIC: AlphaMode
 
 class ImageShape(_message.Message):
     __slots__ = ("height", "width", "channels")
@@ -39,7 +48,7 @@ class RawImage(_message.Message):
     def __init__(self, shape: _Optional[_Union[ImageShape, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class UpscaleRequest(_message.Message):
-    __slots__ = ("encoded", "raw", "output_format", "quality", "request_id", "model", "scale", "target_width", "target_height", "outscale")
+    __slots__ = ("encoded", "raw", "output_format", "quality", "request_id", "model", "scale", "target_width", "target_height", "outscale", "convert_to_srgb", "strip_metadata", "alpha")
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +59,9 @@ class UpscaleRequest(_message.Message):
     TARGET_WIDTH_FIELD_NUMBER: _ClassVar[int]
     TARGET_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     OUTSCALE_FIELD_NUMBER: _ClassVar[int]
+    CONVERT_TO_SRGB_FIELD_NUMBER: _ClassVar[int]
+    STRIP_METADATA_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
     encoded: bytes
     raw: RawImage
     output_format: OutputFormat
@@ -60,7 +72,10 @@ class UpscaleRequest(_message.Message):
     target_width: int
     target_height: int
     outscale: float
-    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., scale: _Optional[int] = ..., target_width: _Optional[int] = ..., target_height: _Optional[int] = ..., outscale: _Optional[float] = ...) -> None: ...
+    convert_to_srgb: bool
+    strip_metadata: bool
+    alpha: AlphaMode
+    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., scale: _Optional[int] = ..., target_width: _Optional[int] = ..., target_height: _Optional[int] = ..., outscale: _Optional[float] = ..., convert_to_srgb: _Optional[bool] = ..., strip_metadata: _Optional[bool] = ..., alpha: _Optional[_Union[AlphaMode, str]] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_seconds", "compute_seconds", "total_seconds")
@@ -73,7 +88,7 @@ class Timings(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class UpscaleResponse(_message.Message):
-    __slots__ = ("image", "width", "height", "channels", "scale", "format", "timings", "request_id", "tiles", "total_bytes", "model", "resized", "model_reason")
+    __slots__ = ("image", "width", "height", "channels", "scale", "format", "timings", "request_id", "tiles", "total_bytes", "model", "resized", "model_reason", "notes")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +102,7 @@ class UpscaleResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RESIZED_FIELD_NUMBER: _ClassVar[int]
     MODEL_REASON_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     width: int
     height: int
@@ -100,10 +116,11 @@ class UpscaleResponse(_message.Message):
     model: str
     resized: bool
     model_reason: str
-    def __init__(self, image: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., channels: _Optional[int] = ..., scale: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ..., tiles: _Optional[int] = ..., total_bytes: _Optional[int] = ..., model: _Optional[str] = ..., resized: _Optional[bool] = ..., model_reason: _Optional[str] = ...) -> None: ...
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, image: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., channels: _Optional[int] = ..., scale: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ..., tiles: _Optional[int] = ..., total_bytes: _Optional[int] = ..., model: _Optional[str] = ..., resized: _Optional[bool] = ..., model_reason: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UpscaleStreamHeader(_message.Message):
-    __slots__ = ("raw_shape", "total_bytes", "output_format", "quality", "request_id", "model", "scale", "target_width", "target_height", "outscale", "progress")
+    __slots__ = ("raw_shape", "total_bytes", "output_format", "quality", "request_id", "model", "scale", "target_width", "target_height", "outscale", "progress", "convert_to_srgb", "strip_metadata", "alpha")
     RAW_SHAPE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +132,9 @@ class UpscaleStreamHeader(_message.Message):
     TARGET_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     OUTSCALE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    CONVERT_TO_SRGB_FIELD_NUMBER: _ClassVar[int]
+    STRIP_METADATA_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
     raw_shape: ImageShape
     total_bytes: int
     output_format: OutputFormat
@@ -126,7 +146,10 @@ class UpscaleStreamHeader(_message.Message):
     target_height: int
     outscale: float
     progress: bool
-    def __init__(self, raw_shape: _Optional[_Union[ImageShape, _Mapping]] = ..., total_bytes: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., scale: _Optional[int] = ..., target_width: _Optional[int] = ..., target_height: _Optional[int] = ..., outscale: _Optional[float] = ..., progress: _Optional[bool] = ...) -> None: ...
+    convert_to_srgb: bool
+    strip_metadata: bool
+    alpha: AlphaMode
+    def __init__(self, raw_shape: _Optional[_Union[ImageShape, _Mapping]] = ..., total_bytes: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., scale: _Optional[int] = ..., target_width: _Optional[int] = ..., target_height: _Optional[int] = ..., outscale: _Optional[float] = ..., progress: _Optional[bool] = ..., convert_to_srgb: _Optional[bool] = ..., strip_metadata: _Optional[bool] = ..., alpha: _Optional[_Union[AlphaMode, str]] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("tiles_done", "tiles_total")
