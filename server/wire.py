@@ -6,13 +6,15 @@ from __future__ import annotations
 from server.pb.rdn.v1 import upscale_pb2
 
 SERVICE_NAME = "rdn.v1.Upscaler"
-DEFAULT_QUALITY = 95  # the proto's meaning of quality 0 for JPEG / WebP
+DEFAULT_QUALITY = 95  # the proto's meaning of quality 0 for JPEG / WebP / AVIF
 FORMATS: dict[int, str] = {  # OutputFormat -> codec format name
-    upscale_pb2.OUTPUT_FORMAT_UNSPECIFIED: "png",
+    upscale_pb2.OUTPUT_FORMAT_UNSPECIFIED: "auto",  # an animation's own kind, else PNG
     upscale_pb2.OUTPUT_FORMAT_PNG: "png",
     upscale_pb2.OUTPUT_FORMAT_JPEG: "jpeg",
     upscale_pb2.OUTPUT_FORMAT_WEBP: "webp",
     upscale_pb2.OUTPUT_FORMAT_RAW: "raw",
+    upscale_pb2.OUTPUT_FORMAT_AVIF: "avif",
+    upscale_pb2.OUTPUT_FORMAT_GIF: "gif",
 }
 FORMAT_NUMBERS: dict[str, int] = {  # format name (as users type it) -> OutputFormat
     "png": upscale_pb2.OUTPUT_FORMAT_PNG,
@@ -20,8 +22,12 @@ FORMAT_NUMBERS: dict[str, int] = {  # format name (as users type it) -> OutputFo
     "jpg": upscale_pb2.OUTPUT_FORMAT_JPEG,
     "webp": upscale_pb2.OUTPUT_FORMAT_WEBP,
     "raw": upscale_pb2.OUTPUT_FORMAT_RAW,
+    "avif": upscale_pb2.OUTPUT_FORMAT_AVIF,
+    "gif": upscale_pb2.OUTPUT_FORMAT_GIF,
 }
-ACCEPTED_FORMATS = "0 UNSPECIFIED (= PNG), 1 PNG, 2 JPEG, 3 WEBP, 4 RAW"
+ACCEPTED_FORMATS = (
+    "0 UNSPECIFIED (= PNG, an animation's own kind), 1 PNG, 2 JPEG, 3 WEBP, 4 RAW, 20 AVIF, 21 GIF"
+)
 MAX_MESSAGE_BYTES = 8 * 2**20  # gRPC message limit, both directions: server and client default
 RESPONSE_OVERHEAD_BYTES = 4096  # room in a message for the response fields besides the data
 

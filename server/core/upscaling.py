@@ -40,7 +40,7 @@ from server.wire import DEFAULT_QUALITY, RESPONSE_OVERHEAD_BYTES
 class OutputSpec:
     """How the answer is encoded."""
 
-    name: str  # codec format name: png, jpeg, webp or raw
+    name: str  # codec format name (png, jpeg, webp, avif, gif, raw) or "auto" (animated.py)
     quality: int  # 1..100
 
 
@@ -77,6 +77,7 @@ class Upscaled:
     tiles: int
     model: str
     resized: bool  # the output size differs from scale x the input's
+    frames: int = 1  # an animation's frames (server/core/animated.py); 1 for a still image
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ ALLOW_HEADERS = (
     "Authorization, Content-Type, X-Request-Id, X-Progress, Inference-Header-Content-Length"
 )
 EXPOSE_HEADERS = (
-    "X-Model, X-Width, X-Height, X-Scale, X-Tiles, X-Compute-Seconds, X-Total-Seconds, "
+    "X-Model, X-Width, X-Height, X-Scale, X-Tiles, X-Frames, X-Compute-Seconds, X-Total-Seconds, "
     "X-Request-Id, Inference-Header-Content-Length, Retry-After"
 )
 PREFLIGHT_MAX_AGE_S = 600  # browsers cache an allowed preflight this long

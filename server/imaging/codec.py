@@ -41,6 +41,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
 
+from server.imaging import modern
 from server.imaging.headers import (
     ACCEPTED_TEXT,
     Header,
@@ -50,7 +51,7 @@ from server.imaging.headers import (
     read_header,
 )
 
-OUTPUT_FORMATS = ("png", "jpeg", "webp", "raw")
+OUTPUT_FORMATS = ("png", "jpeg", "webp", "raw", *modern.PILLOW_OUTPUTS)
 RAW_CHANNELS = (1, 3, 4)
 WEBP_MAX_SIDE = 16383  # pixels, a limit of the WebP bitstream
 JPEG_MAX_SIDE = 65535  # pixels, a limit of the JPEG frame header
@@ -110,6 +111,8 @@ def _decode_tiff_alpha(data: bytes) -> np.ndarray:
 
 def _check_decoded_size(pixels: np.ndarray, header: Header) -> None:
     height, width = pixels.shape[:2]
+    if header.format in modern.PILLOW_INPUTS and modern.within_extents(pixels, header):
+        return  # HEIF 'ispe' is the coded size; a 'clap' crop and 'irot' give less or turn it
     if {height, width} != {header.height, header.width}:  # orientation may swap them
         raise ImageError(
             f"{header.format.upper()} data is corrupt: the header says "
@@ -186,7 +189,10 @@ def decode_image(
         flags = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH  # CMYK -> BGR through libtiff
     else:
         flags = cv2.IMREAD_UNCHANGED  # keeps alpha and 16-bit samples
-    pixels = _to_8bit(_imdecode(data, flags, fmt), fmt)
+    if fmt in modern.PILLOW_INPUTS:  # HEIC, AVIF: Pillow / pillow-heif, in OpenCV's order
+        pixels = modern.decode_pillow(data, fmt)
+    else:
+        pixels = _to_8bit(_imdecode(data, flags, fmt), fmt)
 
     _check_decoded_size(pixels, header)
     height, width = pixels.shape[:2]
@@ -286,7 +292,7 @@ def encode_image(image: np.ndarray, fmt: str, quality: int, *, side_checked: boo
     """
     if fmt not in OUTPUT_FORMATS:
         raise ImageError(f"output format {fmt!r} is not supported; choose one of {OUTPUT_FORMATS}")
-    if fmt in ("jpeg", "webp") and not 1 <= quality <= 100:
+    if fmt in ("jpeg", "webp", "avif") and not 1 <= quality <= 100:
         raise ImageError(f"{fmt} quality {quality} is out of range; choose 1..100")
     if image.dtype != np.uint8 or image.ndim not in (2, 3):
         raise ImageError(
@@ -302,6 +308,8 @@ def encode_image(image: np.ndarray, fmt: str, quality: int, *, side_checked: boo
         raise ImageError("JPEG cannot carry the alpha channel of an RGBA image; choose png or webp")
     if not side_checked:
         check_side(fmt, width, height)
+    if fmt in modern.PILLOW_OUTPUTS:  # AVIF, GIF: Pillow
+        return modern.encode_pillow(image, fmt, quality)
     if channels == 1:
         bgr = image.reshape(height, width)
     elif channels == 3:
