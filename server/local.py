@@ -22,6 +22,7 @@ import numpy as np
 
 from rdn.constants import CPU
 from server.config import EngineConfig, LimitsConfig, TilingConfig
+from server.core.animated import AUTO, STILL_DEFAULT, finish_frames
 from server.core.batch_types import Reservation, TileResult
 from server.core.chunked import chunk_tiles, to_uint8, to_unit_float
 from server.core.engine import Engine
@@ -29,6 +30,14 @@ from server.core.pipeline import Pipeline, PipelineEngine, PipelineSettings
 from server.core.planner import make_planner
 from server.core.repository import RepositoryConfig, discover, model_name_of
 from server.core.sizing import SizeOptions, check_options, needed_factor, output_size, resize_output
+from server.core.upscaling import OutputSpec
+from server.imaging.animation import (
+    check_animation_side,
+    container_of,
+    decode_animation,
+    probe,
+    read_animation_header,
+)
 from server.imaging.codec import decode_image, encode_image, finish_output
 from server.models import MODELS_DIR
 
@@ -73,6 +82,8 @@ class LocalResult:
     width: int
     height: int
     resized: bool  # the model's output was resized to the requested size
+    frames: int = 1  # an animation's frames
+    format: str = "png"  # the answer's format ("auto" resolved)
 
 
 class LocalUpscaler:
@@ -119,23 +130,55 @@ class LocalUpscaler:
     def upscale_bytes(
         self,
         data: bytes,
-        output_format: str = "png",
+        output_format: str = "auto",
         quality: int = 95,
         *,
         width: int = 0,
         height: int = 0,
         outscale: float = 0.0,
     ) -> LocalResult:
-        """An image file (PNG, JPEG, WebP, BMP, TIFF) upscaled and encoded as
-        ``output_format`` ("png", "jpeg", "webp", "raw"); ``width`` and/or ``height`` or
+        """An image file (PNG, JPEG, WebP, BMP, TIFF, HEIC, AVIF; GIF, APNG, animated WebP)
+        upscaled and encoded as ``output_format`` ("png", "jpeg", "webp", "avif", "gif",
+        "raw"; "auto": an animation's own kind, else PNG); ``width`` and/or ``height`` or
         ``outscale`` resize the model's output as the server does (within 1 .. its scale)."""
         options = SizeOptions(target_width=width, target_height=height, outscale=outscale)
         check_options(options)
+        if probe(data) is not None:
+            return self._upscale_animation(data, output_format, quality, options)
+        fmt = STILL_DEFAULT if output_format == AUTO else output_format
         decoded = decode_image(data, self.limits.max_pixels, self.limits.max_request_bytes)
         in_h, in_w = decoded.rgb.shape[:2]
         scale = self.pipeline.scale
         size = output_size(options, in_w, in_h) or (in_w * scale, in_h * scale)
         needed_factor(in_w, in_h, size, scale, f"the scale of {self.pipeline.name}")
         sr = finish_output(self.upscale(decoded.rgb), decoded, scale)
-        image = encode_image(resize_output(sr, size), output_format, quality)
-        return LocalResult(image, size[0], size[1], size != (in_w * scale, in_h * scale))
+        image = encode_image(resize_output(sr, size), fmt, quality)
+        return LocalResult(image, size[0], size[1], size != (in_w * scale, in_h * scale), 1, fmt)
+
+    def _upscale_animation(
+        self, data: bytes, output_format: str, quality: int, options: SizeOptions
+    ) -> LocalResult:
+        """Every frame of a GIF, APNG or animated WebP through the engine, the server's way."""
+        limits = self.limits
+        header = read_animation_header(data, limits.max_pixels, limits.max_request_bytes)
+        kind = container_of(output_format, header.kind, header.frames)
+        in_w, in_h, scale = header.width, header.height, self.pipeline.scale
+        size = output_size(options, in_w, in_h) or (in_w * scale, in_h * scale)
+        needed_factor(in_w, in_h, size, scale, f"the scale of {self.pipeline.name}")
+        if kind is not None:
+            check_animation_side(kind, *size)
+        animation, frames = decode_animation(data, header)
+        canvases = [np.empty((scale * in_h, scale * in_w, 3), np.uint8) for _ in frames]
+        run = self.pipeline.run(
+            _Direct(self.pipeline.engine),
+            [frame.rgb.transpose(2, 0, 1) for frame in frames],
+            [canvas.transpose(2, 0, 1) for canvas in canvases],
+            "local",
+            to_model=to_unit_float,
+            from_model=to_uint8,
+        )
+        asyncio.run(run)
+        spec = OutputSpec(output_format, quality)
+        image, fmt = finish_frames(canvases, frames, animation, kind, spec, scale, size)
+        resized = size != (in_w * scale, in_h * scale)
+        return LocalResult(image, size[0], size[1], resized, len(frames), fmt)

@@ -24,6 +24,7 @@ from server.client.files import (
     expand_inputs,
     option_warnings,
     output_path,
+    own_format,
     resolve_format,
     size_tag,
     writes_single_file,
@@ -44,7 +45,7 @@ from server.wire import DEFAULT_QUALITY
 
 log = logging.getLogger("rdn.client")
 
-CLI_FORMATS = ("png", "jpeg", "webp")
+CLI_FORMATS = ("png", "jpeg", "webp", "avif", "gif")
 
 
 def _positive_float(text: str) -> float:
@@ -116,9 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=CLI_FORMATS,
         default=None,
-        help="output format (default: the extension of -o for one file, else png)",
+        help="output format (default: the extension of -o for one file, else each file's own "
+        "kind: an animated GIF stays a GIF, BMP/TIFF/HEIC become PNG)",
     )
-    up.add_argument("--quality", type=_quality, default=0, help="JPEG/WebP 1..100; 0 = default")
+    up.add_argument(
+        "--quality", type=_quality, default=0, help="JPEG/WebP/AVIF 1..100; 0 = default"
+    )
     up.add_argument("--concurrency", type=_positive_int, default=4, help="requests in flight (4)")
     info = commands.add_parser("info", parents=[common], help="print ModelInfo as JSON")
     info.add_argument("--model", default="", help="a model's name (default: the server's default)")
@@ -235,8 +239,9 @@ async def _upscale_files(args: argparse.Namespace, write: Callable[[str], None])
         async with limit:
             try:
                 data = await asyncio.to_thread(source.read_bytes)
-                image, tag = await run(data, fmt, args.quality, source.name, options)
-                target = output_path(relative, args.output, to_file, fmt, tag)
+                kind = fmt or own_format(source)  # a folder: each file in its own kind
+                image, tag = await run(data, kind, args.quality, source.name, options)
+                target = output_path(relative, args.output, to_file, kind, tag)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 await asyncio.to_thread(target.write_bytes, image)
                 write(f"{source} -> {target}")

@@ -40,7 +40,7 @@ class UpscaleResult:
     height: int
     channels: int
     scale: int
-    format: str  # "png", "jpeg", "webp" or "raw"
+    format: str  # "png", "jpeg", "webp", "avif", "gif" or "raw"
     tiles: int
     request_id: str
     queue_seconds: float
@@ -49,6 +49,7 @@ class UpscaleResult:
     streamed: bool  # travelled through UpscaleStream
     model: str = ""  # the model that ran
     resized: bool = False  # the model's output was resized to the requested size
+    frames: int = 1  # an animation's frames (GIF, APNG, animated WebP)
 
     def to_array(self) -> np.ndarray:
         """The image as uint8 H x W x C (RGB order; C = 1, 3 or 4)."""
@@ -137,7 +138,10 @@ def check_answer(response: upscale_pb2.UpscaleResponse, max_bytes: int) -> None:
 
 
 def format_number(output_format: str) -> int:
-    """The OutputFormat enum value of a format name."""
+    """The OutputFormat enum value of a format name ("auto": UNSPECIFIED, an animation's own
+    kind, else PNG)."""
+    if output_format.lower() == "auto":
+        return 0
     try:
         return FORMATS[output_format.lower()]
     except KeyError:
@@ -228,6 +232,7 @@ def result_from_response(response: upscale_pb2.UpscaleResponse, streamed: bool) 
         streamed=streamed,
         model=response.model,
         resized=response.resized,
+        frames=response.frames or 1,
     )
 
 

@@ -123,6 +123,7 @@ async def upscale_animation(
                 to_model=to_unit_float,
                 from_model=to_uint8,
                 progress=progress,
+                in_flight=pipeline.frames_in_flight(height, width, count),
             )
         record.set(
             tiles=result.tiles,

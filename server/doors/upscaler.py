@@ -29,11 +29,11 @@ from server.core.sizing import SizeOptions
 from server.core.uploads import Hold, UploadBudget, timed
 from server.core.upscaling import ImageSource, OutputSpec, Upscaled
 from server.doors.grpc_calls import streaming, unary
-from server.imaging.codec import RAW_CHANNELS
 from server.imaging.animation import ANIMATED_INPUTS
+from server.imaging.codec import RAW_CHANNELS
 from server.imaging.headers import INPUT_FORMATS
-from server.imaging.modern import PILLOW_INPUTS
 from server.imaging.limit_text import over_bytes, over_pixels
+from server.imaging.modern import PILLOW_INPUTS
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.wire import ACCEPTED_FORMATS, FORMAT_NUMBERS, FORMATS, UPLOAD_ACCEPTED_KEY
 
