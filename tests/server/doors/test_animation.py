@@ -23,6 +23,12 @@ from server.config import ServerConfig, TilingConfig
 from server.imaging.codec import decode_image
 from server.local import LocalUpscaler
 from tests.background import BackgroundServer
+from tests.server.imaging.test_animation_hostile import (
+    apng_declaring,
+    gif_with_frames,
+    heic_file,
+    patch_ispe,
+)
 from tests.server.loopback import MAX_BATCH, NO_RETRY, PAD, TILE, loopback_config
 
 FRAMES, SIDE = 8, 24  # 8 frames of 24x24: one 32x32 tile each, MAX_BATCH (4) per engine call
@@ -205,3 +211,21 @@ def test_avif_out_decodes_to_the_upscaled_image(client: UpscaleClient) -> None:
 def client(server: BackgroundServer) -> Iterator[UpscaleClient]:
     with UpscaleClient(f"127.0.0.1:{server.port}", retry=NO_RETRY) as c:
         yield c
+
+
+@pytest.mark.parametrize(
+    ("make", "code", "fragment"),
+    [
+        (lambda: gif_with_frames(100_000), grpc.StatusCode.RESOURCE_EXHAUSTED, "frames"),
+        (lambda: gif_with_frames(3)[:-4], grpc.StatusCode.INVALID_ARGUMENT, "truncated"),
+        (lambda: apng_declaring(1_000_000), grpc.StatusCode.RESOURCE_EXHAUSTED, "frames"),
+        (lambda: patch_ispe(heic_file(), 60000, 60000), grpc.StatusCode.RESOURCE_EXHAUSTED,
+         "over --max-pixels"),
+    ],
+)  # fmt: skip
+def test_hostile_files_get_their_status_through_the_door(
+    client: UpscaleClient, make, code: grpc.StatusCode, fragment: str
+) -> None:
+    with pytest.raises(UpscaleError) as info:
+        client.upscale(make())
+    assert info.value.code == code and fragment in str(info.value)
