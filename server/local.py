@@ -23,6 +23,7 @@ import numpy as np
 
 from rdn.constants import CPU, DEFAULT_SCALE
 from server.config import EngineConfig, LimitsConfig, TilingConfig
+from server.core.animated import AUTO, STILL_DEFAULT, finish_frames
 from server.core.batch_types import Reservation, TileResult
 from server.core.chunked import chunk_tiles, from_unit_float, to_unit_float
 from server.core.engine import Engine
@@ -38,7 +39,15 @@ from server.core.repository import (
     model_name_of,
 )
 from server.core.sizing import SizeOptions, check_options, needed_factor, output_size, resize_output
+from server.core.upscaling import OutputSpec
 from server.imaging.alpha import alpha_planes, fold_alpha
+from server.imaging.animation import (
+    check_animation_side,
+    container_of,
+    decode_animation,
+    probe,
+    read_animation_header,
+)
 from server.imaging.codec import answer_notes, decode_image, encode_image, finish_output
 from server.imaging.options import ImageOptions, alpha_mode
 from server.models import MODELS_DIR
@@ -88,6 +97,8 @@ class LocalResult:
     model: str = ""  # the model that ran
     model_reason: str = ""  # why (model "auto": what the input showed)
     notes: tuple[str, ...] = ()  # what the answer could not keep (16 bits in a JPEG ...)
+    frames: int = 1  # an animation's frames
+    format: str = "png"  # the answer's format ("auto" resolved)
 
 
 def _open(path: Path, engine: EngineConfig, tiling: TilingConfig, ensemble: bool) -> Pipeline:
@@ -178,7 +189,7 @@ class LocalUpscaler:
     def upscale_bytes(
         self,
         data: bytes,
-        output_format: str = "png",
+        output_format: str = "auto",
         quality: int = 95,
         *,
         width: int = 0,
@@ -188,8 +199,9 @@ class LocalUpscaler:
         strip_metadata: bool = False,
         alpha: str = "",
     ) -> LocalResult:
-        """An image file (PNG, JPEG, WebP, BMP, TIFF) upscaled and encoded as
-        ``output_format`` ("png", "jpeg", "webp", "raw"); ``width`` and/or ``height`` or
+        """An image file (PNG, JPEG, WebP, BMP, TIFF, HEIC, AVIF; GIF, APNG, animated WebP)
+        upscaled and encoded as ``output_format`` ("png", "jpeg", "webp", "avif", "gif",
+        "raw"; "auto": an animation's own kind, else PNG); ``width`` and/or ``height`` or
         ``outscale`` resize the model's output as the server does (within 1 .. its scale).
 
         As the server: the ICC profile, EXIF (orientation applied, then 1) and XMP are carried
@@ -198,6 +210,9 @@ class LocalUpscaler:
         ``alpha`` ("model" or "bicubic", "" = the default) says how alpha is upscaled."""
         options = SizeOptions(target_width=width, target_height=height, outscale=outscale)
         check_options(options)
+        if probe(data) is not None:
+            return self._upscale_animation(data, output_format, quality, options)
+        fmt = STILL_DEFAULT if output_format == AUTO else output_format
         handling = ImageOptions(convert_to_srgb, strip_metadata, alpha_mode(alpha))
         limits = self.limits
         decoded = decode_image(data, limits.max_pixels, limits.max_request_bytes, options=handling)
@@ -213,11 +228,30 @@ class LocalUpscaler:
         outs = self._run(choice.pipeline, planes, decoded.rgb.dtype)
         sr_alpha = fold_alpha(outs[1]) if by_model else None
         sr = finish_output(outs[0], decoded, scale, sr_alpha)
-        image = encode_image(
-            resize_output(sr, size), output_format, quality, metadata=decoded.metadata
-        )
+        image = encode_image(resize_output(sr, size), fmt, quality, metadata=decoded.metadata)
         resized = size != (in_w * scale, in_h * scale)
-        notes = answer_notes(decoded, output_format)
-        return LocalResult(
-            image, size[0], size[1], resized, choice.pipeline.name, choice.reason, notes
-        )
+        notes = answer_notes(decoded, fmt)
+        name, reason = choice.pipeline.name, choice.reason
+        return LocalResult(image, size[0], size[1], resized, name, reason, notes, 1, fmt)
+
+    def _upscale_animation(
+        self, data: bytes, output_format: str, quality: int, options: SizeOptions
+    ) -> LocalResult:
+        """Every frame of a GIF, APNG or animated WebP through the engine, the server's way."""
+        limits = self.limits
+        header = read_animation_header(data, limits.max_pixels, limits.max_request_bytes)
+        kind = container_of(output_format, header.kind, header.frames)
+        in_w, in_h, scale = header.width, header.height, self.pipeline.scale
+        size = output_size(options, in_w, in_h) or (in_w * scale, in_h * scale)
+        needed_factor(in_w, in_h, size, scale, f"the scale of {self.pipeline.name}")
+        if kind is not None:
+            check_animation_side(kind, *size)
+        animation, frames = decode_animation(data, header)
+        choice = self.choose(frames[0].rgb)
+        planes = [frame.rgb.transpose(2, 0, 1) for frame in frames]
+        canvases = self._run(choice.pipeline, planes, np.dtype(np.uint8))
+        spec = OutputSpec(output_format, quality)
+        image, fmt = finish_frames(canvases, frames, animation, kind, spec, scale, size)
+        resized = size != (in_w * scale, in_h * scale)
+        name, reason = choice.pipeline.name, choice.reason
+        return LocalResult(image, size[0], size[1], resized, name, reason, (), len(frames), fmt)

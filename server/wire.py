@@ -7,13 +7,15 @@ from server.pb.rdn.v1 import upscale_pb2
 
 SERVICE_NAME = "rdn.v1.Upscaler"
 AUTO_MODEL = "auto"  # model=auto: the clean or the photo model of the scale, by the input
-DEFAULT_QUALITY = 95  # the proto's meaning of quality 0 for JPEG / WebP
+DEFAULT_QUALITY = 95  # the proto's meaning of quality 0 for JPEG / WebP / AVIF
 FORMATS: dict[int, str] = {  # OutputFormat -> codec format name
-    upscale_pb2.OUTPUT_FORMAT_UNSPECIFIED: "png",
+    upscale_pb2.OUTPUT_FORMAT_UNSPECIFIED: "auto",  # an animation's own kind, else PNG
     upscale_pb2.OUTPUT_FORMAT_PNG: "png",
     upscale_pb2.OUTPUT_FORMAT_JPEG: "jpeg",
     upscale_pb2.OUTPUT_FORMAT_WEBP: "webp",
     upscale_pb2.OUTPUT_FORMAT_RAW: "raw",
+    upscale_pb2.OUTPUT_FORMAT_AVIF: "avif",
+    upscale_pb2.OUTPUT_FORMAT_GIF: "gif",
 }
 FORMAT_NUMBERS: dict[str, int] = {  # format name (as users type it) -> OutputFormat
     "png": upscale_pb2.OUTPUT_FORMAT_PNG,
@@ -21,8 +23,12 @@ FORMAT_NUMBERS: dict[str, int] = {  # format name (as users type it) -> OutputFo
     "jpg": upscale_pb2.OUTPUT_FORMAT_JPEG,
     "webp": upscale_pb2.OUTPUT_FORMAT_WEBP,
     "raw": upscale_pb2.OUTPUT_FORMAT_RAW,
+    "avif": upscale_pb2.OUTPUT_FORMAT_AVIF,
+    "gif": upscale_pb2.OUTPUT_FORMAT_GIF,
 }
-ACCEPTED_FORMATS = "0 UNSPECIFIED (= PNG), 1 PNG, 2 JPEG, 3 WEBP, 4 RAW"
+ACCEPTED_FORMATS = (
+    "0 UNSPECIFIED (= PNG, an animation's own kind), 1 PNG, 2 JPEG, 3 WEBP, 4 RAW, 20 AVIF, 21 GIF"
+)
 ALPHA_MODES: dict[int, str] = {  # AlphaMode -> alpha mode name ("" = the server's default)
     upscale_pb2.ALPHA_MODE_UNSPECIFIED: "",
     upscale_pb2.ALPHA_MODE_MODEL: "model",

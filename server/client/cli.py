@@ -24,6 +24,7 @@ from server.client.files import (
     expand_inputs,
     option_warnings,
     output_path,
+    own_format,
     resolve_format,
     size_tag,
     writes_single_file,
@@ -45,7 +46,7 @@ from server.wire import AUTO_MODEL, DEFAULT_QUALITY
 
 log = logging.getLogger("rdn.client")
 
-CLI_FORMATS = ("png", "jpeg", "webp")
+CLI_FORMATS = ("png", "jpeg", "webp", "avif", "gif")
 
 
 def _positive_float(text: str) -> float:
@@ -118,9 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=CLI_FORMATS,
         default=None,
-        help="output format (default: the extension of -o for one file, else png)",
+        help="output format (default: the extension of -o for one file, else each file's own "
+        "kind: an animated GIF stays a GIF, BMP/TIFF/HEIC become PNG)",
     )
-    up.add_argument("--quality", type=_quality, default=0, help="JPEG/WebP 1..100; 0 = default")
+    up.add_argument(
+        "--quality", type=_quality, default=0, help="JPEG/WebP/AVIF 1..100; 0 = default"
+    )
     up.add_argument(
         "--to-srgb",
         action="store_true",
@@ -275,8 +279,11 @@ async def _upscale_files(args: argparse.Namespace, write: Callable[[str], None])
         async with limit:
             try:
                 data = await asyncio.to_thread(source.read_bytes)
-                image, tag, model, reason = await run(data, fmt, args.quality, source.name, options)
-                target = output_path(relative, args.output, to_file, fmt, tag)
+                kind = fmt or own_format(source)  # a folder: each file in its own kind
+                image, tag, model, reason = await run(
+                    data, kind, args.quality, source.name, options
+                )
+                target = output_path(relative, args.output, to_file, kind, tag)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 await asyncio.to_thread(target.write_bytes, image)
                 write(f"{source} -> {target}")

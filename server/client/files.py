@@ -11,9 +11,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "raw": ".raw"}
-FORMAT_OF_EXTENSION = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+IMAGE_SUFFIXES = (
+    *(".png", ".apng", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"),
+    *(".gif", ".heic", ".heif", ".avif"),
+)
+EXTENSIONS = {
+    "png": ".png",
+    "jpeg": ".jpg",
+    "webp": ".webp",
+    "raw": ".raw",
+    "avif": ".avif",
+    "gif": ".gif",
+}
+FORMAT_OF_EXTENSION = {
+    ".png": "png",
+    ".apng": "png",
+    ".jpg": "jpeg",
+    ".jpeg": "jpeg",
+    ".webp": "webp",
+    ".avif": "avif",
+    ".gif": "gif",
+}
 
 
 def size_tag(width: int, height: int, scale: int, resized: bool) -> str:
@@ -58,17 +76,24 @@ def expand_inputs(inputs: Sequence[Path], recursive: bool) -> list[tuple[Path, P
     return found
 
 
-def resolve_format(output: Path, to_file: bool, given: str | None) -> str:
+def resolve_format(output: Path, to_file: bool, given: str | None) -> str | None:
     """The output format: ``--format`` when given, else the single output file's extension
-    (.png, .jpg/.jpeg, .webp), else PNG."""
+    (.png, .jpg/.jpeg, .webp, .avif, .gif), else PNG for one named file; None for a folder:
+    each file keeps its own kind (``own_format``)."""
     if given is not None:
         return given
     if to_file:
         return FORMAT_OF_EXTENSION.get(output.suffix.lower(), "png")
-    return "png"
+    return None
 
 
-def option_warnings(output: Path, to_file: bool, fmt: str, quality: int) -> list[str]:
+def own_format(source: Path) -> str:
+    """The format a file is written back in when no format is given: its own kind (PNG and
+    APNG, JPEG, WebP, AVIF, GIF: an animation stays animated), else PNG (BMP, TIFF, HEIC)."""
+    return FORMAT_OF_EXTENSION.get(source.suffix.lower(), "png")
+
+
+def option_warnings(output: Path, to_file: bool, fmt: str | None, quality: int) -> list[str]:
     """One line for each option that has no effect or contradicts another."""
     warnings = []
     if quality and fmt == "png":

@@ -42,7 +42,7 @@ class UpscaleResult:
     height: int
     channels: int
     scale: int
-    format: str  # "png", "jpeg", "webp" or "raw"
+    format: str  # "png", "jpeg", "webp", "avif", "gif" or "raw"
     tiles: int
     request_id: str
     queue_seconds: float
@@ -53,6 +53,7 @@ class UpscaleResult:
     model_reason: str = ""  # why it ran (model=auto: what the server saw in the input)
     resized: bool = False  # the model's output was resized to the requested size
     notes: tuple[str, ...] = ()  # what the answer could not keep (16 bits in a JPEG ...)
+    frames: int = 1  # an animation's frames (GIF, APNG, animated WebP)
 
     def to_array(self) -> np.ndarray:
         """The image as uint8 H x W x C (RGB order; C = 1, 3 or 4)."""
@@ -141,7 +142,10 @@ def check_answer(response: upscale_pb2.UpscaleResponse, max_bytes: int) -> None:
 
 
 def format_number(output_format: str) -> int:
-    """The OutputFormat enum value of a format name."""
+    """The OutputFormat enum value of a format name ("auto": UNSPECIFIED, an animation's own
+    kind, else PNG)."""
+    if output_format.lower() == "auto":
+        return 0
     try:
         return FORMATS[output_format.lower()]
     except KeyError:
@@ -249,6 +253,7 @@ def result_from_response(response: upscale_pb2.UpscaleResponse, streamed: bool) 
         model_reason=response.model_reason,
         resized=response.resized,
         notes=tuple(response.notes),
+        frames=response.frames or 1,
     )
 
 

@@ -192,8 +192,12 @@ async def infer_chunked(
     to_model: Callable[[np.ndarray], np.ndarray] = _identity,
     from_model: Callable[[np.ndarray], np.ndarray] = _identity,
     progress: Progress | None = None,
+    in_flight: int = IN_FLIGHT,
 ) -> ChunkTimings:
     """Super-resolve each ``sources[i]`` [3, H, W] into ``canvases[i]`` [3, sH, sW] in place.
+
+    ``in_flight``: chunks submitted and not yet stitched; more than IN_FLIGHT lets the chunks of
+    many small images (an animation's frames: one chunk each) share engine calls.
 
     ``progress(done, total)`` is called once the tiles are planned (done 0), then each time
     the batcher completes some (``batcher.submit`` must then take a ``progress`` keyword).
@@ -256,7 +260,7 @@ async def infer_chunked(
             submitted = submit(tiles, request_id, reservation)
             flight.append((chunk, asyncio.ensure_future(submitted)))
             del tiles
-            if len(flight) == IN_FLIGHT:
+            if len(flight) >= in_flight:
                 await finish_oldest()
         while flight:
             await finish_oldest()

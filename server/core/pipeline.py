@@ -23,7 +23,14 @@ import numpy as np
 from rdn.ensemble import N_TRANSFORMS
 from rdn.metadata import MetadataError, ModelMetadata
 from server.core.batch_types import Reservation
-from server.core.chunked import ChunkTimings, Progress, TileSource, infer_chunked
+from server.core.chunked import (
+    IN_FLIGHT,
+    ChunkTimings,
+    Progress,
+    TileSource,
+    chunk_size,
+    infer_chunked,
+)
 from server.core.errors import RequestTooLarge
 from server.core.planner import Planner
 
@@ -168,6 +175,14 @@ class Pipeline:
             return images * N_TRANSFORMS // 2 * (straight + turned)
         return images * (max(straight, turned) if turnable else straight)
 
+    def frames_in_flight(self, height: int, width: int, frames: int) -> int:
+        """Chunks of ``frames`` images of ``height`` x ``width`` to keep in flight: IN_FLIGHT
+        chunks' worth of tiles, so small frames (one chunk each) reach the batcher together
+        and share engine calls, with the memory of a still image's chunks in flight."""
+        plan = self.planner.plan(height, width)
+        frame_pixels = min(plan.count, chunk_size(plan, self.chunk_pixels)) * plan.tile_pixels
+        return max(IN_FLIGHT, min(frames, IN_FLIGHT * self.chunk_pixels // frame_pixels))
+
     def admit(self, units: int, what: str) -> None:
         """Refuse (``RequestTooLarge``, not retryable) work whose tiles could never enter the
         queue; ``what`` names it ("a 4000x3000 image")."""
@@ -190,11 +205,12 @@ class Pipeline:
         to_model: Callable[[np.ndarray], np.ndarray] | None = None,
         from_model: Callable[[np.ndarray], np.ndarray] | None = None,
         progress: Progress | None = None,
+        in_flight: int = IN_FLIGHT,
     ) -> ChunkTimings:
         """Super-resolve each ``sources[i]`` [3, H, W] into ``canvases[i]`` [3, sH, sW]
         through ``source``, chunk by chunk (``server.core.chunked.infer_chunked``), telling
-        ``progress(done, total)`` as tiles complete."""
-        extra: dict[str, Any] = {"progress": progress}
+        ``progress(done, total)`` as tiles complete; ``in_flight`` chunks at a time."""
+        extra: dict[str, Any] = {"progress": progress, "in_flight": in_flight}
         if to_model is not None:
             extra["to_model"] = to_model
         if from_model is not None:

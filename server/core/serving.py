@@ -21,6 +21,7 @@ import numpy as np
 
 from server.config import ServerConfig
 from server.core.access import AccessObserver, AccessRecord, check_request_id
+from server.core.animated import upscale_any
 from server.core.batcher import TileBatcher
 from server.core.chunked import Progress
 from server.core.errors import NotServing, RequestError
@@ -36,7 +37,6 @@ from server.core.upscaling import (
     Upscaled,
     check_message,
     output_spec,
-    upscale_image,
 )
 from server.core.worker_pool import in_pool
 from server.imaging.options import DEFAULT_OPTIONS, ImageOptions
@@ -153,7 +153,7 @@ class ServingCore:
         progress: Progress | None = None,
     ) -> Upscaled:
         """Upscale one admitted image; ``unary``: the answer must fit one message."""
-        done = await upscale_image(
+        done = await upscale_any(
             self._upscaling,
             source,
             ticket.spec,

@@ -44,7 +44,7 @@ from server.wire import DEFAULT_QUALITY, RESPONSE_OVERHEAD_BYTES
 class OutputSpec:
     """How the answer is encoded."""
 
-    name: str  # codec format name: png, jpeg, webp or raw
+    name: str  # codec format name (png, jpeg, webp, avif, gif, raw) or "auto" (animated.py)
     quality: int  # 1..100
     image: ImageOptions = DEFAULT_OPTIONS  # profile, metadata and alpha handling
 
@@ -84,6 +84,7 @@ class Upscaled:
     model_reason: str  # why that model ran (model=auto: what the input showed)
     resized: bool  # the output size differs from scale x the input's
     notes: tuple[str, ...] = ()  # what the answer could not keep (16 bits in JPEG ...)
+    frames: int = 1  # an animation's frames (server/core/animated.py); 1 for a still image
 
 
 @dataclass(frozen=True)

@@ -57,8 +57,9 @@ ALLOW_HEADERS = (
     "Authorization, Content-Type, X-Request-Id, X-Progress, Inference-Header-Content-Length"
 )
 EXPOSE_HEADERS = (
-    "X-Model, X-Model-Reason, X-Width, X-Height, X-Scale, X-Tiles, X-Compute-Seconds, "
-    "X-Total-Seconds, X-Request-Id, Inference-Header-Content-Length, Retry-After"
+    "X-Model, X-Model-Reason, X-Width, X-Height, X-Scale, X-Tiles, X-Frames, "
+    "X-Compute-Seconds, X-Total-Seconds, X-Request-Id, Inference-Header-Content-Length, "
+    "Retry-After"
 )
 PREFLIGHT_MAX_AGE_S = 600  # browsers cache an allowed preflight this long
 HOST_PATTERN = re.compile(r"(?P<name>\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(?::(?P<port>[0-9]{1,5}))?")

@@ -324,6 +324,7 @@ class HttpFrontDoor:
             "X-Height": str(done.height),
             "X-Scale": str(done.scale),
             "X-Tiles": str(done.tiles),
+            "X-Frames": str(done.frames),
             "X-Compute-Seconds": f"{done.compute_seconds:.4f}",
             "X-Total-Seconds": f"{time.perf_counter() - received:.4f}",
             "X-Request-Id": done.request_id,

@@ -16,7 +16,13 @@ from server.imaging.options import ImageOptions, alpha_mode
 
 # A query number: plain ASCII decimal, as JSON writes it (no "nan", "inf", "1_0" or "١")
 DECIMAL = re.compile(r"[0-9]{1,20}(\.[0-9]{0,20})?([eE][+-]?[0-9]{1,3})?|\.[0-9]{1,20}")
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+CONTENT_TYPES = {
+    "png": "image/png",  # an APNG too
+    "jpeg": "image/jpeg",
+    "webp": "image/webp",
+    "avif": "image/avif",
+    "gif": "image/gif",
+}
 
 
 def _whole_number(text: str, what: str) -> int:
@@ -65,9 +71,12 @@ def upscale_options(request: web.Request) -> tuple[SizeOptions, str, int]:
         target_height=_int_query(request, "height"),
         outscale=outscale,
     )
-    fmt = request.query.get("format", "png").lower()
-    if fmt not in CONTENT_TYPES and fmt != "jpg":
-        raise RequestError(f"query format={one_line(fmt, 40)!r}: choose png, jpeg or webp")
+    # No format: PNG for a still image, the input's own kind for an animation.
+    fmt = request.query.get("format", "auto").lower()
+    if fmt not in CONTENT_TYPES and fmt not in ("jpg", "auto"):
+        raise RequestError(
+            f"query format={one_line(fmt, 40)!r}: choose png, jpeg, webp, avif or gif"
+        )
     return options, "jpeg" if fmt == "jpg" else fmt, _int_query(request, "quality")
 
 

@@ -29,9 +29,11 @@ from server.core.sizing import SizeOptions
 from server.core.uploads import Hold, UploadBudget, timed
 from server.core.upscaling import ImageSource, OutputSpec, Upscaled
 from server.doors.grpc_calls import streaming, unary
+from server.imaging.animation import ANIMATED_INPUTS
 from server.imaging.codec import RAW_CHANNELS
 from server.imaging.headers import INPUT_FORMATS
 from server.imaging.limit_text import over_bytes, over_pixels
+from server.imaging.modern import PILLOW_INPUTS
 from server.imaging.options import ImageOptions, alpha_mode
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
 from server.wire import (
@@ -78,7 +80,8 @@ def image_options(message: Options) -> ImageOptions:
 
 
 def format_name(output_format: int) -> str:
-    """The codec format an OutputFormat number names (UNSPECIFIED is PNG)."""
+    """The codec format an OutputFormat number names (UNSPECIFIED is "auto": PNG, or an
+    animation's own kind)."""
     name = FORMATS.get(output_format)
     if name is None:
         raise RequestError(
@@ -129,6 +132,7 @@ def response(done: Upscaled) -> upscale_pb2.UpscaleResponse:
         resized=done.resized,
         model_reason=done.model_reason,
         notes=done.notes,
+        frames=done.frames,
     )
 
 
@@ -379,12 +383,14 @@ def model_info(
         max_pixels=config.limits.max_pixels,
         max_request_bytes=config.limits.max_request_bytes,
         max_message_bytes=config.limits.max_message_bytes,
-        input_formats=[*INPUT_FORMATS, "raw"],
+        input_formats=[*INPUT_FORMATS, *PILLOW_INPUTS, *ANIMATED_INPUTS, "raw"],
         output_formats=[
             upscale_pb2.OUTPUT_FORMAT_PNG,
             upscale_pb2.OUTPUT_FORMAT_JPEG,
             upscale_pb2.OUTPUT_FORMAT_WEBP,
             upscale_pb2.OUTPUT_FORMAT_RAW,
+            upscale_pb2.OUTPUT_FORMAT_AVIF,
+            upscale_pb2.OUTPUT_FORMAT_GIF,
         ],
         self_ensemble=config.self_ensemble,
         tiling=planner.mode,

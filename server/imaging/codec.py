@@ -46,6 +46,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
 
+from server.imaging import modern
 from server.imaging.headers import (
     ACCEPTED_TEXT,
     Header,
@@ -67,7 +68,7 @@ from server.imaging.metadata import (
 from server.imaging.options import DEFAULT_OPTIONS, ImageOptions
 from server.imaging.profiles import colour_space, fits_pixels, parse_profile, to_srgb
 
-OUTPUT_FORMATS = ("png", "jpeg", "webp", "raw")
+OUTPUT_FORMATS = ("png", "jpeg", "webp", "raw", *modern.PILLOW_OUTPUTS)
 RAW_CHANNELS = (1, 3, 4)
 WEBP_MAX_SIDE = 16383  # pixels, a limit of the WebP bitstream
 JPEG_MAX_SIDE = 65535  # pixels, a limit of the JPEG frame header
@@ -133,6 +134,8 @@ def _decode_tiff_alpha(data: bytes) -> np.ndarray:
 
 def _check_decoded_size(pixels: np.ndarray, header: Header) -> None:
     height, width = pixels.shape[:2]
+    if header.format in modern.PILLOW_INPUTS and modern.within_extents(pixels, header):
+        return  # HEIF 'ispe' is the coded size; a 'clap' crop and 'irot' give less or turn it
     if {height, width} != {header.height, header.width}:  # orientation may swap them
         raise ImageError(
             f"{header.format.upper()} data is corrupt: the header says "
@@ -219,7 +222,10 @@ def _decode_pixels(data: bytes, header: Header) -> DecodedImage:
         flags = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH  # CMYK -> BGR through libtiff
     else:
         flags = cv2.IMREAD_UNCHANGED  # keeps alpha and 16-bit samples
-    pixels = _check_depth(_imdecode(data, flags, fmt), fmt)
+    if fmt in modern.PILLOW_INPUTS:  # HEIC, AVIF: Pillow / pillow-heif, in OpenCV's order
+        pixels = modern.decode_pillow(data, fmt)
+    else:
+        pixels = _check_depth(_imdecode(data, flags, fmt), fmt)
 
     _check_decoded_size(pixels, header)
     height, width = pixels.shape[:2]
@@ -372,7 +378,7 @@ def encode_image(
     """
     if fmt not in OUTPUT_FORMATS:
         raise ImageError(f"output format {fmt!r} is not supported; choose one of {OUTPUT_FORMATS}")
-    if fmt in ("jpeg", "webp") and not 1 <= quality <= 100:
+    if fmt in ("jpeg", "webp", "avif") and not 1 <= quality <= 100:
         raise ImageError(f"{fmt} quality {quality} is out of range; choose 1..100")
     if image.dtype not in (np.uint8, np.uint16) or image.ndim not in (2, 3):
         raise ImageError(
@@ -390,6 +396,8 @@ def encode_image(
         raise ImageError("JPEG cannot carry the alpha channel of an RGBA image; choose png or webp")
     if not side_checked:
         check_side(fmt, width, height)
+    if fmt in modern.PILLOW_OUTPUTS:  # AVIF, GIF: Pillow (8 bits; no metadata written)
+        return modern.encode_pillow(image, fmt, quality)
     meta = metadata or NO_METADATA
     exif = answer_exif(meta.exif, width, height) if meta.exif else None
     xmp = answer_xmp(meta.xmp) if meta.xmp else None

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from server.imaging import isobmff
 from server.imaging.limit_text import over_bytes, over_pixels, pixel_limit
 
+# Still formats OpenCV decodes; HEIC and AVIF: server/imaging/modern.py; GIF, APNG and
+# animated WebP: server/imaging/animation.py.
 INPUT_FORMATS = ("png", "jpeg", "webp", "bmp", "tiff")
 PNG_MAX_CHUNKS = 2**16  # a walk of ~50 ms; real files have a few hundred at most
 JPEG_MAX_SCANS = 256  # nvImageCodec's default limit against the many-scans DoS (cure53 report)
@@ -22,14 +25,14 @@ TIFF_MAX_SAMPLES = 4  # samples per pixel: grey, grey+alpha, RGB, RGBA or CMYK
 TIFF_MAX_BITS = 16  # bits per sample (float and 32-bit samples are refused after decoding)
 DECODE_BYTES_PER_PIXEL = 24  # peak decode memory per pixel of the limit, any accepted format
 
-ACCEPTED_TEXT = "a PNG, JPEG, WebP, BMP or TIFF file"
+ACCEPTED_TEXT = "a PNG, JPEG, WebP, BMP, TIFF, GIF, HEIC or AVIF file"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # JPEG frame headers: SOF0-3, 5-7, 9-11, 13-15 (C4 = DHT, C8 = JPG, CC = DAC are not frames).
 _JPEG_SOF = frozenset(
     {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 )
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: no length field
-_KNOWN_OTHERS = {b"GIF8": "GIF", b"\x00\x00\x01\x00": "ICO", b"8BPS": "PSD", b"%PDF": "PDF"}
+_KNOWN_OTHERS = {b"\x00\x00\x01\x00": "ICO", b"8BPS": "PSD", b"%PDF": "PDF"}
 
 
 class ImageError(ValueError):
@@ -82,6 +85,11 @@ def sniff_format(data: bytes) -> str:
         return "bmp"
     if data[:4] in (b"II*\x00", b"MM\x00*"):
         return "tiff"
+    if data.startswith(b"GIF8"):
+        return "gif"  # an animation (server/imaging/animation.py), even of one frame
+    heif = isobmff.brand_format(data)
+    if heif is not None:
+        return heif
     if data[:4] in (b"II+\x00", b"MM\x00+"):
         raise ImageError(f"BigTIFF files are not accepted; send {ACCEPTED_TEXT} (classic TIFF)")
     known = _KNOWN_OTHERS.get(bytes(data[:4]))
@@ -310,7 +318,26 @@ def _tiff_header(data: bytes) -> Header:
     )
 
 
+def _isobmff_header(data: bytes) -> Header:
+    """HEIC or AVIF: the size its 'ispe' property declares (a bounded walk of the boxes)."""
+    fmt = isobmff.brand_format(data) or "heic"
+    try:
+        width, height = isobmff.image_size(data)
+    except isobmff.BoxError as e:
+        raise ImageError(f"{fmt.upper()} data is corrupt: {e}; send the complete file") from e
+    return Header(fmt, width, height)
+
+
+def _gif_header(data: bytes) -> Header:
+    raise ImageError(
+        "GIF files are read as animations (server/imaging/animation.py), not as still images"
+    )
+
+
 _HEADER_READERS = {
+    "gif": _gif_header,
+    "heic": _isobmff_header,
+    "avif": _isobmff_header,
     "png": _png_header,
     "jpeg": _jpeg_header,
     "webp": _webp_header,

@@ -32,7 +32,13 @@ from server.client import (
     make_payload,
     stream_messages,
 )
-from server.client.files import option_warnings, output_path, resolve_format, writes_single_file
+from server.client.files import (
+    option_warnings,
+    output_path,
+    own_format,
+    resolve_format,
+    writes_single_file,
+)
 from server.config import BatcherConfig, ServerConfig, TilingConfig
 from server.core.engine import Engine
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
@@ -437,7 +443,10 @@ def test_output_format_follows_the_file_name_unless_given() -> None:
     assert resolve_format(Path("x.webp"), True, None) == "webp"
     assert resolve_format(Path("x.JPG"), True, None) == "jpeg"
     assert resolve_format(Path("x.tiff"), True, None) == "png"  # not an output format: PNG
-    assert resolve_format(Path("out"), False, None) == "png"  # a folder
+    assert resolve_format(Path("out"), False, None) is None  # a folder: each file's own kind
+    assert [own_format(Path(n)) for n in ("a.gif", "b.JPG", "c.tif", "d.heic", "e.avif")] == [
+        *("gif", "jpeg", "png", "png", "avif")
+    ]
     assert resolve_format(Path("x.webp"), True, "png") == "png"
     assert option_warnings(Path("x.png"), True, "png", 80) == [
         "--quality 80 has no effect on PNG output (lossless)"

@@ -431,8 +431,10 @@ def test_model_info_fills_every_field(client: UpscaleClient, engine: Engine) -> 
     assert info.max_pixels == limits.max_pixels
     assert info.max_request_bytes == limits.max_request_bytes
     assert info.max_message_bytes == limits.max_message_bytes
-    assert list(info.input_formats) == ["png", "jpeg", "webp", "bmp", "tiff", "raw"]
-    assert list(info.output_formats) == [1, 2, 3, 4]
+    assert list(info.input_formats) == [
+        *("png", "jpeg", "webp", "bmp", "tiff", "avif", "heic", "gif", "apng", "raw")
+    ]
+    assert list(info.output_formats) == [1, 2, 3, 4, 20, 21]  # AVIF, GIF at the end
     assert info.self_ensemble is False
 
 
@@ -520,7 +522,8 @@ BAD_UNARY = [
         "unknown format",
         upscale_pb2.UpscaleRequest(encoded=b"x", output_format=9),
         "INVALID_ARGUMENT",
-        "output_format 9 is not a known OutputFormat; accepted: 0 UNSPECIFIED (= PNG), 1 PNG",
+        "output_format 9 is not a known OutputFormat; accepted: 0 UNSPECIFIED (= PNG, an "
+        "animation's own kind), 1 PNG",
     ),
     (
         "quality 101",

@@ -14,6 +14,8 @@ class OutputFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTPUT_FORMAT_JPEG: _ClassVar[OutputFormat]
     OUTPUT_FORMAT_WEBP: _ClassVar[OutputFormat]
     OUTPUT_FORMAT_RAW: _ClassVar[OutputFormat]
+    OUTPUT_FORMAT_AVIF: _ClassVar[OutputFormat]
+    OUTPUT_FORMAT_GIF: _ClassVar[OutputFormat]
 
 class AlphaMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -25,6 +27,8 @@ OUTPUT_FORMAT_PNG: OutputFormat
 OUTPUT_FORMAT_JPEG: OutputFormat
 OUTPUT_FORMAT_WEBP: OutputFormat
 OUTPUT_FORMAT_RAW: OutputFormat
+OUTPUT_FORMAT_AVIF: OutputFormat
+OUTPUT_FORMAT_GIF: OutputFormat
 ALPHA_MODE_UNSPECIFIED: AlphaMode
 ALPHA_MODE_MODEL: AlphaMode
 ALPHA_MODE_BICUBIC: AlphaMode
@@ -88,7 +92,7 @@ class Timings(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class UpscaleResponse(_message.Message):
-    __slots__ = ("image", "width", "height", "channels", "scale", "format", "timings", "request_id", "tiles", "total_bytes", "model", "resized", "model_reason", "notes")
+    __slots__ = ("image", "width", "height", "channels", "scale", "format", "timings", "request_id", "tiles", "total_bytes", "model", "resized", "model_reason", "notes", "frames")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +107,7 @@ class UpscaleResponse(_message.Message):
     RESIZED_FIELD_NUMBER: _ClassVar[int]
     MODEL_REASON_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     width: int
     height: int
@@ -117,7 +122,8 @@ class UpscaleResponse(_message.Message):
     resized: bool
     model_reason: str
     notes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, image: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., channels: _Optional[int] = ..., scale: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ..., tiles: _Optional[int] = ..., total_bytes: _Optional[int] = ..., model: _Optional[str] = ..., resized: _Optional[bool] = ..., model_reason: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+    frames: int
+    def __init__(self, image: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., channels: _Optional[int] = ..., scale: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ..., tiles: _Optional[int] = ..., total_bytes: _Optional[int] = ..., model: _Optional[str] = ..., resized: _Optional[bool] = ..., model_reason: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., frames: _Optional[int] = ...) -> None: ...
 
 class UpscaleStreamHeader(_message.Message):
     __slots__ = ("raw_shape", "total_bytes", "output_format", "quality", "request_id", "model", "scale", "target_width", "target_height", "outscale", "progress", "convert_to_srgb", "strip_metadata", "alpha")
