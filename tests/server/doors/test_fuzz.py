@@ -201,7 +201,7 @@ def mutated_files(draw: st.DrawFn) -> bytes:
 
 def assert_well_formed(decoded: DecodedImage, channels: int | None = None) -> None:
     rgb = decoded.rgb
-    assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+    assert rgb.dtype in (np.uint8, np.uint16) and rgb.ndim == 3 and rgb.shape[2] == 3
     height, width = rgb.shape[:2]
     assert height >= 1 and width >= 1 and height * width <= MAX_PIXELS
     assert decoded.channels in RAW_CHANNELS
