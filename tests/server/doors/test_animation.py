@@ -21,6 +21,7 @@ from PIL import Image
 from server.client import UpscaleClient, UpscaleError
 from server.config import ServerConfig, TilingConfig
 from server.imaging.codec import decode_image
+from server.imaging.options import ImageOptions
 from server.local import LocalUpscaler
 from tests.background import BackgroundServer
 from tests.server.imaging.test_animation_hostile import (
@@ -81,10 +82,12 @@ def read_frames(data: bytes) -> tuple[Image.Image, list[np.ndarray], list[int], 
 
 
 def still(client: UpscaleClient, rgba: np.ndarray) -> np.ndarray:
-    """The server's answer for one frame sent as a still RGBA PNG."""
+    """The server's answer for one frame sent as a still RGBA PNG, its alpha by bicubic as an
+    animation's is (docs/serving.md)."""
     png = io.BytesIO()
     Image.fromarray(rgba).save(png, "PNG")
-    return np.asarray(Image.open(io.BytesIO(client.upscale(png.getvalue()).image)).convert("RGBA"))
+    answer = client.upscale(png.getvalue(), image=ImageOptions(alpha="bicubic")).image
+    return np.asarray(Image.open(io.BytesIO(answer)).convert("RGBA"))
 
 
 CASES = {

@@ -86,7 +86,7 @@ def test_json_access_lines_for_a_good_and_a_bad_request(server: JsonLogServer) -
     with UpscaleClient(f"127.0.0.1:{port}", retry=RetryPolicy(max_attempts=1)) as client:
         result = client.upscale(ok_png, "png", request_id="log-ok", timeout=TIMEOUT)
         with pytest.raises(UpscaleError) as refused:
-            client.upscale(b"GIF89a not supported", request_id="log-bad", timeout=TIMEOUT)
+            client.upscale(b"JUNK, no image", request_id="log-bad", timeout=TIMEOUT)
     assert result.tiles == 1 and refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
     ok = server.next_where(logger="rdn.access", request_id="log-ok")
