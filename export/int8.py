@@ -4,7 +4,8 @@ onnxruntime's static quantizer writes the QDQ graph (QuantizeLinear / Dequantize
 which onnxruntime fuses into integer convolutions at load); every scale and zero point in it
 is the one the model's fake quantizers used (``TensorQuantOverrides``), so the exported file
 computes what quantization-aware training trained and what calibration measured. The first
-conv and the RGB output conv stay float (see ``rdn.quant``).
+conv stays float; the RGB output conv is int8 and writes the 8-bit image's grid, so the graph
+ends in one DequantizeLinear of the RGB values (see ``rdn.quant``).
 
 ``int8_loss`` is the export's quality check: Y-PSNR of the float and the int8 model on photos,
 the benchmark's protocol (HR modcropped, bicubic LR, shave = scale).
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
 from onnxruntime.quantization import (
     CalibrationDataReader,
     QuantFormat,
@@ -41,11 +43,18 @@ from rdn.imaging import (
 from rdn.metadata import INT8_MAX_LOSS_DB
 from rdn.metrics import psnr_y
 from rdn.model import RDN
-from rdn.quant import ActQuant, execution_order, weight_scales
+from rdn.quant import ActQuant, ImageQuant, execution_order, weight_scales
 
 DEFAULT_MAX_LOSS_DB = INT8_MAX_LOSS_DB  # the most Y-PSNR an int8 file may lose (rdn-export)
 VERIFY_MAX_SIDE = 256  # LR pixels: larger photos are centre-cropped for the PSNR check
 _PROBE = np.zeros((1, 3, 8, 8), np.float32)  # the quantizer's own calibration pass; overridden
+# onnxruntime's x64 integer convs take their fast "symmetric" path (an indirection buffer, the
+# int32 sums requantized in registers) only for at least 16 output channels, a multiple of 8
+# (AVX2; 4 for AVX-512); any other conv im2col-copies its whole input, kernel_size times over,
+# and keeps all int32 sums: for the RGB conv (12 or 27 channels) at x4 on a 384x384 input, some
+# 600 MiB. The RGB conv is padded with zero channels to such a count and sliced back.
+SYMMETRIC_CONV_MIN_CHANNELS = 16
+SYMMETRIC_CONV_CHANNEL_MULTIPLE = 8
 
 
 class Int8Error(ValueError):
@@ -72,19 +81,69 @@ class _OneProbe(CalibrationDataReader):
 
 
 def float_convs(graph: onnx.GraphProto) -> tuple[str, str]:
-    """Names of the Conv nodes that stay float: the first (reads pixels) and the last (RGB)."""
+    """Names of the first Conv node (reads pixels; stays float) and the last (RGB; int8)."""
     convs = [n for n in graph.node if n.op_type == "Conv"]
     if len(convs) < 3 or convs[0].input[0] != graph.input[0].name:
         raise Int8Error("graph does not start with a conv on its input; export it with rdn-export")
     return convs[0].name, convs[-1].name
 
 
+def image_point(graph: onnx.GraphProto) -> str:
+    """The RGB conv's output: uint8 on the 8-bit image's fixed grid (``rdn.quant.ImageQuant``)."""
+    _, last = float_convs(graph)
+    return next(n.output[0] for n in graph.node if n.name == last)
+
+
+def pad_rgb_conv(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``proto`` whose RGB conv has zero output channels added (to a count that
+    onnxruntime's fast integer conv takes), then a Slice that drops them: the same function."""
+    padded_proto = onnx.ModelProto()
+    padded_proto.CopyFrom(proto)
+    graph = padded_proto.graph
+    _, last = float_convs(graph)
+    index, conv = next((i, n) for i, n in enumerate(graph.node) if n.name == last)
+    inits = {i.name: i for i in graph.initializer}
+    weight = onnx.numpy_helper.to_array(inits[conv.input[1]])
+    channels = weight.shape[0]
+    multiple = SYMMETRIC_CONV_CHANNEL_MULTIPLE
+    padded = max(SYMMETRIC_CONV_MIN_CHANNELS, -(-channels // multiple) * multiple)
+    if padded == channels or len(conv.input) < 3:
+        return padded_proto
+    bias = onnx.numpy_helper.to_array(inits[conv.input[2]])
+    extra = padded - channels
+    new_weight = np.concatenate([weight, np.zeros((extra, *weight.shape[1:]), weight.dtype)])
+    new_bias = np.concatenate([bias, np.zeros(extra, bias.dtype)])
+    for name, array in ((conv.input[1], new_weight), (conv.input[2], new_bias)):
+        inits[name].CopyFrom(onnx.numpy_helper.from_array(array, name))
+    stale = {conv.input[1], conv.input[2]}  # the exporter's shapes of the unpadded tensors
+    kept = [v for v in graph.value_info if v.name not in stale]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    output = conv.output[0]
+    conv.output[0] = f"{output}_padded"
+    bounds = {"starts": 0, "ends": channels, "axes": 1}
+    for key, value in bounds.items():
+        graph.initializer.append(
+            onnx.numpy_helper.from_array(np.array([value], np.int64), f"{last}_{key}")
+        )
+    cut = onnx.helper.make_node(
+        "Slice",
+        [conv.output[0], *(f"{last}_{key}" for key in bounds)],
+        [output],
+        name=f"{last}_drop_padding",
+    )
+    graph.node.insert(index + 1, cut)
+    return padded_proto
+
+
 def activation_points(graph: onnx.GraphProto) -> tuple[list[str], dict[str, str]]:
-    """Tensors the int8 graph holds as uint8, in graph order, and the aliases among them.
+    """Tensors the int8 graph holds as uint8 on observed ranges, in graph order, and aliases.
 
     A conv's output (its ReLU's, where one follows), every Concat and Add output; the RGB
-    conv's output stays float. A DepthToSpace between two int8 convs only moves values, so its
-    output takes its input's quantization (alias output -> input).
+    conv's output is on a fixed grid instead (``image_point``). A DepthToSpace between two int8
+    convs, or the Slice that drops the RGB conv's padding (``pad_rgb_conv``), only moves
+    values, so its output takes its input's quantization (alias output -> input); the final
+    DepthToSpace moves float values after the last DequantizeLinear.
     """
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -102,7 +161,7 @@ def activation_points(graph: onnx.GraphProto) -> tuple[list[str], dict[str, str]
                 points.append(out)
         elif node.op_type in ("Relu", "Concat", "Add"):
             points.append(out)
-        elif node.op_type == "DepthToSpace" and out not in outputs:
+        elif node.op_type == "Slice" or (node.op_type == "DepthToSpace" and out not in outputs):
             aliases[out] = node.input[0]
     return points, aliases
 
@@ -124,25 +183,40 @@ def quantization_overrides(model: RDN, graph: onnx.GraphProto) -> dict[str, list
         overrides[name] = [
             {"scale": np.array(scale, np.float32), "zero_point": np.array(zero_point, np.uint8)}
         ]
+    if not isinstance(model.upsample.to_rgb.out_q, ImageQuant):
+        raise Int8Error("the model's RGB conv is not quantized; was it made by rdn.int8?")
+    scale, zero_point = model.upsample.to_rgb.out_q.qparams()
+    overrides[image_point(graph)] = [
+        {"scale": np.array(scale, np.float32), "zero_point": np.array(zero_point, np.uint8)}
+    ]
     for alias, source in aliases.items():
         overrides[alias] = overrides[source]
     state = model.state_dict()
+    inits = {i.name: i for i in graph.initializer}
     first, last = float_convs(graph)
     for node in graph.node:
-        if node.op_type != "Conv" or node.name in (first, last):
+        if node.op_type != "Conv" or node.name == first:
             continue
         weight_name = node.input[1]
-        if weight_name not in state:
+        if node.name == last:
+            # the RGB conv moved before the shuffle (rdn.subpixel): its [3r^2, Gr^2, 3, 3]
+            # weight holds the model's [3, G, 3, 3] one r^2 times over, plus zeros, so each
+            # channel's absmax, and scale, is the model's
+            weight = torch.from_numpy(onnx.numpy_helper.to_array(inits[weight_name]).copy())
+        elif weight_name in state:
+            weight = state[weight_name]
+        else:
             raise Int8Error(f"conv weight {weight_name} is not a tensor of the model")
         overrides[weight_name] = [
             {"axis": 0, "scale": np.array(s, np.float32), "zero_point": np.array(0, np.int8)}
-            for s in weight_scales(state[weight_name]).tolist()
+            for s in weight_scales(weight).tolist()
         ]
     return overrides
 
 
 def quantize_graph(float_proto: onnx.ModelProto, model: RDN) -> onnx.ModelProto:
     """The QDQ int8 model of ``float_proto`` (the float graph of ``model``), metadata kept."""
+    float_proto = pad_rgb_conv(float_proto)
     graph = float_proto.graph
     overrides = quantization_overrides(model, graph)
     with tempfile.TemporaryDirectory(prefix="rdn-int8-") as tmp:
@@ -158,7 +232,7 @@ def quantize_graph(float_proto: onnx.ModelProto, model: RDN) -> onnx.ModelProto:
                 per_channel=True,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
-                nodes_to_exclude=list(float_convs(graph)),
+                nodes_to_exclude=[float_convs(graph)[0]],
                 extra_options={
                     "TensorQuantOverrides": overrides,
                     "QDQDisableWeightAdjustForInt32Bias": True,

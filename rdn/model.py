@@ -163,7 +163,12 @@ class Upsampler(nn.Module):
         else:
             stages += [_conv(G0, G * scale * scale, 3, quant), nn.PixelShuffle(scale)]
         self.body = nn.Sequential(*stages)
-        self.to_rgb = nn.Conv2d(G, 3, 3, padding=1)
+        # int8: int8 weights and the output on the 8-bit image's grid (rdn.quant.ImageQuant)
+        self.to_rgb = (
+            nn.Conv2d(G, 3, 3, padding=1)
+            if quant == "none"
+            else QConv2d(G, 3, 3, 1, image_output=True)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.to_rgb(self.body(x))

@@ -7,8 +7,11 @@ the same places, with the same rules, so that training sees what serving will co
   its ReLU where one follows), every concat and every residual add (``ActQuant``);
 - weights: int8, symmetric, one scale per output channel (``absmax / 127``), recomputed from
   the current weights at every forward (``QConv2d``);
-- left in float32: the first conv's weights (3 input channels: 0.2 % of the multiply-adds)
-  and the RGB output conv, so that the network reads and writes full-precision pixels.
+- the RGB output conv: int8 weights, and its output rounded to the 8-bit image's own grid
+  (``ImageQuant``: [0, 1] at 1/255, zero point 0), the grid the served image is rounded to
+  anyway; the graph then ends in integers (no float tensor of 4 to 9 times the feature size);
+- left in float32: the first conv's weights (3 input channels: 0.2 % of the multiply-adds), so
+  that the network reads full-precision pixels.
 
 Biases are int32 in the exported graph (scale = input scale x weight scale); their rounding is
 below a thousandth of an activation level and is not simulated.
@@ -33,6 +36,7 @@ ACT_QMIN, ACT_QMAX = 0, 255  # uint8 activations (onnxruntime's u8s8 integer con
 WEIGHT_QMIN, WEIGHT_QMAX = -128, 127  # int8 weights; the symmetric scale uses 127
 MIN_RANGE = 1e-6  # a constant tensor still gets a valid, non-zero scale
 MIN_WEIGHT_ABSMAX = 1e-8  # an all-zero output channel still gets a valid scale
+IMAGE_RANGE = (0.0, 1.0)  # the RGB output's grid: the served 8-bit image's (1/255, zero at 0)
 
 
 def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
@@ -93,9 +97,33 @@ class ActQuant(nn.Module):
         return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, ACT_QMIN, ACT_QMAX)
 
 
+class ImageQuant(nn.Module):
+    """The RGB output's quantizer: a fixed grid, the 8-bit image's (``IMAGE_RANGE``).
+
+    Values outside [0, 1] clip, as the served image clips them; inside, rounding to the nearest
+    1/255 is what converting the output to 8 bits does anyway (up to how ties round), so this
+    point costs next to nothing in quality. It holds no state: a checkpoint written before the
+    RGB conv was quantized loads as it was.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = True
+
+    def qparams(self) -> tuple[float, int]:
+        return activation_qparams(*IMAGE_RANGE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return x
+        scale, zero_point = self.qparams()
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, ACT_QMIN, ACT_QMAX)
+
+
 class QConv2d(nn.Conv2d):
     """A conv whose weights are int8 (unless ``quantize_weight`` is off) and whose output, when
-    ``quantize_output``, is a uint8 tensor of its own (``out_q``)."""
+    ``quantize_output``, is a uint8 tensor of its own (``out_q``): on the 8-bit image's grid
+    when ``image_output`` (the RGB conv), else on a range it observes."""
 
     def __init__(
         self,
@@ -106,11 +134,16 @@ class QConv2d(nn.Conv2d):
         *,
         quantize_weight: bool = True,
         quantize_output: bool = True,
+        image_output: bool = False,
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, padding=padding)
         self.quantize_weight = quantize_weight
         self.active = True
-        self.out_q = ActQuant() if quantize_output else nn.Identity()
+        self.out_q: nn.Module = nn.Identity()
+        if image_output:
+            self.out_q = ImageQuant()
+        elif quantize_output:
+            self.out_q = ActQuant()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
@@ -130,7 +163,7 @@ def configure(
     for module in model.modules():
         if isinstance(module, ActQuant):
             module.active, module.observe, module.momentum = active, observe, momentum
-        elif isinstance(module, QConv2d):
+        elif isinstance(module, QConv2d | ImageQuant):
             module.active = active
 
 
@@ -145,7 +178,7 @@ def float_mode(model: nn.Module) -> Iterator[nn.Module]:
     saved = [
         (m, m.active, getattr(m, "observe", False))
         for m in model.modules()
-        if isinstance(m, ActQuant | QConv2d)
+        if isinstance(m, ActQuant | QConv2d | ImageQuant)
     ]
     configure(model, active=False, observe=False)
     try:

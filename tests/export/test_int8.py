@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.int8 import activation_points
+from export.int8 import activation_points, image_point, pad_rgb_conv
 from rdn.checkpoint import load_model
 from rdn.imaging import from_tensor_layout
 from rdn.int8 import calibrate, calibration_batches, int8_model
@@ -34,15 +34,26 @@ def int8_export(cli: Cli, tiny_checkpoint: Path, set5_dir: Path, tmp_path_factor
     return output
 
 
-def test_int8_file_is_qdq_with_float_ends_and_says_its_precision_and_loss(
+def test_int8_file_is_qdq_with_a_float_first_conv_and_says_its_precision_and_loss(
     int8_export: Path,
 ) -> None:
     proto = onnx.load(str(int8_export))
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("QuantizeLinear") > 10 and "DequantizeLinear" in ops
     convs = [n for n in proto.graph.node if n.op_type == "Conv"]
-    # the first conv reads float pixels, the RGB conv writes float pixels
-    assert convs[0].input[0] == "lr" and not convs[-1].input[1].endswith("DequantizeLinear_Output")
+    # the first conv reads float pixels with float weights; the RGB conv is int8, padded to
+    # 16 output channels (onnxruntime's fast integer conv) and sliced back to 3 x 2 x 2
+    assert convs[0].input[0] == "lr" and not convs[0].input[1].endswith("DequantizeLinear_Output")
+    assert convs[-1].input[1].endswith("DequantizeLinear_Output")
+    inits = {i.name: i for i in proto.graph.initializer}
+    rgb_weight = inits[convs[-1].input[1].removesuffix("_DequantizeLinear_Output") + "_quantized"]
+    assert rgb_weight.dims[0] == 16
+    # the graph ends in the RGB values on the 8-bit image's grid: scale 1/255, zero point 0
+    (last_dq,) = [
+        n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in inits
+    ][-1:]
+    scale = onnx.numpy_helper.to_array(inits[last_dq.input[1]])
+    assert float(scale) == np.float32(1 / 255) and ops[-1] == "DepthToSpace"
     meta = read_model_metadata(int8_export)
     assert meta.precision == "int8" and meta.int8_loss_db is not None
     assert meta.int8_verified_on == "5 photos of Set5" and meta.name == "rdn_x2_int8"
@@ -99,7 +110,8 @@ def test_int8_usage_errors_are_one_line(
 
 def test_the_graph_rounds_exactly_the_tensors_the_model_rounds(int8_export: Path, cli_x2) -> None:
     """Every uint8 tensor of the int8 file is a quantization point of the float graph (conv,
-    ReLU, concat and add outputs), and every point is rounded: none more, none fewer."""
+    ReLU, concat and add outputs, the RGB output), and every point is rounded: none more, none
+    fewer."""
     proto = onnx.load(str(int8_export))
     inits = {i.name for i in proto.graph.initializer}
     rounded = {
@@ -107,6 +119,7 @@ def test_the_graph_rounds_exactly_the_tensors_the_model_rounds(int8_export: Path
         for n in proto.graph.node
         if n.op_type == "QuantizeLinear" and n.input[0] not in inits
     }
-    points, aliases = activation_points(onnx.load(str(cli_x2.output)).graph)
-    assert rounded == set(points) | set(aliases)
+    graph = pad_rgb_conv(onnx.load(str(cli_x2.output))).graph
+    points, aliases = activation_points(graph)
+    assert rounded == set(points) | set(aliases) | {image_point(graph)}
     assert len(points) == 2 + 3 * (3 * 2 + 2) + 4 + 1  # tiny preset: D=3 blocks of C=3 layers

@@ -13,6 +13,8 @@ from rdn.model import RDN, RDNConfig
 from rdn.quant import (
     ACT_QMAX,
     ActQuant,
+    ImageQuant,
+    QConv2d,
     act_quantizers,
     activation_qparams,
     execution_order,
@@ -69,8 +71,25 @@ def test_the_int8_twin_computes_the_float_function_in_float_mode(
         rounded = twin(x)
         with float_mode(twin):
             assert torch.allclose(twin(x), model(x), atol=1e-5)
-    assert not torch.allclose(rounded, model(x).detach(), atol=1e-4)
-    assert (rounded - model(x).detach()).abs().mean() < 0.02  # rounded, not broken
+    # the RGB output is on the 8-bit image's grid, so it clips to [0, 1] as the image does
+    clipped = model(x).detach().clamp(0, 1)
+    assert not torch.allclose(rounded, clipped, atol=1e-4)
+    assert (rounded - clipped).abs().mean() < 0.02  # rounded, not broken
+    assert rounded.min() >= 0 and rounded.max() <= 1
+    levels = rounded * 255
+    assert torch.allclose(levels, levels.round(), atol=1e-3)
+
+
+def test_the_rgb_conv_is_int8_and_writes_the_image_grid_with_no_state(
+    tiny_checkpoint: Path,
+) -> None:
+    """The RGB conv has int8 weights and a fixed [0, 1] / 255 output grid; it adds nothing to
+    the state, so checkpoints written before it was quantized load unchanged."""
+    twin = int8_model(load_model(tiny_checkpoint)[0])
+    rgb = twin.upsample.to_rgb
+    assert isinstance(rgb, QConv2d) and rgb.quantize_weight and isinstance(rgb.out_q, ImageQuant)
+    assert rgb.out_q.qparams() == (float(torch.tensor(1 / 255)), 0)
+    assert not [k for k in twin.state_dict() if k.startswith("upsample.to_rgb.out_q")]
 
 
 def test_quantizers_are_reached_in_graph_order_once_each(tiny_checkpoint: Path) -> None:
