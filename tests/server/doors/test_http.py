@@ -111,7 +111,7 @@ def test_http_and_grpc_answers_are_the_same_pixels(web: BackgroundServer, set5_d
         ("/v1/upscale", b"", 400, "the body is empty"),
         ("/v1/upscale?outscale=9", None, 400, "each axis must lie in [1, 4]"),
         ("/v1/upscale?model=nope", None, 404, "unknown model 'nope'"),
-        ("/v1/upscale?format=bmp", None, 400, "choose png, jpeg, webp, avif or gif"),
+        ("/v1/upscale?format=bmp", None, 400, "choose png, jpeg, webp, avif, gif or tiff"),
         ("/v1/upscale?width=abc", None, 400, "must be a whole number"),
         ("/v1/upscale?width=%C2%B2", None, 400, "must be a whole number"),
         ("/v1/upscale?width=10&outscale=2", None, 400, "at most one sizing option"),
