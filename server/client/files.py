@@ -100,8 +100,8 @@ def own_format(source: Path) -> str:
 def option_warnings(output: Path, to_file: bool, fmt: str | None, quality: int) -> list[str]:
     """One line for each option that has no effect or contradicts another."""
     warnings = []
-    if quality and fmt == "png":
-        warnings.append(f"--quality {quality} has no effect on PNG output (lossless)")
+    if quality and fmt in ("png", "tiff"):
+        warnings.append(f"--quality {quality} has no effect on {fmt.upper()} output (lossless)")
     implied = FORMAT_OF_EXTENSION.get(output.suffix.lower()) if to_file else None
     if to_file and implied is not None and implied != fmt:
         warnings.append(f"writing {fmt} data to {output.name} (--format {fmt} overrides the name)")

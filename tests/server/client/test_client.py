@@ -453,6 +453,9 @@ def test_output_format_follows_the_file_name_unless_given() -> None:
     assert option_warnings(Path("x.png"), True, "png", 80) == [
         "--quality 80 has no effect on PNG output (lossless)"
     ]
+    assert option_warnings(Path("x.tif"), True, "tiff", 80) == [
+        "--quality 80 has no effect on TIFF output (lossless)"
+    ]
     assert option_warnings(Path("x.webp"), True, "png", 0) == [
         "writing png data to x.webp (--format png overrides the name)"
     ]
