@@ -201,7 +201,7 @@ class LocalUpscaler:
     ) -> LocalResult:
         """An image file (PNG, JPEG, WebP, BMP, TIFF, HEIC, AVIF; GIF, APNG, animated WebP)
         upscaled and encoded as ``output_format`` ("png", "jpeg", "webp", "avif", "gif",
-        "raw"; "auto": an animation's own kind, else PNG); ``width`` and/or ``height`` or
+        "tiff", "raw"; "auto": an animation's own kind, else PNG); ``width`` and/or ``height`` or
         ``outscale`` resize the model's output as the server does (within 1 .. its scale).
 
         As the server: the ICC profile, EXIF (orientation applied, then 1) and XMP are carried

@@ -16,6 +16,7 @@ FORMATS: dict[int, str] = {  # OutputFormat -> codec format name
     upscale_pb2.OUTPUT_FORMAT_RAW: "raw",
     upscale_pb2.OUTPUT_FORMAT_AVIF: "avif",
     upscale_pb2.OUTPUT_FORMAT_GIF: "gif",
+    upscale_pb2.OUTPUT_FORMAT_TIFF: "tiff",
 }
 FORMAT_NUMBERS: dict[str, int] = {  # format name (as users type it) -> OutputFormat
     "png": upscale_pb2.OUTPUT_FORMAT_PNG,
@@ -25,9 +26,12 @@ FORMAT_NUMBERS: dict[str, int] = {  # format name (as users type it) -> OutputFo
     "raw": upscale_pb2.OUTPUT_FORMAT_RAW,
     "avif": upscale_pb2.OUTPUT_FORMAT_AVIF,
     "gif": upscale_pb2.OUTPUT_FORMAT_GIF,
+    "tiff": upscale_pb2.OUTPUT_FORMAT_TIFF,
+    "tif": upscale_pb2.OUTPUT_FORMAT_TIFF,
 }
 ACCEPTED_FORMATS = (
-    "0 UNSPECIFIED (= PNG, an animation's own kind), 1 PNG, 2 JPEG, 3 WEBP, 4 RAW, 20 AVIF, 21 GIF"
+    "0 UNSPECIFIED (= PNG, an animation's own kind), 1 PNG, 2 JPEG, 3 WEBP, 4 RAW, 20 AVIF, "
+    "21 GIF, 22 TIFF"
 )
 ALPHA_MODES: dict[int, str] = {  # AlphaMode -> alpha mode name ("" = the server's default)
     upscale_pb2.ALPHA_MODE_UNSPECIFIED: "",

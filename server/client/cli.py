@@ -46,7 +46,7 @@ from server.wire import AUTO_MODEL, DEFAULT_QUALITY
 
 log = logging.getLogger("rdn.client")
 
-CLI_FORMATS = ("png", "jpeg", "webp", "avif", "gif")
+CLI_FORMATS = ("png", "jpeg", "webp", "avif", "gif", "tiff")
 
 
 def _positive_float(text: str) -> float:
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=CLI_FORMATS,
         default=None,
         help="output format (default: the extension of -o for one file, else each file's own "
-        "kind: an animated GIF stays a GIF, BMP/TIFF/HEIC become PNG)",
+        "kind: an animated GIF stays a GIF, a TIFF a TIFF, BMP/HEIC become PNG)",
     )
     up.add_argument(
         "--quality", type=_quality, default=0, help="JPEG/WebP/AVIF 1..100; 0 = default"

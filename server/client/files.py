@@ -22,6 +22,7 @@ EXTENSIONS = {
     "raw": ".raw",
     "avif": ".avif",
     "gif": ".gif",
+    "tiff": ".tiff",
 }
 FORMAT_OF_EXTENSION = {
     ".png": "png",
@@ -31,6 +32,8 @@ FORMAT_OF_EXTENSION = {
     ".webp": "webp",
     ".avif": "avif",
     ".gif": "gif",
+    ".tif": "tiff",
+    ".tiff": "tiff",
 }
 
 
@@ -78,8 +81,8 @@ def expand_inputs(inputs: Sequence[Path], recursive: bool) -> list[tuple[Path, P
 
 def resolve_format(output: Path, to_file: bool, given: str | None) -> str | None:
     """The output format: ``--format`` when given, else the single output file's extension
-    (.png, .jpg/.jpeg, .webp, .avif, .gif), else PNG for one named file; None for a folder:
-    each file keeps its own kind (``own_format``)."""
+    (.png, .jpg/.jpeg, .webp, .avif, .gif, .tif/.tiff), else PNG for one named file; None for
+    a folder: each file keeps its own kind (``own_format``)."""
     if given is not None:
         return given
     if to_file:
@@ -89,15 +92,16 @@ def resolve_format(output: Path, to_file: bool, given: str | None) -> str | None
 
 def own_format(source: Path) -> str:
     """The format a file is written back in when no format is given: its own kind (PNG and
-    APNG, JPEG, WebP, AVIF, GIF: an animation stays animated), else PNG (BMP, TIFF, HEIC)."""
+    APNG, JPEG, WebP, AVIF, GIF, TIFF: an animation stays animated, 16 bits stay 16), else
+    PNG (BMP, HEIC)."""
     return FORMAT_OF_EXTENSION.get(source.suffix.lower(), "png")
 
 
 def option_warnings(output: Path, to_file: bool, fmt: str | None, quality: int) -> list[str]:
     """One line for each option that has no effect or contradicts another."""
     warnings = []
-    if quality and fmt == "png":
-        warnings.append(f"--quality {quality} has no effect on PNG output (lossless)")
+    if quality and fmt in ("png", "tiff"):
+        warnings.append(f"--quality {quality} has no effect on {fmt.upper()} output (lossless)")
     implied = FORMAT_OF_EXTENSION.get(output.suffix.lower()) if to_file else None
     if to_file and implied is not None and implied != fmt:
         warnings.append(f"writing {fmt} data to {output.name} (--format {fmt} overrides the name)")

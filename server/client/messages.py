@@ -42,7 +42,7 @@ class UpscaleResult:
     height: int
     channels: int
     scale: int
-    format: str  # "png", "jpeg", "webp", "avif", "gif" or "raw"
+    format: str  # "png", "jpeg", "webp", "avif", "gif", "tiff" or "raw"
     tiles: int
     request_id: str
     queue_seconds: float

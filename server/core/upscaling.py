@@ -44,7 +44,7 @@ from server.wire import DEFAULT_QUALITY, RESPONSE_OVERHEAD_BYTES
 class OutputSpec:
     """How the answer is encoded."""
 
-    name: str  # codec format name (png, jpeg, webp, avif, gif, raw) or "auto" (animated.py)
+    name: str  # codec format name (png, jpeg, webp, avif, gif, tiff, raw) or "auto" (animated.py)
     quality: int  # 1..100
     image: ImageOptions = DEFAULT_OPTIONS  # profile, metadata and alpha handling
 
@@ -85,6 +85,8 @@ class Upscaled:
     resized: bool  # the output size differs from scale x the input's
     notes: tuple[str, ...] = ()  # what the answer could not keep (16 bits in JPEG ...)
     frames: int = 1  # an animation's frames (server/core/animated.py); 1 for a still image
+    source_bits: int = 8  # bits per sample of the decoded input (16: a 16-bit PNG or TIFF)
+    source_profile: str = ""  # the input's ICC profile description; "" for none
 
 
 @dataclass(frozen=True)
@@ -243,6 +245,8 @@ async def upscale_image(
         model_reason=choice.reason,
         resized=resized,
         notes=notes,
+        source_bits=8 * decoded.rgb.dtype.itemsize,
+        source_profile=decoded.metadata.profile_name,
     )
 
 

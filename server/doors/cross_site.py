@@ -57,7 +57,8 @@ ALLOW_HEADERS = (
     "Authorization, Content-Type, X-Request-Id, X-Progress, Inference-Header-Content-Length"
 )
 EXPOSE_HEADERS = (
-    "X-Model, X-Model-Reason, X-Width, X-Height, X-Scale, X-Tiles, X-Frames, "
+    "X-Model, X-Model-Reason, X-Width, X-Height, X-Scale, X-Tiles, X-Frames, X-Source-Bits, "
+    "X-Source-Profile, X-Notes, "
     "X-Compute-Seconds, X-Total-Seconds, X-Request-Id, Inference-Header-Content-Length, "
     "Retry-After"
 )

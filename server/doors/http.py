@@ -82,6 +82,7 @@ from server.doors.kserve_rest import (
     wants_binary,
 )
 from server.imaging.headers import NotAnImage
+from server.imaging.profiles import DESCRIPTION_CHARS
 from server.ops.auth import token_digest, token_problem
 from server.ops.security import AUTH_METADATA_KEY
 from server.wire import HTTP_METHODS
@@ -325,6 +326,8 @@ class HttpFrontDoor:
             "X-Scale": str(done.scale),
             "X-Tiles": str(done.tiles),
             "X-Frames": str(done.frames),
+            "X-Source-Bits": str(done.source_bits),
+            "X-Source-Profile": one_line(done.source_profile, DESCRIPTION_CHARS) or "none",
             "X-Compute-Seconds": f"{done.compute_seconds:.4f}",
             "X-Total-Seconds": f"{time.perf_counter() - received:.4f}",
             "X-Request-Id": done.request_id,

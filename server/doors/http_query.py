@@ -22,7 +22,9 @@ CONTENT_TYPES = {
     "webp": "image/webp",
     "avif": "image/avif",
     "gif": "image/gif",
+    "tiff": "image/tiff",
 }
+ALIASES = {"jpg": "jpeg", "tif": "tiff"}  # format= names for the same output format
 
 
 def _whole_number(text: str, what: str) -> int:
@@ -73,11 +75,11 @@ def upscale_options(request: web.Request) -> tuple[SizeOptions, str, int]:
     )
     # No format: PNG for a still image, the input's own kind for an animation.
     fmt = request.query.get("format", "auto").lower()
-    if fmt not in CONTENT_TYPES and fmt not in ("jpg", "auto"):
+    if fmt not in CONTENT_TYPES and fmt not in ALIASES and fmt != "auto":
         raise RequestError(
-            f"query format={one_line(fmt, 40)!r}: choose png, jpeg, webp, avif or gif"
+            f"query format={one_line(fmt, 40)!r}: choose png, jpeg, webp, avif, gif or tiff"
         )
-    return options, "jpeg" if fmt == "jpg" else fmt, _int_query(request, "quality")
+    return options, ALIASES.get(fmt, fmt), _int_query(request, "quality")
 
 
 def _flag_query(request: web.Request, name: str) -> bool:

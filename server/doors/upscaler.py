@@ -391,6 +391,7 @@ def model_info(
             upscale_pb2.OUTPUT_FORMAT_RAW,
             upscale_pb2.OUTPUT_FORMAT_AVIF,
             upscale_pb2.OUTPUT_FORMAT_GIF,
+            upscale_pb2.OUTPUT_FORMAT_TIFF,
         ],
         self_ensemble=config.self_ensemble,
         tiling=planner.mode,

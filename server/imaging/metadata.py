@@ -28,7 +28,7 @@ EXIF_IFD = 0x8769  # the Exif sub-IFD (camera settings, ExifImageWidth/Height)
 GPS_IFD = 0x8825
 EXIF_WIDTH, EXIF_HEIGHT = 0xA002, 0xA003
 # TIFF tags that describe a TIFF file's own layout: not EXIF to carry into another file.
-_TIFF_LAYOUT = frozenset(
+TIFF_LAYOUT = frozenset(
     {254, 256, 257, 258, 259, 262, 266, 273, 277, 278, 279, 284, 317, 320, 322, 323, 324, 325}
     | {338, 339, 340, 341, 530, 531, 532, 700, 33723, 34377, 34675}
 )
@@ -45,6 +45,8 @@ class FileMetadata:
     xmp: bytes | None = None  # the XMP packet
     orientation: int = 1  # the EXIF orientation of the stored pixels (1..8)
     notes: tuple[str, ...] = ()  # what could not be kept, said in the answer
+    # the input's ICC profile description (also when it was converted away or not carried)
+    profile_name: str = ""
 
 
 NO_METADATA = FileMetadata()
@@ -113,7 +115,7 @@ def _exif_of_tiff(tags: Image.Exif) -> Image.Exif:
     for tag, value in tags.items():
         if tag in (EXIF_IFD, GPS_IFD):
             exif[tag] = tags.get_ifd(tag)
-        elif tag not in _TIFF_LAYOUT:
+        elif tag not in TIFF_LAYOUT:
             exif[tag] = value
     return exif
 

@@ -15,6 +15,7 @@ from server.imaging.headers import ImageError
 log = logging.getLogger(__name__)
 
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+DESCRIPTION_CHARS = 80  # a profile description is cut to this many characters
 _INTENT_NAMES = {0: "perceptual", 1: "relative colorimetric", 2: "saturation", 3: "absolute"}
 
 
@@ -33,6 +34,18 @@ def parse_profile(icc: bytes, fmt: str) -> ImageCms.ImageCmsProfile:
 def colour_space(profile: ImageCms.ImageCmsProfile) -> str:
     """The profile's data colour space: "RGB", "GRAY", "CMYK" ..."""
     return str(profile.profile.xcolor_space).strip()
+
+
+def describe_profile(profile: ImageCms.ImageCmsProfile) -> str:
+    """The profile's description ("Display P3", "sRGB IEC61966-2.1" ...) as printable ASCII of
+    at most ``DESCRIPTION_CHARS`` characters (it travels in HTTP headers and logs); "unnamed"
+    where the profile has none."""
+    try:
+        text = ImageCms.getProfileDescription(profile)
+    except ImageCms.PyCMSError:
+        text = ""
+    ascii_text = "".join(c if " " <= c <= "~" else "?" for c in text.strip())
+    return ascii_text[:DESCRIPTION_CHARS] or "unnamed"
 
 
 def fits_pixels(profile: ImageCms.ImageCmsProfile, channels: int) -> bool:

@@ -9,6 +9,7 @@ models::
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import logging
 import shutil
@@ -19,6 +20,15 @@ from pathlib import Path
 from typing import Any
 
 PAGE_TIMEOUT_S = 60
+# The bytes behind a blob: URL, base64 (Selenium hands strings back, not bytes).
+SAVED_BYTES = """
+const done = arguments[arguments.length - 1];
+fetch(arguments[0]).then((r) => r.blob()).then((blob) => {
+  const reader = new FileReader();
+  reader.onload = () => done(reader.result.split(",")[1]);
+  reader.readAsDataURL(blob);
+});
+"""
 
 log = logging.getLogger("tests.server.browser")
 
@@ -29,6 +39,8 @@ class PageRun:
     status: str  # the page's status line
     facts: str  # the facts table's text
     console_errors: list[dict[str, object]]  # the browser console's SEVERE / ERROR entries
+    download: str = ""  # the save link's file name
+    saved: bytes = b""  # what the save link holds
 
 
 def chromium_driver() -> tuple[str, str] | None:
@@ -56,11 +68,14 @@ def _driver() -> Any:
     return webdriver.Chrome(service=Service(driver_path), options=options)
 
 
-def drive_page(port: int, image: Path, screenshot: Path, models: int) -> PageRun:
+def drive_page(
+    port: int, image: Path, screenshot: Path, models: int, output_format: str = "png"
+) -> PageRun:
     """Load the page at 127.0.0.1:``port``, wait for its ``models`` models, upscale ``image``
-    with the defaults, and save a screenshot."""
+    into ``output_format`` (the rest as default), read what the save link holds, and save a
+    screenshot."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     driver = _driver()
     try:
@@ -69,9 +84,12 @@ def drive_page(port: int, image: Path, screenshot: Path, models: int) -> PageRun
         wait = WebDriverWait(driver, PAGE_TIMEOUT_S)
         options_shown = "#model option"  # "server default" + one per model
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, options_shown)) == models + 1)
+        Select(driver.find_element(By.ID, "format")).select_by_value(output_format)
         driver.find_element(By.ID, "file").send_keys(str(image.resolve()))
         driver.find_element(By.ID, "go").click()
         wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-result"))
+        save = driver.find_element(By.ID, "save")
+        saved = driver.execute_async_script(SAVED_BYTES, save.get_attribute("href"))
         run = PageRun(
             result=driver.find_element(By.TAG_NAME, "body").get_attribute("data-result") or "",
             status=driver.find_element(By.ID, "status").text,
@@ -79,6 +97,8 @@ def drive_page(port: int, image: Path, screenshot: Path, models: int) -> PageRun
             console_errors=[
                 e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")
             ],
+            download=save.get_attribute("download") or "",
+            saved=base64.b64decode(saved),
         )
         driver.save_screenshot(str(screenshot))
         return run

@@ -442,14 +442,19 @@ def test_a_call_ended_mid_upload_is_retryable_for_the_async_client() -> None:
 def test_output_format_follows_the_file_name_unless_given() -> None:
     assert resolve_format(Path("x.webp"), True, None) == "webp"
     assert resolve_format(Path("x.JPG"), True, None) == "jpeg"
-    assert resolve_format(Path("x.tiff"), True, None) == "png"  # not an output format: PNG
+    assert resolve_format(Path("x.tiff"), True, None) == "tiff"
+    assert resolve_format(Path("x.bmp"), True, None) == "png"  # not an output format: PNG
     assert resolve_format(Path("out"), False, None) is None  # a folder: each file's own kind
-    assert [own_format(Path(n)) for n in ("a.gif", "b.JPG", "c.tif", "d.heic", "e.avif")] == [
-        *("gif", "jpeg", "png", "png", "avif")
+    names = ("a.gif", "b.JPG", "c.tif", "d.heic", "e.avif", "f.TIFF", "g.bmp")
+    assert [own_format(Path(n)) for n in names] == [
+        *("gif", "jpeg", "tiff", "png", "avif", "tiff", "png")
     ]
     assert resolve_format(Path("x.webp"), True, "png") == "png"
     assert option_warnings(Path("x.png"), True, "png", 80) == [
         "--quality 80 has no effect on PNG output (lossless)"
+    ]
+    assert option_warnings(Path("x.tif"), True, "tiff", 80) == [
+        "--quality 80 has no effect on TIFF output (lossless)"
     ]
     assert option_warnings(Path("x.webp"), True, "png", 0) == [
         "writing png data to x.webp (--format png overrides the name)"

@@ -4,6 +4,7 @@ tritonclient.http, errors, auth, metrics, and the page in a real headless Chromi
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import shutil
 import time
@@ -15,15 +16,19 @@ import cv2
 import grpc
 import numpy as np
 import pytest
+from PIL import ImageCms
 
 from server.config import LimitsConfig, MetricsConfig, SecurityConfig, UploadConfig
 from server.core.batch_types import QueueFull
 from server.core.errors import NotServing, RequestTooLarge
+from server.doors.cross_site import EXPOSE_HEADERS
 from server.doors.http import http_status
+from server.imaging.metadata import png_with_metadata
 from server.pb.inference import grpc_service_pb2 as kpb
 from server.pb.inference import grpc_service_pb2_grpc as kpb_grpc
 from tests.background import BackgroundServer
 from tests.server.browser import chromium_driver, drive_page, tour_page
+from tests.server.imaging.files import png16, read_back, swapped_profile
 from tests.server.loopback import loopback_config
 from tests.server.triton_driver import HTTP_SCRIPT, tritonclient
 from tests.tritonclient_env import tritonclient_python
@@ -95,6 +100,30 @@ def test_upscale_with_scale_and_model(web: BackgroundServer, set5_dir: Path) -> 
     assert (status, headers["X-Model"], size_of(body)) == (200, "rdn_x2", (45, 30))
 
 
+def deep_png(set5_dir: Path) -> tuple[bytes, bytes]:
+    """(a 16-bit PNG with a non-sRGB profile, the profile)."""
+    rgb = cv2.imread(str(set5_dir / "bird.png"), cv2.IMREAD_COLOR)[:48, :64, ::-1]
+    icc = swapped_profile()
+    return png_with_metadata(png16(rgb.astype(np.uint16) * 257 + 5), icc, None, None), icc
+
+
+def test_upscale_says_the_inputs_profile_bits_and_frames(
+    web: BackgroundServer, set5_dir: Path
+) -> None:
+    data, icc = deep_png(set5_dir)
+    status, headers, body = call(web, "POST", "/v1/upscale", data)
+    assert status == 200, body
+    description = ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc)))
+    assert headers["X-Source-Profile"] == description.strip() and description.strip()
+    assert (headers["X-Source-Bits"], headers["X-Frames"]) == ("16", "1")
+    pixels, info, _ = read_back(body)
+    assert pixels.dtype == np.uint16 and info.get("icc_profile") == icc  # what the page saves
+    status, headers, _ = call(web, "POST", "/v1/upscale", png(set5_dir, 30, 20))
+    assert (headers["X-Source-Profile"], headers["X-Source-Bits"]) == ("none", "8")
+    for name in ("X-Source-Profile", "X-Source-Bits", "X-Frames", "X-Notes"):
+        assert name in EXPOSE_HEADERS  # a page of another origin (--http-cors-origin) reads it
+
+
 def test_http_and_grpc_answers_are_the_same_pixels(web: BackgroundServer, set5_dir: Path) -> None:
     from server.client import UpscaleClient
 
@@ -111,7 +140,7 @@ def test_http_and_grpc_answers_are_the_same_pixels(web: BackgroundServer, set5_d
         ("/v1/upscale", b"", 400, "the body is empty"),
         ("/v1/upscale?outscale=9", None, 400, "each axis must lie in [1, 4]"),
         ("/v1/upscale?model=nope", None, 404, "unknown model 'nope'"),
-        ("/v1/upscale?format=bmp", None, 400, "choose png, jpeg, webp, avif or gif"),
+        ("/v1/upscale?format=bmp", None, 400, "choose png, jpeg, webp, avif, gif or tiff"),
         ("/v1/upscale?width=abc", None, 400, "must be a whole number"),
         ("/v1/upscale?width=%C2%B2", None, 400, "must be a whole number"),
         ("/v1/upscale?width=10&outscale=2", None, 400, "at most one sizing option"),
@@ -343,6 +372,8 @@ def test_page_upscales_an_image_in_a_real_browser(
     page = drive_page(web.running.http.port, source, shot, models=2)  # type: ignore[union-attr]
     assert page.result == "256x192" and page.status == "done"
     assert "rdn_x2" in page.facts and "256 x 192" in page.facts
+    assert "none (sRGB assumed)" in page.facts and "8 bits per sample" in page.facts
+    assert "1 (still image)" in page.facts and page.download == "bird_x2.png"
     assert page.console_errors == []
     assert shot.stat().st_size > 10_000
 
@@ -370,3 +401,27 @@ def test_page_sizes_zooms_names_and_clears_its_result(
     assert tour.error_status_class == "error" and tour.error_status.startswith("400")
     assert not tour.result_after_error and not tour.label_after_error
     assert tour.console_errors == [] or all("400" in str(e["message"]) for e in tour.console_errors)
+
+
+@pytest.mark.skipif(
+    chromium_driver() is None,
+    reason="no Chromium: install Debian's chromium and chromium-driver (make install does)",
+)
+def test_page_shows_the_inputs_profile_and_depth_and_saves_the_answer_as_it_came(
+    web: BackgroundServer, set5_dir: Path, tmp_path: Path
+) -> None:
+    data, icc = deep_png(set5_dir)
+    source = tmp_path / "deep.png"
+    source.write_bytes(data)
+    description = ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc)))
+    port = web.running.http.port  # type: ignore[union-attr]
+    for fmt, name in (("png", "deep_x2.png"), ("tiff", "deep_x2.tiff")):
+        page = drive_page(port, source, tmp_path / f"{fmt}.png", models=2, output_format=fmt)
+        assert f"{description.strip()} (kept)" in page.facts, page.facts
+        assert "16 bits per sample" in page.facts and page.result == "128x96"
+        assert page.download == name and page.console_errors == []
+        _, _, answer = call(web, "POST", f"/v1/upscale?format={fmt}", data)
+        assert page.saved == answer  # the server's bytes: profile, 16 bits and all
+        pixels, info, _ = read_back(page.saved)
+        assert pixels.dtype == np.uint16 and info.get("icc_profile") == icc
+    assert page.status.startswith("done: this browser cannot show image/tiff")

@@ -327,7 +327,7 @@ def test_json_answers_are_standard_json(serve: Serve) -> None:
         ("width=%EF%BC%91", "whole number"),  # a full-width digit
         ("quality=-1", "whole number"),
         ("model=%FF%FE", "unknown model"),
-        ("format=%00", "choose png, jpeg, webp"),
+        ("format=%00", "choose png, jpeg, webp, avif, gif or tiff"),
     ],
 )
 def test_malformed_options_are_400_or_404(serve: Serve, query: str, fragment: str) -> None:

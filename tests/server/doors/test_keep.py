@@ -29,6 +29,7 @@ from tests.server.imaging.files import (
     png16,
     read_back,
     swapped_profile,
+    tiff_file,
     xmp_of,
 )
 from tests.server.loopback import CPU, loopback_config
@@ -114,6 +115,21 @@ def test_profile_exif_and_xmp_come_back_with_the_image_turned(
     stripped, _ = upscale(door, server, local, data, fmt, ImageOptions(strip_metadata=True))
     _, info, exif = read_back(stripped)
     assert info.get("icc_profile") == icc and len(exif) == 0 and not xmp_of(info)
+
+
+@pytest.mark.parametrize("door", DOORS)
+def test_a_sixteen_bit_tiff_comes_back_a_sixteen_bit_tiff_with_what_it_carries(
+    server: BackgroundServer, local: LocalUpscaler, photo: np.ndarray, door: str
+) -> None:
+    rgb16 = photo.astype(np.uint16) * 257 + 77
+    icc = swapped_profile()
+    answer, notes = upscale(door, server, local, tiff_file(rgb16, icc, 6, XMP), "tiff")
+    pixels, info, exif = read_back(answer)
+    assert answer[:4] in (b"II*\x00", b"MM\x00*") and notes == ()
+    assert pixels.dtype == np.uint16 and pixels.shape == (56, 40, 3)  # turned, then x2
+    assert info.get("icc_profile") == icc
+    assert (exif[MAKE], exif[ORIENTATION]) == ("RDN Camera", 1)
+    assert b'tiff:Orientation="1"' in xmp_of(info)
 
 
 @pytest.mark.parametrize("door", DOORS)
@@ -215,3 +231,22 @@ def test_rdn_client_flags_strip_and_keep(photo: np.ndarray, tmp_path: Path) -> N
         pixels, info, exif = read_back(out.read_bytes())
         assert pixels.shape[:2] == (56, 40) and info.get("icc_profile") == icc
         assert (ORIENTATION in exif) == has_exif
+
+
+def test_rdn_client_writes_each_file_of_a_folder_in_its_own_kind(
+    photo: np.ndarray, tmp_path: Path
+) -> None:
+    from tests.server.cli import run_cli
+
+    folder, out, icc = tmp_path / "in", tmp_path / "out", swapped_profile()
+    folder.mkdir()
+    rgb16 = photo.astype(np.uint16) * 257 + 77
+    (folder / "scan.tif").write_bytes(tiff_file(rgb16, icc, 1, XMP))
+    (folder / "shot.png").write_bytes(make_file(photo, "PNG", icc=icc))
+    done = run_cli("upscale", str(folder), "-o", str(out), "--local", "rdn_x2")
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["scan_x2.tiff", "shot_x2.png"]
+    pixels, info, _ = read_back((out / "scan_x2.tiff").read_bytes())
+    assert pixels.dtype == np.uint16 and info.get("icc_profile") == icc and xmp_of(info)
+    pixels, info, _ = read_back((out / "shot_x2.png").read_bytes())
+    assert pixels.dtype == np.uint8 and info.get("icc_profile") == icc

@@ -434,7 +434,7 @@ def test_model_info_fills_every_field(client: UpscaleClient, engine: Engine) -> 
     assert list(info.input_formats) == [
         *("png", "jpeg", "webp", "bmp", "tiff", "avif", "heic", "gif", "apng", "raw")
     ]
-    assert list(info.output_formats) == [1, 2, 3, 4, 20, 21]  # AVIF, GIF at the end
+    assert list(info.output_formats) == [1, 2, 3, 4, 20, 21, 22]  # AVIF, GIF, TIFF at the end
     assert info.self_ensemble is False
 
 

@@ -1,6 +1,7 @@
-"""Image files the colour/metadata/depth tests make: Pillow writes the profile, EXIF and XMP
-as any camera or editor would; a non-sRGB profile is made from lcms's sRGB by swapping its red
-and green colorants (a valid profile whose conversion visibly moves the colours)."""
+"""Image files the colour/metadata/depth tests make: Pillow (tifffile for 16-bit TIFF) writes
+the profile, EXIF and XMP as any camera or editor would; a non-sRGB profile is made from
+lcms's sRGB by swapping its red and green colorants (a valid profile whose conversion visibly
+moves the colours)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import struct
 
 import cv2
 import numpy as np
+import tifffile  # comes with scikit-image; a TIFF writer independent of the server's
 from PIL import Image, ImageCms
 
 MAKE, MODEL, ORIENTATION = 0x010F, 0x0110, 0x0112
@@ -85,6 +87,22 @@ def make_file(
 def png16(rgb16: np.ndarray) -> bytes:
     """H x W x 3 uint16 RGB as a 16-bit PNG (OpenCV: Pillow has no 16-bit RGB mode)."""
     return cv2.imencode(".png", np.ascontiguousarray(rgb16[:, :, ::-1]))[1].tobytes()
+
+
+def tiff_file(
+    pixels: np.ndarray, icc: bytes | None = None, orientation: int = 1, xmp: bytes | None = None
+) -> bytes:
+    """``pixels`` (H x W x 3/4, uint8 or uint16) as an uncompressed TIFF with the profile,
+    EXIF Make and Orientation, and XMP as a camera raw converter writes them."""
+    tags = [(MAKE, "s", 0, "RDN Camera", True), (ORIENTATION, "H", 1, orientation, True)]
+    if xmp is not None:
+        tags.append((700, "B", len(xmp), xmp, True))
+    out = io.BytesIO()
+    extra = ("unassalpha",) if pixels.shape[2] == 4 else None
+    tifffile.imwrite(
+        out, pixels, photometric="rgb", iccprofile=icc, extratags=tags, extrasamples=extra
+    )
+    return out.getvalue()
 
 
 def read_back(data: bytes) -> tuple[np.ndarray, dict[str, object], Image.Exif]:

@@ -577,7 +577,7 @@ def test_encode_refusals(image: np.ndarray, fmt: str, quality: int, message: str
 
 def test_format_lists() -> None:
     assert INPUT_FORMATS == ("png", "jpeg", "webp", "bmp", "tiff")
-    assert OUTPUT_FORMATS == ("png", "jpeg", "webp", "raw", "avif", "gif")
+    assert OUTPUT_FORMATS == ("png", "jpeg", "webp", "raw", "avif", "gif", "tiff")
     assert encode_image(np.zeros((2, 2, 3), np.uint8), "png", 0)  # quality unused for png
 
 

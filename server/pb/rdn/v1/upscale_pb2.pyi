@@ -16,6 +16,7 @@ class OutputFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTPUT_FORMAT_RAW: _ClassVar[OutputFormat]
     OUTPUT_FORMAT_AVIF: _ClassVar[OutputFormat]
     OUTPUT_FORMAT_GIF: _ClassVar[OutputFormat]
+    OUTPUT_FORMAT_TIFF: _ClassVar[OutputFormat]
 
 class AlphaMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -29,6 +30,7 @@ OUTPUT_FORMAT_WEBP: OutputFormat
 OUTPUT_FORMAT_RAW: OutputFormat
 OUTPUT_FORMAT_AVIF: OutputFormat
 OUTPUT_FORMAT_GIF: OutputFormat
+OUTPUT_FORMAT_TIFF: OutputFormat
 ALPHA_MODE_UNSPECIFIED: AlphaMode
 ALPHA_MODE_MODEL: AlphaMode
 ALPHA_MODE_BICUBIC: AlphaMode
