@@ -107,7 +107,7 @@ async def upscale_animation(
         with server.batcher.reserve(units) as reservation:
             animation, frames = await in_pool(server.pool, decode_animation, data, header)
             # model=auto reads the first frame (a GIF/APNG/WebP carries no JPEG tables)
-            args = (snapshot, options, pipeline, None, frames[0].rgb, units, False)
+            args = (snapshot, options, pipeline, None, frames[0].rgb, units, False, count)
             choice = await in_pool(server.pool, choose_model, *args)
             pipeline = choice.pipeline
             record.set(

@@ -37,19 +37,21 @@ def choose_model(
     rgb: np.ndarray,
     units: int,
     turnable: bool,
+    images: int = 1,
 ) -> ModelChoice:
     """The model for an image resolved to ``pipeline`` (its scale's default unless named):
-    the scale's photo model when the measured input calls for it and its tiles fit the
-    ``units`` admitted. ``data``: the encoded file (None for raw pixels). Worker thread."""
+    the scale's photo model when the measured input calls for it and the ``images`` planes of
+    its tiles (2 with alpha through the model, an animation's frames) fit the ``units``
+    admitted. ``data``: the encoded file (None for raw pixels). Worker thread."""
     if named(options):
         return ModelChoice(pipeline, NAMED_REASON)
     photo = snapshot.photo_for(options, pipeline)
     if photo is None:
-        return ModelChoice(pipeline, f"the x{pipeline.scale} default (no photo model served)")
+        return ModelChoice(pipeline, f"x{pipeline.scale}: no photo model to choose from")
     choice = choose(measure(data, rgb), photo.scale)
     if choice.kind != "photo":
         return ModelChoice(pipeline, choice.reason)
     height, width = rgb.shape[:2]
-    if photo.units(height, width, turnable=turnable) > units:
+    if photo.units(height, width, images, turnable=turnable) > units:
         return ModelChoice(pipeline, f"{choice.reason}; photo model's tiles over the admission")
     return ModelChoice(photo, choice.reason)

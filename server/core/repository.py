@@ -261,11 +261,14 @@ def choose_photos(
     for scale, name in defaults.items():
         clean = name.removesuffix(INT8_SUFFIX)
         photo = models.get(f"{clean}{PHOTO_SUFFIX}")
-        if photo is None or photo.scale != scale:
-            continue
-        twin = models.get(f"{photo.name}{INT8_SUFFIX}")
-        preferred = twin is not None and int8_preferred(twin, precision)
-        photos[scale] = twin.name if preferred and twin is not None else photo.name
+        twin = models.get(f"{clean}{PHOTO_SUFFIX}{INT8_SUFFIX}")
+        if twin is not None and (twin.scale != scale or precision == "fp32"):
+            twin = None
+        if photo is not None and photo.scale == scale:
+            preferred = twin is not None and int8_preferred(twin, precision)
+            photos[scale] = twin.name if preferred and twin is not None else photo.name
+        elif twin is not None:  # only the int8 photo model is served: it is the photo model
+            photos[scale] = twin.name
     return photos
 
 

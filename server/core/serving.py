@@ -4,9 +4,10 @@ serving state, the access observer and the limits.
 
 Its operations take and give plain Python values and raise the domain errors of
 ``server.core.errors`` (classified once in ``server.core.failures``); the doors only translate wire
-messages to these calls and the answers and errors back. Each check of a request runs here,
+messages to these calls and the answers and errors back. Each check of an upscale runs here,
 once, in this order: request id, serving state, output options, model and size, then the
-request's bytes are held and its tiles reserved before any pixel is decoded.
+request's bytes are held and its tiles reserved before any pixel is decoded. An inference's
+tensor is read by its door (where its bytes travel is the protocol's), then checked here.
 """
 
 from __future__ import annotations

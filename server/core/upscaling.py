@@ -173,7 +173,7 @@ async def upscale_image(
                 pipeline, size = snapshot.resolve(options, width, height)
             encoded = source.data if source.raw_shape is None else None
             turnable = source.raw_shape is None
-            args = (snapshot, options, pipeline, encoded, decoded.rgb, units, turnable)
+            args = (snapshot, options, pipeline, encoded, decoded.rgb, units, turnable, images)
             choice = await in_pool(server.pool, choose_model, *args)
             pipeline = choice.pipeline
             scale = pipeline.scale

@@ -320,7 +320,7 @@ class HttpFrontDoor:
             del data
         headers = {
             "X-Model": done.model,
-            "X-Model-Reason": done.model_reason,
+            "X-Model-Reason": one_line(done.model_reason, 200),
             "X-Width": str(done.width),
             "X-Height": str(done.height),
             "X-Scale": str(done.scale),

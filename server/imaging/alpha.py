@@ -28,7 +28,8 @@ def declares_alpha(data: bytes | bytearray) -> bool:
             (bits,) = struct.unpack("<I", data[21:25])
             return bool((bits >> 28) & 1)
         return False
-    return data[:4] in (b"II*\x00", b"MM\x00*")
+    # TIFF, and HEIC / AVIF (ISOBMFF: whether an alpha item exists is not read here): may
+    return data[:4] in (b"II*\x00", b"MM\x00*") or data[4:8] == b"ftyp"
 
 
 def alpha_planes(alpha: np.ndarray) -> np.ndarray:

@@ -189,8 +189,9 @@ def centre_crop(image: np.ndarray, max_pixels: int = MAX_MEASURED_PIXELS) -> np.
     height, width = image.shape[:2]
     if height * width <= max_pixels:
         return image
-    side_h = min(height, max(JPEG_BLOCK, int(np.sqrt(max_pixels * height / width))))
-    side_w = min(width, max(JPEG_BLOCK, max_pixels // side_h))
+    # each side at least MIN_SIDE (a 16 x 170000 strip stays measurable), at most the image's
+    side_h = min(height, max(MIN_SIDE, int(np.sqrt(max_pixels * height / width))))
+    side_w = min(width, max(MIN_SIDE, max_pixels // side_h))
     top = (height - side_h) // 2 // JPEG_BLOCK * JPEG_BLOCK
     left = (width - side_w) // 2 // JPEG_BLOCK * JPEG_BLOCK
     return image[top : top + side_h, left : left + side_w]
@@ -223,11 +224,6 @@ def noise_and_detail(rgb: np.ndarray) -> tuple[float, float]:
     ordered = np.partition(sums, (low, high))
     per_sample = NOISE_CALIBRATION / (side * side * channels)
     return float(ordered[low]) * per_sample, float(ordered[high]) * per_sample
-
-
-def noise_sigma(rgb: np.ndarray) -> float:
-    """Standard deviation of white noise per colour channel (0-255), robust to texture."""
-    return noise_and_detail(rgb)[0]
 
 
 def blockiness(grey: np.ndarray) -> float:

@@ -142,3 +142,26 @@ def test_the_local_api_chooses_as_the_server_does_with_the_shipped_models() -> N
     assert (clean.model, clean.model_reason) == ("rdn_x2", "clean")
     named = LocalUpscaler("rdn_x2").upscale_bytes(_encode(scene(48), "JPEG", quality=50))
     assert (named.model, named.model_reason) == ("rdn_x2", "named in the request")
+
+
+def test_an_rgba_avif_goes_through_the_model_with_its_alpha(server: BackgroundServer) -> None:
+    """AVIF's header is not read for alpha: its tiles are reserved as if it had one."""
+    rgba = np.dstack([scene(SIDE), np.full((SIDE, SIDE), 200, np.uint8)])
+    answer = _upscale(server, _encode(rgba, "AVIF", quality=90), scale=2)
+    assert (answer.width, answer.height, answer.channels) == (2 * SIDE, 2 * SIDE, 4)
+
+
+def test_a_long_thin_strip_is_measured_without_failing(server: BackgroundServer) -> None:
+    strip = np.ascontiguousarray(np.tile(scene(16), (1, 256, 1)))  # 16 x 4096
+    answer = _upscale(server, _encode(strip, "PNG"), scale=2)
+    assert answer.model in ("rdn_x2", "rdn_x2_photo") and answer.model_reason
+
+
+def test_an_int8_photo_model_alone_is_the_photo_model(
+    tiny_onnx_factory: Callable[[int], Path], tmp_path: Path
+) -> None:
+    named_copy(tiny_onnx_factory(2), tmp_path, "rdn_x2")
+    named_copy(tiny_onnx_factory(2), tmp_path, "rdn_x2_photo_int8")
+    with BackgroundServer(loopback_config(None, model_dir=tmp_path)) as bg:
+        answer = _upscale(bg, _encode(scene(SIDE), "JPEG", quality=50), scale=2)
+    assert answer.model == "rdn_x2_photo_int8" and "quality 50" in answer.model_reason

@@ -217,3 +217,8 @@ def test_large_inputs_are_measured_on_a_crop_on_the_jpeg_grid() -> None:
 def test_module_does_not_import_torch() -> None:
     code = "import sys, server.imaging.input_kind; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_a_long_thin_strip_is_cropped_to_measurable_blocks() -> None:
+    features = measure(None, np.zeros((16, 170_000, 3), np.uint8))
+    assert features.noise_sigma is not None and features.blockiness is not None
