@@ -11,27 +11,25 @@ from __future__ import annotations
 from server.client.library import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TARGET,
-    FORMAT_NAMES,
     LB_POLICIES,
-    AnswerError,
     AsyncUpscaleClient,
+    UpscaleClient,
+    channel_options,
+)
+from server.client.messages import (
+    AnswerError,
     Payload,
     ProgressCallback,
-    RetryPolicy,
     StreamAssembler,
-    UpscaleClient,
-    UpscaleError,
     UpscaleResult,
-    backoff_s,
-    channel_options,
-    is_retryable,
     make_payload,
-    retry_after_s,
     stream_messages,
     unary_request,
 )
+from server.client.retry import RetryPolicy, UpscaleError, backoff_s, is_retryable, retry_after_s
 from server.core.sizing import SizeOptions
 from server.imaging.options import ImageOptions
+from server.wire import FORMATS as FORMAT_NAMES  # OutputFormat number -> format name
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",

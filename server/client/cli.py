@@ -34,10 +34,9 @@ from server.client.library import (
     DEFAULT_TARGET,
     LB_POLICIES,
     AsyncUpscaleClient,
-    RetryPolicy,
     UpscaleClient,
-    UpscaleError,
 )
+from server.client.retry import RetryPolicy, UpscaleError
 from server.core.sizing import SizeOptions
 from server.imaging.options import ALPHA_MODES, DEFAULT_ALPHA, ImageOptions
 from server.ops.security import add_client_security_flags, client_security_from_args

@@ -4,7 +4,8 @@
 Both send an image in one ``Upscale`` call when it fits well inside the message limit and
 through ``UpscaleStream`` otherwise, and both retry what the server marks transient inside one
 overall deadline. The pieces they share live beside this module, and their public names are
-exported by the package, so ``from server.client import ...`` finds all of the client's API:
+exported by the package (``server/client/__init__.py``), so ``from server.client import ...``
+finds all of the client's API:
 - ``server.client.messages``: requests, stream messages and checked answers (pure functions);
 - ``server.client.retry``: ``UpscaleError``, ``RetryPolicy`` and the attempts of one call;
 - ``server.client.cli``: the ``rdn-client`` command line (``python -m server.client``).
@@ -42,42 +43,14 @@ from server.client.retry import (
     DEFAULT_RETRY,
     Attempts,
     RetryPolicy,
-    UpscaleError,
     answer_failure,
     as_upscale_error,
-    backoff_s,
-    is_retryable,
-    retry_after_s,
 )
 from server.core.sizing import SizeOptions
 from server.imaging.options import ImageOptions
 from server.ops.security import PLAINTEXT, ClientSecurity
 from server.pb.rdn.v1 import upscale_pb2, upscale_pb2_grpc
-from server.wire import FORMATS as FORMAT_NAMES
 from server.wire import HTTP2_MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, UPLOAD_ACCEPTED_KEY
-
-__all__ = [
-    "DEFAULT_MAX_MESSAGE_BYTES",
-    "DEFAULT_TARGET",
-    "FORMAT_NAMES",
-    "LB_POLICIES",
-    "AnswerError",
-    "AsyncUpscaleClient",
-    "Payload",
-    "ProgressCallback",
-    "RetryPolicy",
-    "StreamAssembler",
-    "UpscaleClient",
-    "UpscaleError",
-    "UpscaleResult",
-    "backoff_s",
-    "channel_options",
-    "is_retryable",
-    "make_payload",
-    "retry_after_s",
-    "stream_messages",
-    "unary_request",
-]
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_MAX_MESSAGE_BYTES = MAX_MESSAGE_BYTES  # the server's --max-message-bytes default

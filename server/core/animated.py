@@ -24,13 +24,13 @@ import numpy as np
 from server.core.access import AccessRecord
 from server.core.chunked import Progress, to_uint8, to_unit_float
 from server.core.model_choice import choose_model
-from server.core.repository import Snapshot
-from server.core.sizing import SizeOptions, resize_output
+from server.core.sizing import resize_output
 from server.core.upscaling import (
     ImageSource,
     OutputSpec,
     UpscaleContext,
     Upscaled,
+    UpscaleTicket,
     check_output,
     upscale_image,
 )
@@ -53,12 +53,8 @@ STILL_DEFAULT = "png"
 
 async def upscale_any(
     server: UpscaleContext,
+    ticket: UpscaleTicket,
     source: ImageSource,
-    spec: OutputSpec,
-    options: SizeOptions,
-    snapshot: Snapshot,
-    request_id: str,
-    received: float,
     record: AccessRecord,
     unary: bool,
     progress: Progress | None = None,
@@ -67,27 +63,24 @@ async def upscale_any(
     run = upscale_image
     if source.raw_shape is None and probe(source.data) is not None:
         run = upscale_animation
-    elif spec.name == AUTO:
-        spec = dataclasses.replace(spec, name=STILL_DEFAULT)
-    return await run(
-        server, source, spec, options, snapshot, request_id, received, record, unary, progress
-    )
+    elif ticket.spec.name == AUTO:
+        spec = dataclasses.replace(ticket.spec, name=STILL_DEFAULT)
+        ticket = dataclasses.replace(ticket, spec=spec)
+    return await run(server, ticket, source, record, unary, progress)
 
 
 async def upscale_animation(
     server: UpscaleContext,
+    ticket: UpscaleTicket,
     source: ImageSource,
-    spec: OutputSpec,
-    options: SizeOptions,
-    snapshot: Snapshot,
-    request_id: str,
-    received: float,
     record: AccessRecord,
     unary: bool,
     progress: Progress | None = None,
 ) -> Upscaled:
     """Check, resolve, admit and reserve all frames' tiles, decode, run every frame through
     the batcher together, stitch, resize and encode one animation."""
+    spec, options, snapshot = ticket.spec, ticket.options, ticket.snapshot
+    request_id, received = ticket.request_id, ticket.received
     limits = server.limits
     data = source.data
     header = await in_pool(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -33,9 +32,9 @@ from server.core.sizing import SizeOptions, check_options
 from server.core.uploads import Hold, UploadBudget
 from server.core.upscaling import (
     ImageSource,
-    OutputSpec,
     UpscaleContext,
     Upscaled,
+    UpscaleTicket,
     check_message,
     output_spec,
 )
@@ -43,18 +42,6 @@ from server.core.worker_pool import in_pool
 from server.imaging.options import DEFAULT_OPTIONS, ImageOptions
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class UpscaleTicket:
-    """An upscale request that passed every check made before its image is read: the model
-    snapshot it will run on (whatever reloads follow) and its output."""
-
-    request_id: str
-    options: SizeOptions
-    spec: OutputSpec
-    snapshot: Snapshot
-    received: float  # perf_counter when the request arrived
 
 
 class ServingCore:
@@ -154,18 +141,7 @@ class ServingCore:
         progress: Progress | None = None,
     ) -> Upscaled:
         """Upscale one admitted image; ``unary``: the answer must fit one message."""
-        done = await upscale_any(
-            self._upscaling,
-            source,
-            ticket.spec,
-            ticket.options,
-            ticket.snapshot,
-            ticket.request_id,
-            ticket.received,
-            record,
-            unary=unary,
-            progress=progress,
-        )
+        done = await upscale_any(self._upscaling, ticket, source, record, unary, progress)
         if unary and ticket.spec.name != "raw":
             check_message(done.image, self.config.limits)
         return done

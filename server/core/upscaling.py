@@ -97,6 +97,18 @@ class ImageSource:
     raw_shape: tuple[int, int, int] | None = None
 
 
+@dataclass(frozen=True)
+class UpscaleTicket:
+    """An upscale request that passed every check made before its image is read: the model
+    snapshot it will run on (whatever reloads follow) and its output."""
+
+    request_id: str
+    options: SizeOptions
+    spec: OutputSpec
+    snapshot: Snapshot
+    received: float  # perf_counter when the request arrived
+
+
 def check_output(
     size: tuple[int, int], channels: int, spec: OutputSpec, limits: LimitsConfig, unary: bool
 ) -> None:
@@ -117,12 +129,8 @@ def check_output(
 
 async def upscale_image(
     server: UpscaleContext,
+    ticket: UpscaleTicket,
     source: ImageSource,
-    spec: OutputSpec,
-    options: SizeOptions,
-    snapshot: Snapshot,
-    request_id: str,
-    received: float,
     record: AccessRecord,
     unary: bool,
     progress: Progress | None = None,
@@ -135,6 +143,8 @@ async def upscale_image(
     the tile queue, whose capacity for all of them is reserved at once, so no later chunk is
     refused; only then are the pixels decoded and kept.
     """
+    spec, options, snapshot = ticket.spec, ticket.options, ticket.snapshot
+    request_id, received = ticket.request_id, ticket.received
     limits = server.limits
     if source.raw_shape is None:
         args = (source.data, limits.max_pixels, limits.max_request_bytes)

@@ -24,10 +24,10 @@ from server.core.errors import RequestError, RequestTooLarge, StreamEnded
 from server.core.pipeline import Pipeline
 from server.core.progress import TileProgress
 from server.core.repository import Snapshot
-from server.core.serving import ServingCore, UpscaleTicket
+from server.core.serving import ServingCore
 from server.core.sizing import SizeOptions
 from server.core.uploads import Hold, UploadBudget, timed
-from server.core.upscaling import ImageSource, OutputSpec, Upscaled
+from server.core.upscaling import ImageSource, OutputSpec, Upscaled, UpscaleTicket
 from server.doors.grpc_calls import streaming, unary
 from server.imaging.animation import ANIMATED_INPUTS
 from server.imaging.codec import RAW_CHANNELS
