@@ -57,6 +57,9 @@ class PhotoRanges:
     gray_noise_prob: float = 0.3
     jpeg_prob: float = 0.6
     jpeg_quality: tuple[int, int] = (30, 95)
+    # True: a sample that drew neither noise nor JPEG gets the JPEG round trip anyway, so every
+    # sample is degraded (for a model that ``model=auto`` only gives degraded inputs).
+    always_degrade: bool = False
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -80,6 +83,10 @@ class PhotoRanges:
                 f"({', '.join(RESIZE_METHODS)}), got {self.resize_weights!r}"
             )
         object.__setattr__(self, "resize_weights", weights)
+        if not isinstance(self.always_degrade, bool):
+            raise DegradationError(
+                f"photo range always_degrade must be true or false: {self.always_degrade!r}"
+            )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PhotoRanges:
@@ -172,13 +179,14 @@ def photo_chain(
     weights = np.asarray(ranges.resize_weights) / sum(ranges.resize_weights)
     method = RESIZE_METHODS[int(rng.choice(len(RESIZE_METHODS), p=weights))]
     image = resize_down(image, scale, method)
-    if rng.random() < ranges.noise_prob:
+    noisy = bool(rng.random() < ranges.noise_prob)
+    if noisy:
         gray = bool(rng.random() < ranges.gray_noise_prob)
         if rng.random() < ranges.poisson_prob:
             image = add_poisson_noise(image, _draw(rng, *ranges.poisson_scale), rng, gray)
         else:
             image = add_gaussian_noise(image, _draw(rng, *ranges.gaussian_sigma), rng, gray)
-    if rng.random() < ranges.jpeg_prob:
+    if rng.random() < ranges.jpeg_prob or (ranges.always_degrade and not noisy):
         image = jpeg_round_trip(image, round(_draw(rng, *ranges.jpeg_quality)))
     return image
 

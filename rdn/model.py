@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rdn.constants import DEFAULT_SCALE, SCALES
-from rdn.quant import ActQuant, QConv2d
+from rdn.quant import ActQuant, QConv2d, tie_ranges
 
 __all__ = ["NORMS", "PRESETS", "QUANTS", "RDN", "SCALES", "RDNConfig"]
 
@@ -145,6 +145,8 @@ class RDB(nn.Module):
         self.lff = _conv(G0 + C * G, G0, 1, quant)
         self.lff_norm = _norm(G0, norm)
         self.add_q = _act(quant)
+        if quant != "none":  # one range for the block's concats (rdn.quant: copies, not LUTs)
+            tie_ranges([layer.cat_q for layer in self.layers])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, G0, H, W] -> layers: [N, G0 + C*G, H, W] -> lff: [N, G0, H, W]

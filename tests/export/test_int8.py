@@ -123,3 +123,32 @@ def test_the_graph_rounds_exactly_the_tensors_the_model_rounds(int8_export: Path
     points, aliases = activation_points(graph)
     assert rounded == set(points) | set(aliases) | {image_point(graph)}
     assert len(points) == 2 + 3 * (3 * 2 + 2) + 4 + 1  # tiny preset: D=3 blocks of C=3 layers
+
+
+def test_the_concats_of_a_block_share_one_scale_so_onnxruntime_copies_them(
+    int8_export: Path,
+) -> None:
+    """In each residual dense block the concat chain (cat_k = [cat_k-1, relu_k]) quantizes
+    every concat with one scale and zero point: onnxruntime's QLinearConcat then copies the
+    part already quantized instead of requantizing it. The ReLU outputs keep ranges from 0."""
+    proto = onnx.load(str(int8_export))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    qparams = {
+        n.input[0]: (float(inits[n.input[1]]), int(inits[n.input[2]]))
+        for n in proto.graph.node
+        if n.op_type == "QuantizeLinear" and n.input[0] not in inits
+    }
+    chains: list[list[str]] = []
+    for node in proto.graph.node:
+        if node.op_type != "Concat" or len(node.input) != 2:
+            continue
+        first, second = (name.removesuffix("_DequantizeLinear_Output") for name in node.input)
+        if chains and chains[-1][-1] == first:
+            chains[-1].append(node.output[0])
+        else:
+            chains.append([node.output[0]])
+        assert qparams[second][1] == 0  # the ReLU output: a range from 0
+    assert [len(chain) for chain in chains] == [3, 3, 3]  # tiny preset: D=3 blocks, C=3 layers
+    for chain in chains:
+        assert len({qparams[name] for name in chain}) == 1, chain
+    assert len({qparams[chain[0]] for chain in chains}) == 3  # one range per block, not one

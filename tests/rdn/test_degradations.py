@@ -129,9 +129,24 @@ def test_photo_ranges_of_zero_probability_reduce_to_a_plain_resize(hr: np.ndarra
     assert np.array_equal(out, downscale(hr, 4))
 
 
+def test_always_degrade_gives_a_sample_that_drew_nothing_the_jpeg_round_trip(
+    hr: np.ndarray,
+) -> None:
+    values = dict(blur_prob=0, noise_prob=0, jpeg_prob=0, resize_weights=(1.0, 0.0, 0.0))
+    ranges = PhotoRanges(**values, jpeg_quality=(50, 50), always_degrade=True)
+    out = degrade(hr, 4, Degradation("photo", photo=ranges), np.random.default_rng(3))
+    assert np.array_equal(out, jpeg_round_trip(downscale(hr, 4), 50))
+    noisy = PhotoRanges(**{**values, "noise_prob": 1.0}, gaussian_sigma=(5, 5), always_degrade=True)
+    plain = PhotoRanges(**{**values, "noise_prob": 1.0}, gaussian_sigma=(5, 5))
+    pick = Degradation("photo", photo=noisy), Degradation("photo", photo=plain)
+    a, b = (degrade(hr, 4, p, np.random.default_rng(3)) for p in pick)
+    assert np.array_equal(a, b)  # a noisy sample is degraded already: no JPEG added
+
+
 @pytest.mark.parametrize(
     ("values", "says"),
     [
+        ({"always_degrade": "yes"}, "always_degrade must be true or false"),
         ({"blur_prob": 1.5}, "blur_prob must be a probability"),
         ({"jpeg_quality": [95, 30]}, "jpeg_quality must be 0 <= low <= high"),
         ({"jpeg_quality": [0, 50]}, "jpeg_quality must be integers in 1..100"),

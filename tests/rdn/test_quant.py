@@ -99,3 +99,23 @@ def test_quantizers_are_reached_in_graph_order_once_each(tiny_checkpoint: Path) 
     # the first is the shallow feature conv's output, the last the upsampler conv's
     assert order[0] is twin.sfe1.out_q and order[-1] is twin.upsample.body[0].out_q
     assert all(isinstance(q, ActQuant) for q in order)
+
+
+def test_the_concats_of_a_block_round_on_the_union_of_their_ranges() -> None:
+    model = RDN(RDNConfig(scale=2, G0=8, D=2, C=3, G=4, norm="none", quant="int8"))
+    for b, block in enumerate(model.rdbs):
+        for k, layer in enumerate(block.layers):
+            for quantizer, lo, hi in (
+                (layer.cat_q, -1.0 - b - k, 2.0 + k),
+                (layer.relu_q, 0, k + 1),
+            ):
+                quantizer.lo.fill_(lo)
+                quantizer.hi.fill_(hi)
+                quantizer.count.fill_(1)
+    for b, block in enumerate(model.rdbs):
+        union = activation_qparams(-1.0 - b - 2, 2.0 + 2)  # block b's widest: its last layer's
+        assert [layer.cat_q.qparams() for layer in block.layers] == [union] * 3
+        # the ReLU outputs keep their own ranges (from 0: the uint8 tensor is the ReLU)
+        assert [layer.relu_q.qparams() for layer in block.layers] == [
+            activation_qparams(0, k + 1) for k in range(3)
+        ]
