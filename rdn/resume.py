@@ -27,6 +27,7 @@ from rdn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoi
 from rdn.distributed import Dist
 from rdn.int8 import folded_state
 from rdn.model import RDN, batchnorm_frozen, batchnorm_layers
+from rdn.quant import configure
 from rdn.train_config import TrainConfig, UsageError
 
 log = logging.getLogger("rdn.train")
@@ -53,6 +54,7 @@ RESUME_MUST_MATCH = (
     "ema",
     "qat",
     "qat_observe_steps",
+    "qat_distill",
 )
 
 
@@ -260,6 +262,20 @@ def starting_point(cfg: TrainConfig, ckpt: dict[str, Any] | None, ctx: Dist) -> 
         )
     log.info("resuming %s at step %d of %d", last, state.step, cfg.steps)
     return Start(model, state, ckpt, last)
+
+
+def distill_teacher(cfg: TrainConfig) -> RDN | None:
+    """For ``--qat-distill``: the ``--init`` model as the twin is built from it, computing in
+    float (``rdn.quant.float_mode``'s switches), frozen; ``None`` without the option. Built the
+    same way on a fresh start and a resume, without touching the random state."""
+    if not cfg.qat_distill:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        teacher = _fresh_model(cfg)
+    configure(teacher, active=False, observe=False)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
 
 
 def _fresh_model(cfg: TrainConfig) -> RDN:

@@ -53,7 +53,14 @@ from rdn.int8 import QAT_MOMENTUM, calibrate
 from rdn.model import RDN, batchnorm_frozen, batchnorm_layers, freeze_batchnorm
 from rdn.progress import Progress, append_metrics
 from rdn.quant import configure
-from rdn.resume import LAST, RunState, resume_options, rng_state, starting_point
+from rdn.resume import (
+    LAST,
+    RunState,
+    distill_teacher,
+    resume_options,
+    rng_state,
+    starting_point,
+)
 from rdn.train_config import (
     TrainConfig,
     UsageError,
@@ -88,8 +95,13 @@ def train_one_step(
     optimizer: torch.optim.Optimizer,
     lr_images: torch.Tensor,
     hr_images: torch.Tensor,
+    teacher: nn.Module | None = None,
 ) -> torch.Tensor:
-    """One optimizer step on one batch; returns the detached loss (no device sync)."""
+    """One optimizer step on one batch; returns the detached loss (no device sync). With a
+    ``teacher`` the target is its output for the same LR (``--qat-distill``), not the HR."""
+    if teacher is not None:
+        with torch.no_grad():
+            hr_images = teacher(lr_images)
     loss = criterion(model(lr_images), hr_images)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -145,6 +157,7 @@ def train_loop(
     ctx: Dist,
     extra_payload: dict[str, Any],
     ema: AveragedModel | None = None,
+    teacher: nn.Module | None = None,
 ) -> RunState:
     """Train from ``state.step`` to ``cfg.steps``: freeze BN, log, validate, checkpoint.
 
@@ -197,7 +210,7 @@ def train_loop(
                 group["lr"] = lr
             lr_images = lr_images.to(device, non_blocking=True)
             hr_images = hr_images.to(device, non_blocking=True)
-            loss = train_one_step(model, criterion, optimizer, lr_images, hr_images)
+            loss = train_one_step(model, criterion, optimizer, lr_images, hr_images, teacher)
             if ema is not None:
                 ema.update_parameters(raw_model)
             state.step = done = step + 1
@@ -328,6 +341,9 @@ def run(cfg: TrainConfig, ckpt: dict[str, Any] | None, ctx: Dist) -> int:
         log.info("--qat: activation ranges calibrated on %d training batches", seen)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     ema = make_ema(model, cfg.ema)
+    teacher = distill_teacher(cfg)
+    if teacher is not None:
+        teacher.to(device)
     start.restore(optimizer, ema, cfg)
     log.info(
         "model %s: %d parameters; %d steps, batch %d x %d process(es), patch %d, lr %.2e "
@@ -357,7 +373,17 @@ def run(cfg: TrainConfig, ckpt: dict[str, Any] | None, ctx: Dist) -> int:
     extra = {"data_images": names}
     if state.step < cfg.steps:
         state = train_loop(
-            wrapped, model, optimizer, loader, device, cfg, state, ctx, extra, ema=ema
+            wrapped,
+            model,
+            optimizer,
+            loader,
+            device,
+            cfg,
+            state,
+            ctx,
+            extra,
+            ema=ema,
+            teacher=teacher,
         )
     else:
         log.info("already at step %d of %d: nothing to train", state.step, cfg.steps)

@@ -68,6 +68,9 @@ class TrainConfig:
     # ranges are calibrated on the first batches, then follow the data until qat_observe_steps.
     qat: bool = False
     qat_observe_steps: int = 0  # resolved to steps // 2 unless given
+    # With qat: the twin learns the --init model's outputs (in float) instead of the HR
+    # images, so it stays that model's twin whatever the training degradation.
+    qat_distill: bool = False
     out: str = "runs/rdn"
 
     def __post_init__(self) -> None:
@@ -98,7 +101,8 @@ class TrainConfig:
             f"ema must be a decay in [0, 1), e.g. 0.999 (0: off), got {self.ema!r}",
         )
         need(not self.qat or self.init is not None, "--qat fine-tunes a trained model: give --init")
-        for name in ("skip_bad_images", "channel_shuffle", "qat"):
+        need(not self.qat_distill or self.qat, "--qat-distill needs --qat")
+        for name in ("skip_bad_images", "channel_shuffle", "qat", "qat_distill"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false")
         need(isinstance(self.degradation, str), f"degradation must be a spec: {self.degradation!r}")
         need(
@@ -316,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="with --qat: activation ranges follow the data until this step, then stay "
         "(default steps/2)",
+    )
+    p.add_argument(
+        "--qat-distill",
+        action="store_true",
+        help="with --qat: learn the --init model's float outputs instead of the HR images "
+        "(the twin matches its float model on every input the training degradation makes)",
     )
     p.add_argument("--out", help=f"run directory (default {d.out})")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")

@@ -26,6 +26,7 @@ from rdn.checkpoint import load_checkpoint, make_payload, model_from_checkpoint,
 from rdn.distributed import state_sha256
 from rdn.imaging import read_rgb
 from rdn.model import RDN, RDNConfig, batchnorm_frozen, freeze_batchnorm
+from rdn.resume import distill_teacher
 from rdn.train import ema_decay, lr_at, main
 from rdn.train_config import (
     DEFAULT_LR,
@@ -589,3 +590,37 @@ def test_qat_fine_tunes_an_int8_twin_and_resumes_bit_exact(
 def test_qat_without_init_is_a_usage_error() -> None:
     result = run_cli(*TINY, "--qat", "--steps", "1")
     assert result.returncode == 2 and "--qat fine-tunes a trained model" in result.stderr
+
+
+def test_qat_distill_learns_the_float_model_and_resumes_bit_exact(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """--qat-distill: the target is the --init model's float output, not the HR image (the
+    weights differ from a plain --qat run's), and 1 + 2 resumed steps equal 3 steps."""
+    args = [*TINY, "--qat", "--init", str(tiny_checkpoint), "--lr", "1e-3", "--seed", "2"]
+    args += ["--lr-half-every", "0", "--qat-observe-steps", "1"]
+    full, split, plain = tmp_path / "full", tmp_path / "split", tmp_path / "plain"
+    assert main([*args, "--qat-distill", "--steps", "3", "--out", str(full)]) == 0
+    assert main([*args, "--qat-distill", "--steps", "1", "--out", str(split)]) == 0
+    assert main(["--resume", "--steps", "3", "--out", str(split)]) == 0
+    assert main([*args, "--steps", "3", "--out", str(plain)]) == 0
+    a, b, c = (load_checkpoint(run / "last.pt") for run in (full, split, plain))
+    assert max_abs_diff(a["model"], b["model"]) == 0.0
+    assert max_abs_diff(a["model"], c["model"]) > 0
+    assert a["train_config"]["qat_distill"] is True
+
+
+def test_the_distill_teacher_is_the_init_models_float_function(tiny_checkpoint: Path) -> None:
+    options = {"preset": "tiny", "qat": True, "qat_distill": True, "init": str(tiny_checkpoint)}
+    teacher = distill_teacher(make_train_config(options))
+    assert teacher is not None and not any(p.requires_grad for p in teacher.parameters())
+    original = model_from_checkpoint(load_checkpoint(tiny_checkpoint)).eval()
+    x = torch.rand(1, 3, 12, 10, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), original(x), atol=1e-5)
+    assert distill_teacher(make_train_config({"preset": "tiny"})) is None
+
+
+def test_qat_distill_without_qat_is_a_usage_error() -> None:
+    result = run_cli(*TINY, "--qat-distill", "--steps", "1")
+    assert result.returncode == 2 and "--qat-distill needs --qat" in result.stderr
