@@ -270,7 +270,7 @@ def distill_teacher(cfg: TrainConfig) -> RDN | None:
     same way on a fresh start and a resume, without touching the random state."""
     if not cfg.qat_distill:
         return None
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng():  # _fresh_model seeds every generator; keep the run's
         teacher = _fresh_model(cfg)
     configure(teacher, active=False, observe=False)
     teacher.eval()
